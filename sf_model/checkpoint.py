@@ -1,0 +1,251 @@
+"""Checkpoint I/O for the causal Wan DiT: one loader for every layout, one saver.
+
+Accepted files: ``.safetensors`` and ``.pt``/``.pth``/``.ckpt`` (always ``torch.load(weights_only=True)``:
+a pickle that would run code is refused). Accepted layouts:
+
+- official Self Forcing / CausVid training checkpoints: ``{"generator_ema": ..., "generator": ...,
+  "critic": ...}`` (EMA preferred) or a bare dict, keys prefixed ``model.``;
+- FSDP / activation-checkpointing / torch.compile wrappers: ``_fsdp_wrapped_module.``,
+  ``_checkpoint_wrapped_module.``, ``_orig_mod.`` anywhere in a key;
+- Wan / ComfyUI-native bare keys (also under ``model.diffusion_model.``);
+- diffusers ``WanTransformer3DModel`` names.
+
+Loading is strict: any mismatch raises one ``CheckpointError`` naming missing and unexpected keys and
+shape conflicts. ``save_model`` writes safetensors with bare Wan keys, our config and sampling defaults
+in the metadata, and ``{"transformer": {"causal_ar": true}}`` under ``config`` (what ComfyUI core reads to
+build a causal Wan).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+
+from .config import WanConfig, infer_config
+
+FORMAT_KEY = "self_forcing"
+FORMAT_VERSION = 1
+WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+TOP_LEVEL_CHOICES = ("generator_ema", "generator", "model", "state_dict", "module")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not match the model."""
+
+
+@dataclass
+class LoadedModel:
+    model: "torch.nn.Module"
+    config: WanConfig
+    layout: str
+    meta: dict = field(default_factory=dict)
+
+
+# -- reading files ------------------------------------------------------------------------------
+def read_file(path: str) -> tuple[dict, dict]:
+    """Tensors and string metadata of a checkpoint file (nested dicts are kept as they are)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                meta = dict(f.metadata() or {})
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # SafetensorError has no stable import path across versions
+            raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+        return tensors, meta
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refusing to load {path}: it contains Python objects that are not plain tensors and could run "
+            f"code when unpickled (torch.load weights_only=True rejected it: {str(e).splitlines()[0]}). "
+            "Convert it to .safetensors from a trusted environment.") from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{path} could not be read as a PyTorch checkpoint (truncated or corrupt?): {e}") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    return obj, {}
+
+
+# -- layouts ----------------------------------------------------------------------------------
+def _pairs() -> list[tuple[str, str]]:
+    """(Wan name, diffusers name) templates; {n} is a block index, {p} the parameter leaf."""
+    pairs = [
+        ("text_embedding.0.{p}", "condition_embedder.text_embedder.linear_1.{p}"),
+        ("text_embedding.2.{p}", "condition_embedder.text_embedder.linear_2.{p}"),
+        ("time_embedding.0.{p}", "condition_embedder.time_embedder.linear_1.{p}"),
+        ("time_embedding.2.{p}", "condition_embedder.time_embedder.linear_2.{p}"),
+        ("time_projection.1.{p}", "condition_embedder.time_proj.{p}"),
+        ("blocks.{n}.norm3.{p}", "blocks.{n}.norm2.{p}"),  # Wan's cross-attn norm is diffusers' norm2
+        ("blocks.{n}.ffn.0.{p}", "blocks.{n}.ffn.net.0.proj.{p}"),
+        ("blocks.{n}.ffn.2.{p}", "blocks.{n}.ffn.net.2.{p}"),
+        ("blocks.{n}.modulation", "blocks.{n}.scale_shift_table"),
+        ("head.head.{p}", "proj_out.{p}"),
+        ("head.modulation", "scale_shift_table"),
+    ]
+    for wan, dif in (("self_attn", "attn1"), ("cross_attn", "attn2")):
+        for x in "qkv":
+            pairs.append((f"blocks.{{n}}.{wan}.{x}.{{p}}", f"blocks.{{n}}.{dif}.to_{x}.{{p}}"))
+        pairs.append((f"blocks.{{n}}.{wan}.o.{{p}}", f"blocks.{{n}}.{dif}.to_out.0.{{p}}"))
+        for x in ("norm_q", "norm_k"):
+            pairs.append((f"blocks.{{n}}.{wan}.{x}.{{p}}", f"blocks.{{n}}.{dif}.{x}.{{p}}"))
+    return pairs
+
+
+def _compile(template: str) -> re.Pattern:
+    rx = re.escape(template).replace(r"\{n\}", r"(?P<n>\d+)").replace(r"\{p\}", r"(?P<p>[^.]+)")
+    return re.compile("^" + rx + "$")
+
+
+_NAME_PAIRS = [(_compile(w), w, _compile(d), d) for w, d in _pairs()]
+
+
+def wan_to_diffusers(key: str) -> str:
+    """Wan parameter name -> diffusers WanTransformer3DModel name."""
+    for rx, _, _, tpl in _NAME_PAIRS:
+        if m := rx.match(key):
+            return tpl.format(**m.groupdict())
+    return key  # patch_embedding.* is the same in both
+
+
+def diffusers_to_wan(key: str) -> str:
+    """diffusers WanTransformer3DModel name -> Wan parameter name."""
+    for _, tpl, rx, _ in _NAME_PAIRS:
+        if m := rx.match(key):
+            return tpl.format(**m.groupdict())
+    return key
+
+
+def _strip_wrappers(key: str) -> str:
+    for part in WRAPPER_PARTS:
+        key = key.replace(part, "")
+    return key
+
+
+def normalize_state_dict(obj: Mapping) -> tuple[dict[str, torch.Tensor], str]:
+    """Bring any accepted layout to bare Wan names; returns (state_dict, layout description)."""
+    layout = []
+    picked = None
+    for name in TOP_LEVEL_CHOICES:
+        if name in obj and isinstance(obj[name], Mapping):
+            picked = name
+            break
+    if picked is not None:
+        layout.append(f"training checkpoint ['{picked}']")
+        obj = obj[picked]
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"no tensors found (top-level keys: {sorted(map(str, obj))[:10]})")
+    sd = {_strip_wrappers(k): v for k, v in tensors.items()}
+    if any(k != _strip_wrappers(k) for k in tensors):
+        layout.append("FSDP/compile wrappers stripped")
+    for prefix in ("model.diffusion_model.", "diffusion_model.", "model."):
+        if sum(k.startswith(prefix) for k in sd) >= len(sd) // 2 + 1:
+            sd = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in sd.items()}
+            layout.append(f"prefix '{prefix}'")
+            break
+    if any(k.startswith("condition_embedder.") or ".attn1." in k for k in sd):
+        sd = {diffusers_to_wan(k): v for k, v in sd.items()}
+        layout.append("diffusers names")
+    else:
+        layout.append("Wan names")
+    return sd, ", ".join(layout)
+
+
+# -- strict loading ---------------------------------------------------------------------------
+def _short(items: list[str], n: int = 8) -> str:
+    items = sorted(items)
+    more = f" ... and {len(items) - n} more" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def check_compatible(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Raise one CheckpointError listing every missing/unexpected key and shape conflict."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys: {_short(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys: {_short(unexpected)}")
+        if shapes:
+            parts.append(f"{len(shapes)} shape conflicts: {_short(shapes, 4)}")
+        raise CheckpointError(f"{source} does not match the model: " + "; ".join(parts))
+
+
+def load_state_dict_file(path: str) -> tuple[dict[str, torch.Tensor], WanConfig, str, dict]:
+    """Read a file and return (bare Wan state dict, config, layout, meta)."""
+    obj, file_meta = read_file(path)
+    sd, layout = normalize_state_dict(obj)
+    meta = {}
+    if FORMAT_KEY in file_meta:
+        try:
+            meta = json.loads(file_meta[FORMAT_KEY])
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: unreadable '{FORMAT_KEY}' metadata: {e}") from e
+    try:
+        config = WanConfig.from_dict(meta["model"]) if "model" in meta else infer_config(sd)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    return sd, config, layout, meta
+
+
+def load_model(path: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+               attn_backend: str = "auto") -> LoadedModel:
+    """Load any supported checkpoint into a ``CausalWanModel`` (strictly).
+
+    ``dtype`` None keeps the file's floating dtype (float32 for fp32 training checkpoints).
+    """
+    from .model import CausalWanModel
+
+    sd, config, layout, meta = load_state_dict_file(path)
+    if dtype is None:
+        dtype = next(v.dtype for v in sd.values() if v.is_floating_point())
+    with torch.device("meta"):
+        model = CausalWanModel(config, attn_backend=attn_backend)
+    check_compatible(model, sd, source=os.path.basename(os.fspath(path)))
+    model = model.to_empty(device=device)
+    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True)
+    model = model.to(dtype=dtype)
+    model.eval().requires_grad_(False)
+    return LoadedModel(model=model, config=config, layout=layout, meta=meta)
+
+
+# -- saving ------------------------------------------------------------------------------------
+def save_model(path: str, model_or_state_dict, config: WanConfig, meta: Mapping | None = None,
+               dtype: torch.dtype | None = None) -> None:
+    """Write a safetensors file with bare Wan keys and metadata our loader and ComfyUI core read.
+
+    ``meta`` may carry sampling defaults (``frames_per_block``, ``steps``, ``shift``) and anything JSON.
+    The write is atomic (temporary file, then rename).
+    """
+    from safetensors.torch import save_file
+
+    sd = model_or_state_dict.state_dict() if hasattr(model_or_state_dict, "state_dict") else model_or_state_dict
+    sd, _ = normalize_state_dict(sd)
+    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+          for k, v in sd.items()}
+    info = {"format_version": FORMAT_VERSION, "model": config.to_dict(), **dict(meta or {})}
+    metadata = {
+        "config": json.dumps({"transformer": {"causal_ar": True}}),
+        FORMAT_KEY: json.dumps(info, sort_keys=True),
+    }
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    save_file(sd, tmp, metadata=metadata)
+    os.replace(tmp, path)

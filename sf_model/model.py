@@ -1,0 +1,340 @@
+"""The Wan2.1 text-to-video DiT as a causal video model.
+
+Parameter names are Wan's own (``patch_embedding``, ``blocks.N.self_attn.q``, ``head.head`` ...), so
+Wan, ComfyUI and Self Forcing checkpoints load without renaming. The math follows Wan2.1: patch
+embedding, text MLP, a sinusoidal time embedding *per frame* (timesteps [B, F]), 6-way modulation,
+3-D RoPE, q/k RMSNorm, cross-attention to the text, GELU-tanh FFN and the modulated head. The residual
+stream and the modulation are kept in float32 (as Wan does under autocast); linear layers run in the
+model's dtype.
+
+Two ways to run the same weights:
+
+- ``forward(x, t, context, frames_per_block=..)``: the whole sequence under a block-causal mask
+  (training, teacher; ``frames_per_block=None`` is Wan's bidirectional model);
+- ``forward_block(x, t, text, cache, start_frame)``: one block against a ``KVCache`` (sampling).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import attention, masked_attention, resolve_backend
+from .cache import KVCache, TextContext
+from .config import WanConfig
+from .mask import build_mask
+from .rope import Rope3D, apply_rope
+from .routing import history_frames, routed_attention
+
+
+def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
+    """Wan's timestep embedding [N, dim]: cos then sin of t * 10000^(-i/half), in float64 where
+    the device has it (float32 on MPS)."""
+    half = dim // 2
+    dtype = torch.float32 if t.device.type == "mps" else torch.float64
+    t = t.to(dtype)
+    freqs = torch.pow(10000.0, -torch.arange(half, device=t.device, dtype=dtype) / half)
+    args = torch.outer(t, freqs)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1).float()
+
+
+def linear_f32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A linear layer evaluated in float32 whatever the weights' dtype (Wan's time MLPs)."""
+    bias = layer.bias.float() if layer.bias is not None else None
+    return F.linear(x.float(), layer.weight.float(), bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32, returned in float32 (the residual stream's dtype)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.q = nn.Linear(cfg.dim, cfg.dim)
+        self.k = nn.Linear(cfg.dim, cfg.dim)
+        self.v = nn.Linear(cfg.dim, cfg.dim)
+        self.o = nn.Linear(cfg.dim, cfg.dim)
+        self.norm_q = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        heads = (self.num_heads, self.head_dim)
+        q = self.norm_q(self.q(x)).unflatten(-1, heads)
+        k = self.norm_k(self.k(x)).unflatten(-1, heads)
+        v = self.v(x).unflatten(-1, heads)
+        return q, k, v
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.q = nn.Linear(cfg.dim, cfg.dim)
+        self.k = nn.Linear(cfg.dim, cfg.dim)
+        self.v = nn.Linear(cfg.dim, cfg.dim)
+        self.o = nn.Linear(cfg.dim, cfg.dim)
+        self.norm_q = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+
+    def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        heads = (self.num_heads, self.head_dim)
+        return self.norm_k(self.k(context)).unflatten(-1, heads), self.v(context).unflatten(-1, heads)
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], backend: str) -> torch.Tensor:
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, self.head_dim))
+        return self.o(attention(q, kv[0], kv[1], backend).flatten(2))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.norm1 = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(cfg)
+        self.norm3 = LayerNorm(cfg.dim, cfg.eps) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = CrossAttention(cfg)
+        self.norm2 = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim ** 0.5)
+
+    def forward(self, x, e, frames, rope, text_kv, attend, backend):
+        """x: [B, L, dim] float32; e: [B, F, 6, dim] float32 time projection; attend(q, k, v) -> out."""
+        dtype = self.self_attn.q.weight.dtype
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float().unsqueeze(1) + e).unbind(2)
+
+        def per_frame(t, fn):  # apply fn(t [B, F, T, dim]) with per-frame modulation terms
+            return fn(t.unflatten(1, (frames, -1))).flatten(1, 2)
+
+        h = per_frame(self.norm1(x), lambda t: t * (1 + scale1[:, :, None]) + shift1[:, :, None]).to(dtype)
+        q, k, v = self.self_attn.qkv(h)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        y = self.self_attn.o(attend(q, k, v).flatten(2))
+        x = x + per_frame(y.float(), lambda t: t * gate1[:, :, None])
+        x = x + self.cross_attn(self.norm3(x).to(dtype), text_kv, backend).float()
+        h = per_frame(self.norm2(x), lambda t: t * (1 + scale2[:, :, None]) + shift2[:, :, None]).to(dtype)
+        y = self.ffn(h)
+        return x + per_frame(y.float(), lambda t: t * gate2[:, :, None])
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.norm = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim ** 0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor, frames: int) -> torch.Tensor:
+        shift, scale = (self.modulation.float().unsqueeze(1) + e.unsqueeze(2)).unbind(2)  # [B, F, dim]
+        h = self.norm(x).unflatten(1, (frames, -1)) * (1 + scale[:, :, None]) + shift[:, :, None]
+        return self.head(h.flatten(1, 2).to(self.head.weight.dtype))
+
+
+class CausalWanModel(nn.Module):
+    """Wan2.1 DiT with a block-causal full-sequence forward and a KV-cached block forward."""
+
+    def __init__(self, config: WanConfig, attn_backend: str = "auto"):
+        super().__init__()
+        self.config = cfg = config
+        self.attn_backend_request = attn_backend
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(cfg.dim, cfg.dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(),
+                                            nn.Linear(cfg.dim, cfg.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, cfg.dim * 6))
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
+        self.head = Head(cfg)
+        # Not a buffer: never in the state dict, never cast by .to(dtype).
+        self.rope = Rope3D(cfg.head_dim, cfg.rope_split, cfg.rope_theta, cfg.rope_max_frames)
+        self._backend: tuple[str, str] | None = None
+
+    # -- properties --------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    @property
+    def attn_backend(self) -> str:
+        """The concrete attention backend for the model's current device."""
+        key = str(self.device)
+        if self._backend is None or self._backend[0] != key:
+            self._backend = (key, resolve_backend(self.attn_backend_request, self.device))
+        return self._backend[1]
+
+    def set_attn_backend(self, name: str) -> None:
+        resolve_backend(name, self.device)  # raises if unusable here
+        self.attn_backend_request, self._backend = name, None
+
+    def check_dtypes(self) -> None:
+        """Refuse a model whose parameters are on several devices or in several float dtypes."""
+        kinds = {(p.device, p.dtype) for p in self.parameters()}
+        if len(kinds) > 1:
+            desc = ", ".join(sorted(f"{d}/{t}" for d, t in kinds))
+            raise ValueError(f"model parameters are spread over several devices/dtypes ({desc}); "
+                             "move the whole model with model.to(device, dtype)")
+
+    # -- inputs ------------------------------------------------------------------------------
+    def latent_grid(self, x: torch.Tensor) -> tuple[int, int, int]:
+        """Validate a latent [B, C, F, H, W] and return its token grid (F', H', W')."""
+        cfg = self.config
+        if x.ndim != 5:
+            raise ValueError(f"latents must be [batch, channels, frames, height, width], got shape {tuple(x.shape)}")
+        if x.shape[1] != cfg.in_dim:
+            raise ValueError(f"latents have {x.shape[1]} channels, the model expects {cfg.in_dim}")
+        pt, ph, pw = cfg.patch_size
+        f, h, w = x.shape[2:]
+        if f % pt or h % ph or w % pw:
+            raise ValueError(f"latent size {f}x{h}x{w} (frames x height x width) is not a multiple of the "
+                             f"patch size {pt}x{ph}x{pw}; for Wan use even latent height/width "
+                             "(pixel sizes multiple of 16)")
+        if x.device != self.device:
+            raise ValueError(f"latents are on {x.device} but the model is on {self.device}")
+        if not x.is_floating_point():
+            raise ValueError(f"latents must be a floating-point tensor, got {x.dtype}")
+        return f // pt, h // ph, w // pw
+
+    def embed_text(self, context: torch.Tensor) -> torch.Tensor:
+        """Zero-pad text states [B, L, text_dim] to text_len (as Wan does) and apply the text MLP."""
+        cfg = self.config
+        if context.ndim != 3:
+            raise ValueError(f"text context must be [batch, tokens, {cfg.text_dim}], got shape {tuple(context.shape)}")
+        if context.shape[-1] != cfg.text_dim:
+            raise ValueError(f"text context has width {context.shape[-1]}, the model expects {cfg.text_dim} "
+                             "(Wan: umT5-XXL hidden states, 4096)")
+        if context.shape[1] > cfg.text_len:
+            raise ValueError(f"text context has {context.shape[1]} tokens, more than the model's {cfg.text_len}")
+        if context.device != self.device:
+            raise ValueError(f"text context is on {context.device} but the model is on {self.device}")
+        pad = cfg.text_len - context.shape[1]
+        if pad:
+            context = F.pad(context, (0, 0, 0, pad))
+        return self.text_embedding(context.to(self.dtype))
+
+    def encode_text(self, context: torch.Tensor) -> TextContext:
+        """Cross-attention K/V of every layer for one prompt batch (computed once per prompt)."""
+        c = self.embed_text(context)
+        return TextContext([blk.cross_attn.context_kv(c) for blk in self.blocks])
+
+    def time_embed(self, t: torch.Tensor, batch: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-frame time embedding [B, F, dim] and projection [B, F, 6, dim], float32."""
+        t = torch.as_tensor(t, device=self.device)
+        if t.ndim == 0:
+            t = t.expand(batch, frames)
+        elif t.ndim == 1:
+            if t.shape[0] != batch:
+                raise ValueError(f"timesteps of shape {tuple(t.shape)} do not match batch {batch}")
+            t = t[:, None].expand(batch, frames)
+        elif tuple(t.shape) != (batch, frames):
+            raise ValueError(f"timesteps must be [batch, frames] = [{batch}, {frames}], got {tuple(t.shape)}")
+        emb = sinusoidal_embedding(self.config.freq_dim, t.reshape(-1))
+        e = linear_f32(self.time_embedding[2], F.silu(linear_f32(self.time_embedding[0], emb)))
+        e0 = linear_f32(self.time_projection[1], F.silu(e))
+        return e.view(batch, frames, -1), e0.view(batch, frames, 6, -1)
+
+    # -- shared trunk ------------------------------------------------------------------------
+    def _run(self, x, t, text: TextContext, start_frame: int, attend_for_layer, extend_positions: bool):
+        grid = self.latent_grid(x)
+        b = x.shape[0]
+        if text.batch != b:
+            raise ValueError(f"text context batch {text.batch} does not match latent batch {b}")
+        fr, hh, ww = grid
+        self.rope.check_frames(start_frame, fr, extend_positions)
+        rope = self.rope.cos_sin(start_frame, fr, hh, ww, self.device)
+        e, e0 = self.time_embed(t, b, fr)
+        h = self.patch_embedding(x.to(self.dtype)).flatten(2).transpose(1, 2).float()  # [B, L, dim]
+        backend = self.attn_backend
+        for i, blk in enumerate(self.blocks):
+            h = blk(h, e0, fr, rope, text[i], attend_for_layer(i), backend)
+        out = self.head(h, e, fr)
+        return self.unpatchify(out, grid)
+
+    def unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        pt, ph, pw = self.config.patch_size
+        b, c = out.shape[0], self.config.out_dim
+        out = out.float().view(b, *grid, pt, ph, pw, c).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return out.reshape(b, c, grid[0] * pt, grid[1] * ph, grid[2] * pw)
+
+    # -- (a) full sequence under a block-causal mask ------------------------------------------
+    def forward(self, x: torch.Tensor, t, context, *, frames_per_block: int | None = None,
+                window: int | None = None, sink: int = 0, start_frame: int = 0,
+                extend_positions: bool = False) -> torch.Tensor:
+        """Flow prediction [B, out_dim, F, H, W] (float32) for the whole latent sequence.
+
+        ``context`` is text states [B, L, text_dim] or a prepared ``TextContext``. Frames attend
+        bidirectionally inside blocks of ``frames_per_block`` and causally across blocks (None: one block,
+        Wan's bidirectional model); ``window``/``sink`` restrict history like a rolling cache.
+        """
+        text = context if isinstance(context, TextContext) else self.encode_text(context)
+        fr, hh, ww = self.latent_grid(x)
+        mask = build_mask(fr, hh * ww, frames_per_block, window, sink, self.device,
+                          use_flex=self.device.type == "cuda")
+        backend = self.attn_backend
+
+        def attend_for_layer(_i):
+            if mask is None:
+                return lambda q, k, v: attention(q, k, v, backend)
+            return lambda q, k, v: masked_attention(q, k, v, mask)
+
+        return self._run(x, t, text, start_frame, attend_for_layer, extend_positions)
+
+    # -- (b) one block against a KV cache ----------------------------------------------------
+    def forward_block(self, x: torch.Tensor, t, text: TextContext, cache: KVCache, start_frame: int,
+                      *, routing_topk: int | None = None, extend_positions: bool = False) -> torch.Tensor:
+        """Flow prediction for one block of frames starting at ``start_frame``, attending to the cache.
+
+        The block's K/V are written into its cache slots (overwriting a previous pass of the same block).
+        With ``routing_topk`` the block attends to the sink, the top-k history frames and itself.
+        """
+        fr, hh, ww = self.latent_grid(x)
+        if hh * ww != cache.frame_tokens:
+            raise ValueError(f"the cache was built for {cache.frame_tokens} tokens per frame, this block has "
+                             f"{hh * ww}; build a new cache for a new resolution")
+        cache.begin(start_frame, fr)
+        backend = self.attn_backend
+        route = routing_topk is not None and cache.key_mean is not None and history_frames(cache) > routing_topk
+
+        def attend_for_layer(i):
+            def attend(q, k, v):
+                cache.write(i, k.detach(), v.detach())  # the cache never joins the autograd graph
+                if route:
+                    return routed_attention(q, k, v, cache, i, routing_topk)
+                if k.requires_grad or v.requires_grad:
+                    kc, vc = cache.valid_with_current(i, k, v)
+                else:
+                    kc, vc = cache.valid(i)
+                return attention(q, kc, vc, backend)
+            return attend
+
+        return self._run(x, t, text, start_frame, attend_for_layer, extend_positions)
+
+    def new_cache(self, batch: int, frame_tokens: int, *, window: int, sink: int = 0,
+                  key_means: bool = False) -> KVCache:
+        """A KV cache shaped for this model, on its device and in its dtype."""
+        cfg = self.config
+        return KVCache(cfg.num_layers, batch, frame_tokens, cfg.num_heads, cfg.head_dim, window=window,
+                       sink=sink, dtype=self.dtype, device=self.device, key_means=key_means)

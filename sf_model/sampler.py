@@ -1,0 +1,242 @@
+"""The streaming chunk sampler of Self Forcing: one block of frames at a time against a KV cache.
+
+Per block: start from noise; for each step predict x0 (flow -> x0) and, unless it is the last step,
+re-noise x0 with fresh noise to the next step's level; then run one forward on the final x0 at
+``context_noise`` to write the block's clean K/V into the cache, and move on. ``stream`` is a Python
+generator that yields every finished chunk as soon as it exists. The same ``denoise_block`` /
+``commit_block`` functions drive the trainer's rollouts (with an exit step and gradient at that step).
+
+Noise is drawn on the CPU from a generator seeded per chunk (``chunk_seed``), so a seed gives the same
+video on every device and every chunk is reproducible on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from .cache import KVCache, TextContext
+from .schedule import DEFAULT_SHIFT, DEFAULT_STEPS, Step, add_noise, make_steps
+
+_MIX = 0x9E3779B97F4A7C15
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """How to stream. Frames are *latent* frames (Wan: 1 latent frame = 4 pixel frames, the first 1)."""
+
+    frames_per_block: int = 3
+    steps: Sequence[float] = DEFAULT_STEPS
+    warp: bool = True                 # index the shifted 1000-entry table with the nominal steps
+    shift: float = DEFAULT_SHIFT
+    context_noise: float = 0.0        # timestep of the clean pass that writes a block's K/V
+    window: int | None = None         # None: cache the whole video (fixed); int: rolling window of W frames
+    sink: int = 0                     # first S frames always kept in the cache
+    routing_topk: int | None = None   # attend to the top-k history frames (plus sink and current block)
+    extend_positions: bool = False    # allow RoPE positions beyond the model's table (long rolling videos)
+    final_context_pass: bool = False  # also write the last chunk's clean K/V (needed only to continue)
+
+    def __post_init__(self):
+        object.__setattr__(self, "steps", tuple(self.steps))
+        if self.frames_per_block < 1:
+            raise ValueError(f"frames_per_block must be >= 1, got {self.frames_per_block}")
+        if self.window is not None and self.window < self.frames_per_block:
+            raise ValueError(f"window ({self.window} frames) must hold at least one block "
+                             f"(frames_per_block = {self.frames_per_block})")
+        if self.sink < 0:
+            raise ValueError(f"sink must be >= 0, got {self.sink}")
+        if self.routing_topk is not None and self.routing_topk < 1:
+            raise ValueError(f"routing_topk must be >= 1 (or None to disable), got {self.routing_topk}")
+        if not 0 <= self.context_noise <= 1000:
+            raise ValueError(f"context_noise is a timestep in [0, 1000], got {self.context_noise}")
+        make_steps(self.steps, self.shift, self.warp)  # validates the step list
+
+
+@dataclass
+class Chunk:
+    index: int
+    start_frame: int       # absolute latent frame index of the chunk's first frame
+    latents: torch.Tensor  # [B, C, F, H, W] float32, model space
+
+
+@dataclass
+class StepEvent:
+    chunk_index: int
+    step_index: int
+    num_steps: int
+    passes_done: int
+    passes_total: int
+    x0: torch.Tensor = field(repr=False)
+
+
+class Cancelled(Exception):
+    """Raised by a ``check_cancel`` callback to stop sampling (any exception works)."""
+
+
+def chunk_seed(seed: int, chunk_index: int) -> int:
+    """A 64-bit seed for one chunk, independent of every other chunk."""
+    x = (int(seed) * _MIX + (chunk_index + 1) * 0xBF58476D1CE4E5B9) & _MASK64
+    x ^= x >> 31
+    return (x * 0x94D049BB133111EB) & _MASK64
+
+
+def chunk_noise(seed: int, chunk_index: int, count: int, shape, device) -> list[torch.Tensor]:
+    """``count`` standard-normal tensors for one chunk (initial noise, then one per re-noising)."""
+    g = torch.Generator("cpu").manual_seed(chunk_seed(seed, chunk_index))
+    out = [torch.randn(shape, generator=g, dtype=torch.float32) for _ in range(count)]
+    if torch.device(device).type == "cuda":
+        return [n.pin_memory().to(device, non_blocking=True) for n in out]
+    return [n.to(device) for n in out]
+
+
+def block_plan(start: int, total: int, frames_per_block: int) -> list[tuple[int, int]]:
+    """(start_frame, frames) of each block covering [start, total); the last one may be shorter."""
+    return [(s, min(frames_per_block, total - s)) for s in range(start, total, frames_per_block)]
+
+
+def denoise_block(model, text: TextContext, cache: KVCache, start: int, noise: Sequence[torch.Tensor],
+                  steps: Sequence[Step], opts: StreamOptions, *, exit_index: int | None = None,
+                  grad_at_exit: bool = False, on_pass: Callable[[int, torch.Tensor], None] | None = None,
+                  check_cancel: Callable[[], None] | None = None) -> torch.Tensor:
+    """Few-step denoising of one block from ``noise[0]``; returns x0 [B, C, F, H, W] (float32).
+
+    ``exit_index`` stops after that step (Self Forcing's random exit); with ``grad_at_exit`` only the
+    exit step's forward records gradient (the cache is always written from detached K/V).
+    """
+    last = len(steps) - 1 if exit_index is None else exit_index
+    x = noise[0]
+    b, f = x.shape[0], x.shape[2]
+    x0 = None
+    for i in range(last + 1):
+        if check_cancel is not None:
+            check_cancel()
+        t = torch.full((b, f), steps[i].timestep, device=x.device, dtype=torch.float32)
+        with torch.set_grad_enabled(grad_at_exit and i == last):
+            flow = model.forward_block(x, t, text, cache, start, routing_topk=opts.routing_topk,
+                                       extend_positions=opts.extend_positions)
+            x0 = x - steps[i].sigma * flow
+        if on_pass is not None:
+            on_pass(i, x0)
+        if i < last:
+            x = add_noise(x0.detach(), noise[i + 1], steps[i + 1].sigma)
+    return x0
+
+
+def commit_block(model, text: TextContext, cache: KVCache, start: int, x0: torch.Tensor,
+                 opts: StreamOptions) -> None:
+    """Write the block's clean K/V: one forward on x0 at timestep ``context_noise`` (no gradient)."""
+    b, f = x0.shape[0], x0.shape[2]
+    t = torch.full((b, f), float(opts.context_noise), device=x0.device, dtype=torch.float32)
+    with torch.no_grad():
+        model.forward_block(x0.detach(), t, text, cache, start, routing_topk=opts.routing_topk,
+                            extend_positions=opts.extend_positions)
+
+
+def prefill(model, text: TextContext, cache: KVCache, prefix: torch.Tensor, opts: StreamOptions,
+            check_cancel: Callable[[], None] | None = None) -> None:
+    """Fill the cache with given clean latents (image-to-video: 1 frame; continuation: many)."""
+    for start, frames in block_plan(0, prefix.shape[2], opts.frames_per_block):
+        if check_cancel is not None:
+            check_cancel()
+        commit_block(model, text, cache, start, prefix[:, :, start:start + frames], opts)
+
+
+def prepare(model, context, batch_hint: int | None = None) -> TextContext:
+    if isinstance(context, TextContext):
+        return context
+    if not isinstance(context, torch.Tensor):
+        raise ValueError(f"context must be a tensor of text states or a TextContext, got {type(context).__name__}")
+    with torch.no_grad():
+        return model.encode_text(context)
+
+
+def check_request(model, num_frames: int, height: int, width: int, prefix, opts: StreamOptions, batch: int):
+    cfg = model.config
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1 latent frame, got {num_frames}")
+    ph, pw = cfg.patch_size[1:]
+    if height < ph or width < pw or height % ph or width % pw:
+        raise ValueError(f"latent size {height}x{width} must be a positive multiple of {ph}x{pw} "
+                         f"(pixel sizes multiple of {8 * ph}x{8 * pw} for Wan)")
+    if prefix is not None:
+        if prefix.ndim != 5 or prefix.shape[1] != cfg.in_dim or tuple(prefix.shape[3:]) != (height, width):
+            raise ValueError(f"prefix latents must be [B, {cfg.in_dim}, P, {height}, {width}], "
+                             f"got {tuple(prefix.shape)}")
+        if prefix.shape[0] != batch:
+            raise ValueError(f"prefix batch {prefix.shape[0]} does not match the text batch {batch}")
+        if prefix.device != model.device:
+            raise ValueError(f"prefix latents are on {prefix.device} but the model is on {model.device}")
+    total = num_frames + (prefix.shape[2] if prefix is not None else 0)
+    model.rope.check_frames(0, total, opts.extend_positions)
+    return total
+
+
+def stream(model, context, *, num_frames: int, height: int, width: int, seed: int = 0,
+           options: StreamOptions | None = None, prefix: torch.Tensor | None = None,
+           on_step: Callable[[StepEvent], None] | None = None,
+           check_cancel: Callable[[], None] | None = None,
+           cache: KVCache | None = None) -> Iterator[Chunk]:
+    """Generate ``num_frames`` latent frames chunk by chunk, yielding each finished ``Chunk``.
+
+    ``context``: text states [B, L, text_dim] (or a prepared TextContext); ``height``/``width``: latent
+    size; ``prefix``: clean model-space latents [B, C, P, H, W] to prefill the cache with. ``cache``: an
+    existing KVCache to reuse (it is reset, not reallocated). The cache is released (or reset) when the
+    generator finishes, is closed, or raises -- also on cancellation.
+    """
+    opts = options or StreamOptions()
+    model.check_dtypes()
+    text = prepare(model, context)
+    batch = text.batch
+    total = check_request(model, num_frames, height, width, prefix, opts, batch)
+    steps = make_steps(opts.steps, opts.shift, opts.warp)
+    ph, pw = model.config.patch_size[1:]
+    frame_tokens = (height // ph) * (width // pw)
+    window = opts.window if opts.window is not None else total
+    own = cache is None
+    if own:
+        cache = model.new_cache(batch, frame_tokens, window=window, sink=opts.sink,
+                                key_means=opts.routing_topk is not None)
+    else:
+        if (cache.frame_tokens, cache.batch, cache.window, cache.sink) != (frame_tokens, batch, window, opts.sink):
+            raise ValueError("the given cache does not match this request (tokens per frame, batch, window, sink)")
+        if opts.routing_topk is not None and cache.key_mean is None:
+            raise ValueError("history routing needs a cache built with key_means=True")
+        cache.reset()
+    start0 = prefix.shape[2] if prefix is not None else 0
+    plan = block_plan(start0, total, opts.frames_per_block)
+    passes_total = len(plan) * len(steps)
+    shape_of = lambda f: (batch, model.config.in_dim, f, height, width)  # noqa: E731
+    try:
+        if prefix is not None:
+            prefill(model, text, cache, prefix.float(), opts, check_cancel)
+        for ci, (start, frames) in enumerate(plan):
+            noise = chunk_noise(seed, ci, len(steps), shape_of(frames), model.device)
+
+            def on_pass(i, x0, ci=ci):
+                if on_step is not None:
+                    on_step(StepEvent(ci, i, len(steps), ci * len(steps) + i + 1, passes_total, x0))
+
+            with torch.no_grad():
+                x0 = denoise_block(model, text, cache, start, noise, steps, opts, on_pass=on_pass,
+                                   check_cancel=check_cancel)
+                if ci < len(plan) - 1 or opts.final_context_pass:
+                    if check_cancel is not None:
+                        check_cancel()
+                    commit_block(model, text, cache, start, x0, opts)
+            yield Chunk(ci, start, x0)
+    finally:
+        if own:
+            cache.release()
+        else:
+            cache.reset()
+
+
+def generate(model, context, *, num_frames: int, height: int, width: int, seed: int = 0,
+             options: StreamOptions | None = None, prefix: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """Run ``stream`` to the end and return the generated latents [B, C, num_frames, H, W]."""
+    chunks = [c.latents for c in stream(model, context, num_frames=num_frames, height=height, width=width,
+                                        seed=seed, options=options, prefix=prefix, **kwargs)]
+    return torch.cat(chunks, dim=2)
