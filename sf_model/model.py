@@ -291,6 +291,8 @@ class CausalWanModel(nn.Module):
         """
         text = context if isinstance(context, TextContext) else self.encode_text(context)
         fr, hh, ww = self.latent_grid(x)
+        if frames_per_block is not None and frames_per_block < fr and fr % frames_per_block:
+            raise ValueError(f"{fr} latent frames is not a multiple of frames_per_block {frames_per_block}")
         mask = build_mask(fr, hh * ww, frames_per_block, window, sink, self.device,
                           use_flex=self.device.type == "cuda")
         backend = self.attn_backend

@@ -14,15 +14,17 @@ import torch
 def axis_inv_freq(pairs: int, theta: float) -> torch.Tensor:
     """Inverse frequencies of one axis with ``pairs`` complex pairs (Wan's rope_params), float64."""
     d = 2 * pairs
-    return 1.0 / torch.pow(torch.tensor(theta, dtype=torch.float64),
-                           torch.arange(0, d, 2, dtype=torch.float64) / d)
+    cpu = torch.device("cpu")  # explicit: models are built under a meta-device context when loading
+    return 1.0 / torch.pow(torch.tensor(theta, dtype=torch.float64, device=cpu),
+                           torch.arange(0, d, 2, dtype=torch.float64, device=cpu) / d)
 
 
 class Rope3D:
-    """Builds cos/sin tables for a grid of frames x height x width token positions.
+    """cos/sin tables for grids of frames x height x width token positions.
 
-    Tables are cached per (start_frame, frames, height, width, device), so the hot loop only indexes
-    dictionaries; building one touches the device once (a copy from the CPU, no host sync).
+    Per device it keeps a temporal table (grown by doubling when a long video needs more positions) and
+    one spatial table per resolution; a block's table is assembled from slices on the device, so memory
+    stays flat however many blocks are generated and nothing is copied from the host per forward.
     """
 
     def __init__(self, head_dim: int, split: tuple[int, int, int], theta: float, max_frames: int):
@@ -33,21 +35,23 @@ class Rope3D:
         self.theta = theta
         self.max_frames = max_frames
         self.inv_freq = [axis_inv_freq(p, theta) for p in split]
-        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._temporal: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._spatial: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @staticmethod
+    def _cos_sin(angles: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cos(angles).float().to(device), torch.sin(angles).float().to(device)
 
     def angles(self, start_frame: int, frames: int, height: int, width: int) -> torch.Tensor:
-        """Rotation angles [frames*height*width, head_dim/2] in float64 on the CPU."""
-        f = torch.arange(start_frame, start_frame + frames, dtype=torch.float64)
-        h = torch.arange(height, dtype=torch.float64)
-        w = torch.arange(width, dtype=torch.float64)
-        af = torch.outer(f, self.inv_freq[0])  # [F, pf]
-        ah = torch.outer(h, self.inv_freq[1])  # [H, ph]
-        aw = torch.outer(w, self.inv_freq[2])  # [W, pw]
+        """Rotation angles [frames*height*width, head_dim/2] in float64 on the CPU (reference form)."""
+        f = torch.arange(start_frame, start_frame + frames, dtype=torch.float64, device="cpu")
+        h = torch.arange(height, dtype=torch.float64, device="cpu")
+        w = torch.arange(width, dtype=torch.float64, device="cpu")
         grid = (frames, height, width)
         parts = [
-            af[:, None, None, :].expand(*grid, -1),
-            ah[None, :, None, :].expand(*grid, -1),
-            aw[None, None, :, :].expand(*grid, -1),
+            torch.outer(f, self.inv_freq[0])[:, None, None, :].expand(*grid, -1),
+            torch.outer(h, self.inv_freq[1])[None, :, None, :].expand(*grid, -1),
+            torch.outer(w, self.inv_freq[2])[None, None, :, :].expand(*grid, -1),
         ]
         return torch.cat(parts, dim=-1).reshape(frames * height * width, -1)
 
@@ -63,21 +67,44 @@ class Rope3D:
                 "differences, so extended positions are exact, but the model never saw such distances "
                 "beyond its attention window")
 
+    def temporal(self, end: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = str(device)
+        table = self._temporal.get(key)
+        if table is None or table[0].shape[0] < end:
+            n = max(self.max_frames, 1)
+            while n < end:
+                n *= 2
+            pos = torch.arange(n, dtype=torch.float64, device="cpu")
+            table = self._cos_sin(torch.outer(pos, self.inv_freq[0]), device)
+            self._temporal[key] = table
+        return table
+
+    def spatial(self, height: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (height, width, str(device))
+        table = self._spatial.get(key)
+        if table is None:
+            ah = torch.outer(torch.arange(height, dtype=torch.float64, device="cpu"), self.inv_freq[1])
+            aw = torch.outer(torch.arange(width, dtype=torch.float64, device="cpu"), self.inv_freq[2])
+            a = torch.cat([ah[:, None, :].expand(height, width, -1), aw[None, :, :].expand(height, width, -1)], -1)
+            table = self._cos_sin(a.reshape(height * width, -1), device)
+            if len(self._spatial) > 16:
+                self._spatial.clear()
+            self._spatial[key] = table
+        return table
+
     def cos_sin(self, start_frame: int, frames: int, height: int, width: int,
                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin, each [1, L, 1, head_dim/2] float32 on ``device``."""
-        key = (start_frame, frames, height, width, str(device))
-        hit = self._cache.get(key)
-        if hit is not None:
-            return hit
-        a = self.angles(start_frame, frames, height, width)
-        cos = torch.cos(a).to(torch.float32)[None, :, None, :]
-        sin = torch.sin(a).to(torch.float32)[None, :, None, :]
-        if len(self._cache) > 256:
-            self._cache.clear()
-        out = (cos.to(device), sin.to(device))
-        self._cache[key] = out
-        return out
+        """cos and sin, each [1, frames*height*width, 1, head_dim/2] float32 on ``device``."""
+        tcos, tsin = self.temporal(start_frame + frames, device)
+        scos, ssin = self.spatial(height, width, device)
+        hw = height * width
+
+        def assemble(t, s):
+            t = t[start_frame:start_frame + frames, None, :].expand(frames, hw, -1)
+            s = s[None].expand(frames, hw, -1)
+            return torch.cat([t, s], dim=-1).reshape(1, frames * hw, 1, -1)
+
+        return assemble(tcos, scos), assemble(tsin, ssin)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,7 @@ class StreamOptions:
     routing_topk: int | None = None   # attend to the top-k history frames (plus sink and current block)
     extend_positions: bool = False    # allow RoPE positions beyond the model's table (long rolling videos)
     final_context_pass: bool = False  # also write the last chunk's clean K/V (needed only to continue)
+    partial_last_block: bool = False  # allow a frame count that is not a multiple of frames_per_block
 
     def __post_init__(self):
         object.__setattr__(self, "steps", tuple(self.steps))
@@ -169,6 +170,12 @@ def check_request(model, num_frames: int, height: int, width: int, prefix, opts:
             raise ValueError(f"prefix batch {prefix.shape[0]} does not match the text batch {batch}")
         if prefix.device != model.device:
             raise ValueError(f"prefix latents are on {prefix.device} but the model is on {model.device}")
+    fpb = opts.frames_per_block
+    if num_frames % fpb and not opts.partial_last_block:
+        lo, hi = num_frames - num_frames % fpb, num_frames - num_frames % fpb + fpb
+        hint = f"use {lo} or {hi}" if lo else f"use {hi}"
+        raise ValueError(f"{num_frames} latent frames is not a multiple of frames_per_block {fpb}; {hint} "
+                         "(or allow a shorter last block with partial_last_block=True)")
     total = num_frames + (prefix.shape[2] if prefix is not None else 0)
     model.rope.check_frames(0, total, opts.extend_positions)
     return total
