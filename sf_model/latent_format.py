@@ -89,12 +89,13 @@ def latent_to_rgb(model_space: torch.Tensor) -> torch.Tensor:
 def preview_strip(model_space: torch.Tensor, max_frames: int = 4, scale: int = 4) -> torch.Tensor:
     """A uint8 image [H*scale, n*W*scale, 3] of up to ``max_frames`` frames of batch item 0, side by side.
 
-    Frames are picked evenly over the clip (always including the last). Cheap: no VAE involved.
+    Frames are picked evenly over the clip (always including the last; only the last when n = 1).
+    Cheap: no VAE involved.
     """
     rgb = latent_to_rgb(model_space[:1])[0]  # [F, H, W, 3]
     frames = rgb.shape[0]
     n = max(1, min(max_frames, frames))
-    idx = torch.linspace(0, frames - 1, n).round().long()
+    idx = torch.linspace(0, frames - 1, n).round().long() if n > 1 else torch.tensor([frames - 1])
     strip = torch.cat(list(rgb[idx]), dim=1)  # [H, n*W, 3]
     if scale > 1:
         strip = strip.repeat_interleave(scale, dim=0).repeat_interleave(scale, dim=1)

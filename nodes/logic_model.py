@@ -1,0 +1,87 @@
+"""Loading a Self Forcing model for the nodes (no ComfyUI import): dtype choice, devices, report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..sf_model.attention import resolve_backend
+from ..sf_model.checkpoint import LoadedModel, load_model
+from ..sf_model.config import WanConfig, size_name
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass
+class ModelHandle:
+    """What flows on the SELF_FORCING_MODEL socket: the model plus where it runs and rests."""
+
+    loaded: LoadedModel
+    name: str
+    load_device: torch.device
+    offload_device: torch.device
+    dtype: torch.dtype
+    keep_loaded: bool = False
+
+    @property
+    def model(self):
+        return self.loaded.model
+
+    @property
+    def config(self) -> WanConfig:
+        return self.loaded.config
+
+    @property
+    def meta(self) -> dict:
+        return self.loaded.meta
+
+
+def resolve_dtype(choice: str, device: torch.device, supports_bf16: bool) -> torch.dtype:
+    """'auto' -> bf16 where supported, else fp16 on accelerators and fp32 on the CPU."""
+    if choice in DTYPES:
+        return DTYPES[choice]
+    if choice != "auto":
+        raise ValueError(f"dtype '{choice}' is not one of: auto, {', '.join(DTYPES)}")
+    if supports_bf16:
+        return torch.bfloat16
+    return torch.float32 if torch.device(device).type == "cpu" else torch.float16
+
+
+def load_handle(path: str, name: str, *, dtype: str, attention: str, load_device: torch.device,
+                offload_device: torch.device, keep_loaded: bool, supports_bf16: bool) -> ModelHandle:
+    """Load a checkpoint (any layout sf_model knows) and park it where it rests between runs.
+
+    The attention backend is checked for the load device here, so a missing flash-attn fails at load time.
+    """
+    load_device, offload_device = torch.device(load_device), torch.device(offload_device)
+    resolve_backend(attention, load_device)
+    torch_dtype = resolve_dtype(dtype, load_device, supports_bf16)
+    rest = load_device if keep_loaded else offload_device
+    loaded = load_model(path, device=rest, dtype=torch_dtype, attn_backend=attention)
+    return ModelHandle(loaded=loaded, name=name, load_device=load_device, offload_device=offload_device,
+                       dtype=torch_dtype, keep_loaded=keep_loaded)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
+
+
+def describe(handle: ModelHandle) -> str:
+    """One short report of what was detected, shown on the loader node."""
+    cfg, meta = handle.config, handle.meta
+    fpb = meta.get("frames_per_block")
+    params = sum(p.numel() for p in handle.model.parameters())
+    lines = [
+        f"model: {size_name(cfg)} ({_count(params)} parameters, {cfg.num_layers} layers, dim {cfg.dim})",
+        f"layout: {handle.loaded.layout}",
+        f"frames per block: {fpb if fpb is not None else 'not stored in the file (3 for the official model)'}",
+        f"dtype: {DTYPE_NAMES.get(handle.dtype, str(handle.dtype))}, attention: {handle.model.attn_backend_request}",
+        f"runs on {handle.load_device}, rests on {handle.model.device}"
+        + (" (kept loaded)" if handle.keep_loaded else ""),
+    ]
+    for key in ("steps", "shift"):
+        if key in meta:
+            lines.append(f"{key} (from the file): {meta[key]}")
+    return "\n".join(lines)

@@ -1,0 +1,263 @@
+"""What the sampler and extend nodes do, as plain functions over tensors (no ComfyUI import).
+
+ComfyUI specifics come in through ``RunHooks`` (progress bar, interrupt check, memory manager), so the
+same code runs in CI with tiny random models. Latents cross the node boundary in core's Wan 2.1 LATENT
+format (raw VAE latents) and are converted to the model's normalised space inside.
+"""
+
+from __future__ import annotations
+
+import gc
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..sf_model.latent_format import preview_strip, to_model_space, to_raw
+from ..sf_model.resample import resample_history
+from ..sf_model.sampler import StreamOptions, stream
+from .logic_model import ModelHandle
+from .logic_text import context_from_conditioning
+from .specs import EXTEND_OUTPUTS
+from .logic_validate import (TEMPORAL_STRIDE, SPATIAL_STRIDE, check_extend_frames, check_length, check_size,
+                             first_error, latent_frames, parse_steps, validate_long_video)
+
+
+@dataclass(frozen=True)
+class LongVideoOptions:
+    """What the 'Long-Video Options' node outputs."""
+
+    cache: str = "rolling"
+    window: int = 21
+    sink: int = 3
+    routing_topk: int = 0
+
+
+@dataclass
+class RunHooks:
+    """ComfyUI's services, as plain callables (all optional)."""
+
+    progress: Callable[[int, int, torch.Tensor | None], None] | None = None  # done, total, preview [H, W, 3] uint8
+    check_cancel: Callable[[], None] | None = None  # raises to stop (interrupt)
+    free_memory: Callable[[int, torch.device], None] | None = None  # make room on a device
+    empty_cache: Callable[[], None] | None = None  # return cached allocator blocks
+
+
+def stream_options(frames_per_block: int, steps: str, shift: float, context_noise: float,
+                   long_video: LongVideoOptions | None) -> StreamOptions:
+    """The sampler's StreamOptions from node inputs (raises ValueError with a fix-it text)."""
+    step_list = parse_steps(steps)
+    window, sink, topk, extend = None, 0, None, False
+    if long_video is not None:
+        ok = validate_long_video(long_video.cache, long_video.window, long_video.sink, long_video.routing_topk)
+        if ok is not True:
+            raise ValueError(ok)
+        if long_video.cache == "rolling":
+            if long_video.window < frames_per_block:
+                raise ValueError(f"the rolling window ({long_video.window} latent frames) must hold at least one "
+                                 f"chunk (frames_per_block = {frames_per_block}); raise the window to "
+                                 f"{frames_per_block} or more")
+            window, sink = long_video.window, long_video.sink
+            extend = True  # only distances up to the window are ever seen, so positions may run past the table
+        elif long_video.cache != "fixed":
+            raise ValueError(f"cache '{long_video.cache}' is not one of: fixed, rolling")
+        topk = long_video.routing_topk or None
+    return StreamOptions(frames_per_block=frames_per_block, steps=step_list, warp=True, shift=shift,
+                         context_noise=context_noise, window=window, sink=sink, routing_topk=topk,
+                         extend_positions=extend, partial_last_block=True)
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@contextmanager
+def model_on_device(handle: ModelHandle, hooks: RunHooks):
+    """Move the weights to the load device for a run and back to the offload device afterwards."""
+    model = handle.model
+    if model.device != handle.load_device:
+        if hooks.free_memory is not None:
+            hooks.free_memory(model_bytes(model), handle.load_device)
+        model.to(handle.load_device)
+    try:
+        yield model
+    finally:
+        if not handle.keep_loaded and handle.offload_device != handle.load_device:
+            model.to(handle.offload_device)
+
+
+def _check_fixed_cache(opts: StreamOptions, total_frames: int, limit: int, what: str) -> None:
+    if opts.window is None and total_frames > limit:
+        raise ValueError(f"{what} needs {total_frames} latent frames in a fixed cache; connect "
+                         "'Self Forcing Long-Video Options' with cache 'rolling' for videos this long")
+
+
+class _Progress:
+    """Counts denoising passes across chunks and attaches a preview of every finished chunk."""
+
+    def __init__(self, hooks: RunHooks, total: int):
+        self.hooks, self.total, self.done = hooks, total, 0
+        self.report(None)
+
+    def report(self, preview):
+        if self.hooks.progress is not None:
+            self.hooks.progress(self.done, self.total, preview)
+
+    def on_step(self, event) -> None:
+        self.done, self.total = event.passes_done, event.passes_total
+        self.report(None)
+
+    def on_chunk(self, latents: torch.Tensor) -> None:
+        self.report(preview_strip(latents) if self.hooks.progress is not None else None)
+
+
+def _run_stream(model, context, *, num_frames, height, width, seed, opts, prefix, hooks: RunHooks) -> torch.Tensor:
+    """Drain ``stream`` into a CPU tensor (model space, float32); previews per chunk; clean-up on any exit."""
+    per_chunk = len(opts.steps)
+    chunks = -(-num_frames // opts.frames_per_block)
+    progress = _Progress(hooks, chunks * per_chunk)
+    gen = stream(model, context, num_frames=num_frames, height=height, width=width, seed=seed, options=opts,
+                 prefix=prefix, on_step=progress.on_step, check_cancel=hooks.check_cancel)
+    out = []
+    try:
+        for chunk in gen:
+            out.append(chunk.latents.to("cpu", torch.float32))
+            progress.on_chunk(out[-1])
+            del chunk
+        return torch.cat(out, dim=2)
+    finally:
+        gen.close()
+        del gen
+
+
+def _release(hooks: RunHooks) -> None:
+    gc.collect()
+    if hooks.empty_cache is not None:
+        hooks.empty_cache()
+
+
+def _drop_frames(exc: BaseException) -> None:
+    """Free tensors held by the frames of a propagating exception's traceback (caches, activations).
+
+    ComfyUI keeps the exception (to report it) long after the run, which would otherwise keep every
+    local of the failed call alive.
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
+
+
+def check_video_request(width: int, height: int, length: int, patch: tuple[int, int, int]) -> None:
+    multiple = SPATIAL_STRIDE * max(patch[1], patch[2])
+    err = first_error(check_size("width", width, multiple), check_size("height", height, multiple),
+                      check_length(length))
+    if err:
+        raise ValueError(err)
+
+
+def sample_video(handle: ModelHandle, conditioning, *, width: int, height: int, length: int, seed: int,
+                 frames_per_block: int = 3, steps: str = "1000, 750, 500, 250", shift: float = 5.0,
+                 context_noise: float = 0.0, long_video: LongVideoOptions | None = None,
+                 hooks: RunHooks | None = None) -> torch.Tensor:
+    """Text-to-video: raw Wan 2.1 latents [B, 16, (length-1)/4+1, height/8, width/8] (float32, CPU)."""
+    hooks = hooks or RunHooks()
+    cfg = handle.config
+    check_video_request(width, height, length, cfg.patch_size)
+    opts = stream_options(frames_per_block, steps, shift, context_noise, long_video)
+    frames = latent_frames(length)
+    _check_fixed_cache(opts, frames, cfg.rope_max_frames, f"length {length}")
+    context = context_from_conditioning(conditioning, cfg.text_dim, cfg.text_len)
+    try:
+        with model_on_device(handle, hooks) as model:
+            ctx = context.to(model.device)
+            latents = _run_stream(model, ctx, num_frames=frames, height=height // SPATIAL_STRIDE,
+                                  width=width // SPATIAL_STRIDE, seed=seed, opts=opts, prefix=None, hooks=hooks)
+        return to_raw(latents)
+    except BaseException as e:
+        _drop_frames(e)
+        raise
+    finally:
+        _release(hooks)
+
+
+def _latent_samples(latent, cfg) -> torch.Tensor:
+    samples = latent.get("samples") if isinstance(latent, dict) else latent
+    if not isinstance(samples, torch.Tensor) or samples.ndim != 5 or samples.shape[1] != cfg.in_dim:
+        shape = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__
+        raise ValueError(f"latent must be a Wan 2.1 video LATENT [batch, {cfg.in_dim}, frames, height, width] "
+                         f"(got {shape}); encode the video or image with the Wan 2.1 VAE (core VAEEncode)")
+    ph, pw = cfg.patch_size[1:]
+    h, w = samples.shape[3:]
+    if h % ph or w % pw:
+        raise ValueError(f"latent size {h}x{w} (= {h * SPATIAL_STRIDE}x{w * SPATIAL_STRIDE} pixels) is not a "
+                         f"multiple of {ph}x{pw}; resize the input to a multiple of {SPATIAL_STRIDE * ph} pixels "
+                         "(e.g. ImageScale to 832x480) before VAEEncode")
+    return samples
+
+
+def extend_video(handle: ModelHandle, conditioning, latent, *, extend_frames: int, history_frames: int,
+                 resample_strength: float, seed: int, frames_per_block: int = 3,
+                 steps: str = "1000, 750, 500, 250", shift: float = 5.0, context_noise: float = 0.0,
+                 output: str = "joined", long_video: LongVideoOptions | None = None,
+                 hooks: RunHooks | None = None) -> torch.Tensor:
+    """Continue a raw Wan 2.1 latent by ``extend_frames`` video frames; returns raw latents (CPU).
+
+    The last ``history_frames`` latent frames of the input are resampled (noised to ``resample_strength``
+    and re-denoised by the model against the untouched earlier history), the whole (resampled) history is
+    prefilled into the KV cache, and ``extend_frames / 4`` new latent frames are streamed after it.
+    ``output``: 'joined' = input frames bit-identical + new frames; 'new frames only'; 'joined, resampled
+    history' = input with its last frames replaced by their resampled version + new frames.
+    """
+    hooks = hooks or RunHooks()
+    cfg = handle.config
+    err = check_extend_frames(extend_frames)
+    if err:
+        raise ValueError(err)
+    if output not in EXTEND_OUTPUTS:
+        raise ValueError(f"output '{output}' is not one of: {', '.join(EXTEND_OUTPUTS)}")
+    if history_frames < 0:
+        raise ValueError(f"history_frames {history_frames} must be >= 0")
+    samples = _latent_samples(latent, cfg)
+    opts = stream_options(frames_per_block, steps, shift, context_noise, long_video)
+    new_frames = extend_frames // TEMPORAL_STRIDE
+    prefix_len = samples.shape[2]
+    _check_fixed_cache(opts, prefix_len + new_frames, cfg.rope_max_frames, f"extending {prefix_len} latent frames by {new_frames}")
+    resampled_count = min(history_frames, prefix_len)
+    context = context_from_conditioning(conditioning, cfg.text_dim, cfg.text_len)
+    batch = samples.shape[0]
+    if context.shape[0] not in (1, batch):
+        raise ValueError(f"positive has batch {context.shape[0]} but the latent has batch {batch}; use one prompt")
+    context = context.expand(batch, -1, -1)
+    h, w = samples.shape[3:]
+    try:
+        with model_on_device(handle, hooks) as model:
+            ctx = context.to(model.device)
+            history = to_model_space(samples).to(model.device)
+            resampled = bool(resampled_count and resample_strength > 0)
+            if resampled:
+                history = resample_history(model, ctx, history, frames=resampled_count, strength=resample_strength,
+                                           seed=seed, options=opts, check_cancel=hooks.check_cancel)
+                if hooks.progress is not None:
+                    hooks.progress(0, 1, preview_strip(history[:, :, prefix_len - resampled_count:].cpu()))
+            new = _run_stream(model, ctx, num_frames=new_frames, height=h, width=w, seed=seed, opts=opts,
+                              prefix=history, hooks=hooks)
+            resampled_tail = history[:, :, prefix_len - resampled_count:].to("cpu", torch.float32)
+            del history
+        new_raw = to_raw(new).to(samples.dtype)
+        if output == "new frames only":
+            return new_raw
+        if output == "joined":
+            return torch.cat([samples.cpu(), new_raw], dim=2)
+        if not resampled:  # nothing was resampled: the input as it is
+            return torch.cat([samples.cpu(), new_raw], dim=2)
+        kept = samples[:, :, :prefix_len - resampled_count].cpu()
+        return torch.cat([kept, to_raw(resampled_tail).to(samples.dtype), new_raw], dim=2)
+    except BaseException as e:
+        _drop_frames(e)
+        raise
+    finally:
+        _release(hooks)
