@@ -46,6 +46,9 @@ class LoadedModel:
     config: WanConfig
     layout: str
     meta: dict = field(default_factory=dict)
+    # Bundled parts of self-contained models (e.g. the toy world's text encoder and codec):
+    # {name: state dict}, declared in the metadata under "bundle".
+    extras: dict = field(default_factory=dict)
 
 
 # -- reading files ------------------------------------------------------------------------------
@@ -188,21 +191,37 @@ def check_compatible(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], sou
         raise CheckpointError(f"{source} does not match the model: " + "; ".join(parts))
 
 
-def load_state_dict_file(path: str) -> tuple[dict[str, torch.Tensor], WanConfig, str, dict]:
-    """Read a file and return (bare Wan state dict, config, layout, meta)."""
+def split_bundle(tensors: Mapping[str, torch.Tensor], names) -> tuple[dict, dict]:
+    """Separate bundled parts ``{name}.*`` from the DiT's tensors."""
+    extras = {n: {} for n in names}
+    rest = {}
+    for k, v in tensors.items():
+        head, _, tail = k.partition(".")
+        if head in extras and tail:
+            extras[head][tail] = v
+        else:
+            rest[k] = v
+    return rest, extras
+
+
+def load_state_dict_file(path: str) -> tuple[dict[str, torch.Tensor], WanConfig, str, dict, dict]:
+    """Read a file and return (bare Wan state dict, config, layout, meta, bundled extras)."""
     obj, file_meta = read_file(path)
-    sd, layout = normalize_state_dict(obj)
     meta = {}
     if FORMAT_KEY in file_meta:
         try:
             meta = json.loads(file_meta[FORMAT_KEY])
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{path}: unreadable '{FORMAT_KEY}' metadata: {e}") from e
+    obj, extras = split_bundle(obj, meta.get("bundle", []))
+    sd, layout = normalize_state_dict(obj)
+    if extras:
+        layout += ", bundled: " + ", ".join(extras)
     try:
         config = WanConfig.from_dict(meta["model"]) if "model" in meta else infer_config(sd)
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: {e}") from e
-    return sd, config, layout, meta
+    return sd, config, layout, meta, extras
 
 
 def load_model(path: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
@@ -213,7 +232,7 @@ def load_model(path: str, device: torch.device | str = "cpu", dtype: torch.dtype
     """
     from .model import CausalWanModel
 
-    sd, config, layout, meta = load_state_dict_file(path)
+    sd, config, layout, meta, extras = load_state_dict_file(path)
     if dtype is None:
         dtype = next(v.dtype for v in sd.values() if v.is_floating_point())
     with torch.device("meta"):
@@ -223,24 +242,31 @@ def load_model(path: str, device: torch.device | str = "cpu", dtype: torch.dtype
     model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True)
     model = model.to(dtype=dtype)
     model.eval().requires_grad_(False)
-    return LoadedModel(model=model, config=config, layout=layout, meta=meta)
+    return LoadedModel(model=model, config=config, layout=layout, meta=meta, extras=extras)
 
 
 # -- saving ------------------------------------------------------------------------------------
 def save_model(path: str, model_or_state_dict, config: WanConfig, meta: Mapping | None = None,
-               dtype: torch.dtype | None = None) -> None:
+               dtype: torch.dtype | None = None, extras: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> None:
     """Write a safetensors file with bare Wan keys and metadata our loader and ComfyUI core read.
 
     ``meta`` may carry sampling defaults (``frames_per_block``, ``steps``, ``shift``) and anything JSON.
-    The write is atomic (temporary file, then rename).
+    ``extras`` bundles other parts of a self-contained model ({name: state dict}, stored as
+    ``name.<key>`` and declared in the metadata). The write is atomic (temporary file, then rename).
     """
     from safetensors.torch import save_file
 
     sd = model_or_state_dict.state_dict() if hasattr(model_or_state_dict, "state_dict") else model_or_state_dict
     sd, _ = normalize_state_dict(sd)
-    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
-          for k, v in sd.items()}
+    cast = lambda v: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()  # noqa: E731
+    sd = {k: cast(v) for k, v in sd.items()}
+    for name, part in (extras or {}).items():
+        if "." in name or any(k.startswith(name + ".") for k in sd):
+            raise ValueError(f"bundle name '{name}' must be a plain word that no DiT key starts with")
+        sd.update({f"{name}.{k}": v.detach().cpu().contiguous() for k, v in part.items()})
     info = {"format_version": FORMAT_VERSION, "model": config.to_dict(), **dict(meta or {})}
+    if extras:
+        info["bundle"] = sorted(extras)
     metadata = {
         "config": json.dumps({"transformer": {"causal_ar": True}}),
         FORMAT_KEY: json.dumps(info, sort_keys=True),

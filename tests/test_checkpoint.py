@@ -141,3 +141,17 @@ def test_loaded_model_computes_the_same_function(tmp_path, tiny_model):
     x, ctx = torch.randn(1, 16, 3, 4, 4, generator=g), torch.randn(1, 5, 32, generator=g)
     with torch.no_grad():
         assert torch.equal(loaded(x, 500.0, ctx), tiny_model(x, 500.0, ctx))
+
+
+def test_bundled_parts_round_trip_and_stay_out_of_the_dit(tmp_path, tiny_model):
+    path = tmp_path / "toy.safetensors"
+    text = {"embed.weight": torch.randn(5, 32)}
+    codec = {"matrix": torch.randn(12, 16), "scale": torch.tensor(0.5)}
+    save_model(path, tiny_model, TINY, meta={"frames_per_block": 3}, extras={"toy_text": text, "toy_codec": codec})
+    loaded = load_model(path)
+    assert "bundled: toy_codec, toy_text" in loaded.layout
+    assert torch.equal(loaded.extras["toy_text"]["embed.weight"], text["embed.weight"])
+    assert torch.equal(loaded.extras["toy_codec"]["scale"], codec["scale"])
+    assert_same_weights(loaded.model, tiny_model.state_dict())
+    with pytest.raises(ValueError, match="plain word"):
+        save_model(tmp_path / "x.safetensors", tiny_model, TINY, extras={"blocks": text})
