@@ -258,7 +258,8 @@ def save_model(path: str, model_or_state_dict, config: WanConfig, meta: Mapping 
 
     sd = model_or_state_dict.state_dict() if hasattr(model_or_state_dict, "state_dict") else model_or_state_dict
     sd, _ = normalize_state_dict(sd)
-    cast = lambda v: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()  # noqa: E731
+    # clone: parameters may be views of one tensor (fused q/k/v), which safetensors refuses to save
+    cast = lambda v: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous().clone()  # noqa: E731
     sd = {k: cast(v) for k, v in sd.items()}
     for name, part in (extras or {}).items():
         if "." in name or any(k.startswith(name + ".") for k in sd):

@@ -77,13 +77,26 @@ class SelfAttention(nn.Module):
         self.o = nn.Linear(cfg.dim, cfg.dim)
         self.norm_q = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
         self.norm_k = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.fused: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         heads = (self.num_heads, self.head_dim)
-        q = self.norm_q(self.q(x)).unflatten(-1, heads)
-        k = self.norm_k(self.k(x)).unflatten(-1, heads)
-        v = self.v(x).unflatten(-1, heads)
-        return q, k, v
+        if self.fused is not None:  # one GEMM for q, k and v (see fuse_qkv)
+            q, k, v = F.linear(x, *self.fused).chunk(3, dim=-1)
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        return self.norm_q(q).unflatten(-1, heads), self.norm_k(k).unflatten(-1, heads), v.unflatten(-1, heads)
+
+    def fuse_qkv(self) -> None:
+        """Store q/k/v weights in one tensor; q/k/v parameters become views of it (no extra memory)."""
+        with torch.no_grad():
+            w = torch.cat([self.q.weight, self.k.weight, self.v.weight])
+            b = torch.cat([self.q.bias, self.k.bias, self.v.bias])
+            dim = self.q.weight.shape[0]
+            for i, lin in enumerate((self.q, self.k, self.v)):
+                lin.weight.data = w[i * dim:(i + 1) * dim]
+                lin.bias.data = b[i * dim:(i + 1) * dim]
+        self.fused = (w, b)
 
 
 class CrossAttention(nn.Module):
@@ -106,6 +119,16 @@ class CrossAttention(nn.Module):
         return self.o(attention(q, kv[0], kv[1], backend).flatten(2))
 
 
+def per_frame(t: torch.Tensor, frames: int, scale=None, shift=None, gate=None) -> torch.Tensor:
+    """Apply per-frame modulation terms [B, F, dim] to tokens [B, F*T, dim]."""
+    t = t.unflatten(1, (frames, -1))
+    if scale is not None:
+        t = t * (1 + scale[:, :, None]) + shift[:, :, None]
+    if gate is not None:
+        t = t * gate[:, :, None]
+    return t.flatten(1, 2)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: WanConfig):
         super().__init__()
@@ -117,24 +140,31 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim ** 0.5)
+        self.pre_attention = self._pre_attention     # replaced by compiled versions by
+        self.post_attention = self._post_attention   # CausalWanModel.compile_blocks()
+
+    def _pre_attention(self, x, e, frames: int, rope_cos, rope_sin):
+        """Modulated norm, q/k/v with RMSNorm and RoPE. x [B, L, dim] f32, e [B, F, 6, dim] f32."""
+        shift1, scale1 = (self.modulation[:, 0].float() + e[:, :, 0]), (self.modulation[:, 1].float() + e[:, :, 1])
+        h = per_frame(self.norm1(x), frames, scale1, shift1).to(self.self_attn.q.weight.dtype)
+        q, k, v = self.self_attn.qkv(h)
+        return apply_rope(q, rope_cos, rope_sin), apply_rope(k, rope_cos, rope_sin), v
+
+    def _post_attention(self, x, y, e, frames: int, text_k, text_v, backend: str):
+        """Output projection, gated residual, cross-attention and the modulated FFN."""
+        dtype = self.self_attn.q.weight.dtype
+        mod = self.modulation.float().unsqueeze(1) + e
+        gate1, shift2, scale2, gate2 = mod[:, :, 2], mod[:, :, 3], mod[:, :, 4], mod[:, :, 5]
+        y = self.self_attn.o(y.flatten(2))
+        x = x + per_frame(y.float(), frames, gate=gate1)
+        x = x + self.cross_attn(self.norm3(x).to(dtype), (text_k, text_v), backend).float()
+        h = per_frame(self.norm2(x), frames, scale2, shift2).to(dtype)
+        return x + per_frame(self.ffn(h).float(), frames, gate=gate2)
 
     def forward(self, x, e, frames, rope, text_kv, attend, backend):
         """x: [B, L, dim] float32; e: [B, F, 6, dim] float32 time projection; attend(q, k, v) -> out."""
-        dtype = self.self_attn.q.weight.dtype
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float().unsqueeze(1) + e).unbind(2)
-
-        def per_frame(t, fn):  # apply fn(t [B, F, T, dim]) with per-frame modulation terms
-            return fn(t.unflatten(1, (frames, -1))).flatten(1, 2)
-
-        h = per_frame(self.norm1(x), lambda t: t * (1 + scale1[:, :, None]) + shift1[:, :, None]).to(dtype)
-        q, k, v = self.self_attn.qkv(h)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        y = self.self_attn.o(attend(q, k, v).flatten(2))
-        x = x + per_frame(y.float(), lambda t: t * gate1[:, :, None])
-        x = x + self.cross_attn(self.norm3(x).to(dtype), text_kv, backend).float()
-        h = per_frame(self.norm2(x), lambda t: t * (1 + scale2[:, :, None]) + shift2[:, :, None]).to(dtype)
-        y = self.ffn(h)
-        return x + per_frame(y.float(), lambda t: t * gate2[:, :, None])
+        q, k, v = self.pre_attention(x, e, frames, *rope)
+        return self.post_attention(x, attend(q, k, v), e, frames, text_kv[0], text_kv[1], backend)
 
 
 class Head(nn.Module):
@@ -265,6 +295,7 @@ class CausalWanModel(nn.Module):
         fr, hh, ww = grid
         self.rope.check_frames(start_frame, fr, extend_positions)
         rope = self.rope.cos_sin(start_frame, fr, hh, ww, self.device)
+        self._refresh_fused()
         e, e0 = self.time_embed(t, b, fr)
         h = self.patch_embedding(x.to(self.dtype)).flatten(2).transpose(1, 2).float()  # [B, L, dim]
         backend = self.attn_backend
@@ -333,6 +364,31 @@ class CausalWanModel(nn.Module):
             return attend
 
         return self._run(x, t, text, start_frame, attend_for_layer, extend_positions)
+
+    # -- inference speed-ups -----------------------------------------------------------------
+    def fuse_qkv(self) -> "CausalWanModel":
+        """Run q/k/v of every self-attention as one GEMM (weights shared, nothing copied twice).
+
+        Call after moving the model to its final device/dtype; ``.to()`` afterwards makes the fused
+        tensors stale, which is detected and repaired at the next forward.
+        """
+        for blk in self.blocks:
+            blk.self_attn.fuse_qkv()
+        return self
+
+    def _refresh_fused(self) -> None:
+        attn = self.blocks[0].self_attn if len(self.blocks) else None
+        if attn is not None and attn.fused is not None and attn.fused[0].data_ptr() != attn.q.weight.data_ptr():
+            self.fuse_qkv()
+
+    def compile_blocks(self, mode: str | None = None, fullgraph: bool = True) -> "CausalWanModel":
+        """torch.compile the parts of every block around attention (norms, modulation, RoPE, GEMMs,
+        cross-attention, FFN). Attention against the cache stays eager, so the compiled graphs see
+        the same shapes for every chunk of a video and do not recompile as the cache grows."""
+        for blk in self.blocks:
+            blk.pre_attention = torch.compile(blk._pre_attention, mode=mode, fullgraph=fullgraph, dynamic=False)
+            blk.post_attention = torch.compile(blk._post_attention, mode=mode, fullgraph=fullgraph, dynamic=False)
+        return self
 
     def new_cache(self, batch: int, frame_tokens: int, *, window: int, sink: int = 0,
                   key_means: bool = False) -> KVCache:

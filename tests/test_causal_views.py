@@ -72,3 +72,20 @@ def test_rope_tables_match_reference_angles(tiny_model):
     assert torch.allclose(sin[0, :, 0].double(), torch.sin(ref), atol=1e-7)
     cos2, _ = rope.cos_sin(2000, 1, 2, 3, torch.device("cpu"))  # grows past the 1024 table on demand
     assert torch.allclose(cos2[0, :, 0].double(), torch.cos(rope.angles(2000, 1, 2, 3)), atol=1e-6)
+
+
+def test_fused_qkv_and_compiled_blocks_compute_the_same_function(make_tiny, tmp_path):
+    from self_forcing.sf_model.checkpoint import load_model, save_model
+    from self_forcing.sf_model.sampler import generate
+
+    ref_model, fast = make_tiny(seed=9), make_tiny(seed=9)
+    ctx = torch.randn(1, 10, 32, generator=torch.Generator().manual_seed(0))
+    ref = generate(ref_model, ctx, num_frames=6, height=4, width=6, seed=1)
+    fast.fuse_qkv()
+    assert fast.blocks[0].self_attn.q.weight.data_ptr() == fast.blocks[0].self_attn.fused[0].data_ptr()
+    assert torch.allclose(generate(fast, ctx, num_frames=6, height=4, width=6, seed=1), ref, atol=1e-5)
+    fast.to(torch.float64).to(torch.float32)  # stale fused weights are re-fused, not silently used
+    assert torch.allclose(generate(fast, ctx, num_frames=6, height=4, width=6, seed=1), ref, atol=1e-5)
+    save_model(tmp_path / "f.safetensors", fast, fast.config)  # shared views save fine
+    assert torch.equal(load_model(tmp_path / "f.safetensors").model.blocks[0].self_attn.k.weight,
+                       ref_model.blocks[0].self_attn.k.weight)
