@@ -259,12 +259,16 @@ class WanVAE(nn.Module):
         return 0 if pixel_frames <= 0 else 1 + (pixel_frames - 1) // self.config.temporal_factor
 
     # ---- one chunk (no validation; cache is updated in place) --------------------------------
+    # Activations run channels-last (NDHWC): the norms reduce over contiguous channels and
+    # cuDNN's tensor-core convolutions need no layout transposes. Outputs are made contiguous.
     def _decode_chunk(self, z: torch.Tensor, cache: Cache) -> torch.Tensor:
-        return self.decoder(self.conv2(z), cache)
+        z = z.contiguous(memory_format=torch.channels_last_3d)
+        return self.decoder(self.conv2(z), cache).contiguous()
 
     def _encode_chunk(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
         h = self.conv1(self.encoder(x, cache))
-        return h[:, : self.config.z_dim]
+        return h[:, : self.config.z_dim].contiguous()
 
     # ---- public API ---------------------------------------------------------------------------
     def stream_decoder(self, clamp: bool = True) -> StreamDecoder:
