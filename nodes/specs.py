@@ -230,9 +230,10 @@ EXTEND = NodeSpec(
         InputSpec("extend_frames", "INT", "Video frames to add, a multiple of 4 (4 frames per latent "
                   "frame). 80 turns one image into an 81-frame video. Range 4-4092.",
                   default=80, min=4, max=4092, step=4),
-        InputSpec("history_frames", "INT", "How many of the last latent frames of the input are used as "
-                  "context (resampled, then prefilled into the cache). 0 = all of them. 1 for image-to-video; "
-                  "3-9 for a video. Range 0-1024.", default=6, min=0, max=1024),
+        InputSpec("history_frames", "INT", "How many of the last latent frames of the input are resampled "
+                  "(re-noised and re-denoised by the model) before continuing; 0 = none. The whole input is "
+                  "prefilled into the KV cache as context (a rolling cache keeps only its last window). 1 for "
+                  "image-to-video, 3-6 for a video. Range 0-1024.", default=3, min=0, max=1024),
         InputSpec("resample_strength", "FLOAT", "How strongly the history is re-noised before the model "
                   "re-denoises it (0 = use the history exactly as it is; 1 = regenerate it from noise). "
                   "0.2-0.5 keeps the content and moves it into the model's own distribution.",
@@ -280,3 +281,50 @@ LOAD_EMBEDS = NodeSpec(
 
 ALL_NODES: tuple[NodeSpec, ...] = (LOADER, OPTIONS, SAMPLER, EXTEND, SAVE_EMBEDS, LOAD_EMBEDS)
 NODES_BY_ID = {n.node_id: n for n in ALL_NODES}
+
+
+# -- the /object_info view of a spec (what ComfyUI serves for our nodes) ----------------------------------
+def _input_info(spec: InputSpec, options: list | None) -> list:
+    opts: dict[str, Any] = {"tooltip": spec.tooltip}
+    if spec.display_name:
+        opts["display_name"] = spec.display_name
+    if spec.type == "COMBO":
+        values = list(options if options is not None else spec.options)
+        if spec.default is not None and spec.default in values:
+            opts["default"] = spec.default
+        opts["multiselect"] = False
+        opts["options"] = values
+    elif spec.is_widget:
+        for key in ("default", "min", "max", "step"):
+            value = getattr(spec, key)
+            if value is not None:
+                opts[key] = value
+        if spec.type == "INT" and spec.control_after_generate:
+            opts["control_after_generate"] = True
+        if spec.type == "STRING":
+            opts["multiline"] = spec.multiline
+    return [spec.type, opts]
+
+
+def object_info(spec: NodeSpec, dynamic_options: dict[str, list] | None = None) -> dict:
+    """The node's entry as ComfyUI's GET /object_info reports it (dynamic file lists from the argument)."""
+    dynamic_options = dynamic_options or {}
+    sections: dict[str, dict] = {"required": {}}
+    for i in spec.inputs:
+        section = "optional" if i.optional else "required"
+        sections.setdefault(section, {})[i.name] = _input_info(i, dynamic_options.get(i.name))
+    if spec.is_output_node:  # ComfyUI adds these hidden inputs to every V3 output node
+        sections["hidden"] = {"prompt": ["PROMPT"], "extra_pnginfo": ["EXTRA_PNGINFO"]}
+    return {
+        "input": sections,
+        "input_order": {k: list(v) for k, v in sections.items()},
+        "output": [o.type for o in spec.outputs],
+        "output_is_list": [False for _ in spec.outputs],
+        "output_name": [o.name for o in spec.outputs],
+        "output_tooltips": [o.tooltip for o in spec.outputs],
+        "name": spec.node_id,
+        "display_name": spec.display_name,
+        "description": spec.description,
+        "category": spec.category,
+        "output_node": spec.is_output_node,
+    }

@@ -1,0 +1,355 @@
+#!/usr/bin/env python3
+"""End-to-end check of the node pack in a REAL ComfyUI (not part of CI: CI has no ComfyUI).
+
+Uses the team's harness (/work/shared/comfy-harness: a real ComfyUI server on the CPU) and:
+
+1. writes tiny stand-ins for the real files into a temporary models folder, under the real names the
+   workflows use: a Wan-shaped random Self Forcing checkpoint (text_dim 4096, so real-format prompt
+   embeddings fit), a random full-architecture Wan 2.1 VAE in original key names (core's VAELoader
+   builds it), a saved prompt embedding [1, 512, 4096] in place of the 11 GB umT5 encoder, and a
+   placeholder umT5 file (so workflows that name it validate; it is never executed);
+2. starts ComfyUI with those folders (extra_model_paths.yaml, which also pre-registers text_embeds);
+3. checks the pack imported, and that /object_info of our nodes equals ``nodes.specs.object_info``;
+4. converts every example_workflows/*.json with the harness's frontend-faithful converter and compares
+   it with its workflows/api twin; posts every API workflow unchanged and expects it to validate;
+5. executes the graphs at tiny sizes through the stdlib headless client (workflows/run_headless.py)
+   -- text-to-video, long video (rolling cache), extend a video (the text-to-video output), image-to-
+   video, save/load text embeddings -- and checks the saved videos' frame counts and sizes;
+6. interrupts a long run and checks the server keeps working.
+
+    /work/venv/bin/python tests/comfy_harness_e2e.py --work /tmp/sf_e2e [--comfy-dir /work/comfyui-src]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from self_forcing.nodes.logic_text import load_text_embeds, save_text_embeds
+from self_forcing.nodes.specs import ALL_NODES, object_info
+from self_forcing.sf_model.checkpoint import save_model
+from self_forcing.sf_model.config import TINY
+from self_forcing.sf_model.model import CausalWanModel
+from self_forcing.sf_model.vae import WAN21_VAE, WanVAE
+from self_forcing.sf_model.vae_checkpoint import save_vae
+from self_forcing.weights import SELF_FORCING, UMT5, WAN_VAE
+from self_forcing.workflows import run_headless
+
+REPO = Path(__file__).resolve().parent.parent
+HARNESS = Path("/work/shared/comfy-harness")
+SERVER = "http://127.0.0.1:8188"
+EMBEDS = "fox_in_snow_00001.safetensors"
+TINY_WAN = TINY.replace(text_dim=4096, text_len=512)
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# -- 1. tiny files ----------------------------------------------------------------------------------
+def write_tiny_files(models: Path) -> dict:
+    for sub in ("diffusion_models", "vae", "text_encoders", "text_embeds"):
+        (models / sub).mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model = CausalWanModel(TINY_WAN, attn_backend="sdpa")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.2 + (1.0 if name.endswith(("norm_q.weight", "norm_k.weight")) else 0.0))
+    save_model(models / "diffusion_models" / SELF_FORCING.name, model, TINY_WAN,
+               meta={"frames_per_block": 3, "note": "tiny random test model"})
+    vae = WanVAE(WAN21_VAE).eval()
+    save_vae(models / "vae" / WAN_VAE.name, vae.half())
+    from safetensors.torch import save_file
+    save_file({"placeholder": torch.zeros(1)}, str(models / "text_encoders" / UMT5.name))
+    ctx = torch.zeros(1, 512, 4096)
+    ctx[:, :24] = torch.randn(1, 24, 4096) * 0.1  # 24 "tokens", zero padding after, as core's umT5 output
+    save_text_embeds(str(models / "text_embeds" / EMBEDS), ctx)
+    return {"text_embeds": ctx}
+
+
+def write_yaml(models: Path, path: Path) -> None:
+    path.write_text("sf_e2e:\n"
+                    f"    base_path: {models}\n"
+                    "    diffusion_models: diffusion_models\n"
+                    "    vae: vae\n"
+                    "    text_encoders: text_encoders\n"
+                    "    text_embeds: text_embeds\n")
+
+
+# -- server helpers --------------------------------------------------------------------------------
+def harness(cmd: str, *args, env=None, check=True) -> subprocess.CompletedProcess:
+    p = subprocess.run(["bash", str(HARNESS / "comfy_harness.sh"), cmd, *map(str, args)], env=env,
+                       capture_output=True, text=True)
+    if check and p.returncode:
+        raise RuntimeError(f"harness {cmd} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def get(path: str):
+    with urllib.request.urlopen(SERVER + path, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def post(path: str, data: dict):
+    req = urllib.request.Request(SERVER + path, data=json.dumps(data).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+def wait_done(prompt_id: str, timeout: float = 600) -> dict | None:
+    """The history entry of a finished prompt; None if it left the queue without running."""
+    end = time.time() + timeout
+    while time.time() < end:
+        entry = get(f"/history/{prompt_id}").get(prompt_id)
+        if entry and entry.get("status", {}).get("status_str") in ("success", "error"):
+            return entry
+        queue = get("/queue")
+        queued = {item[1] for item in queue.get("queue_running", []) + queue.get("queue_pending", [])}
+        if not entry and prompt_id not in queued:
+            time.sleep(0.5)  # the history entry is written just after the prompt leaves the queue
+            if not get(f"/history/{prompt_id}").get(prompt_id):
+                return None
+        time.sleep(0.3)
+    raise TimeoutError(prompt_id)
+
+
+def video_info(path: str) -> dict:
+    import av
+
+    with av.open(path) as c:
+        s = c.streams.video[0]
+        frames = sum(1 for _ in c.decode(s))
+        return {"frames": frames, "width": s.codec_context.width, "height": s.codec_context.height,
+                "fps": float(s.average_rate)}
+
+
+def api(name: str) -> dict:
+    return json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
+
+
+def node_of(prompt: dict, class_type: str) -> str:
+    return next(k for k, v in prompt.items() if v["class_type"] == class_type)
+
+
+def use_saved_embeds(prompt: dict) -> dict:
+    """Replace CLIPLoader + CLIPTextEncode by 'Load Text Embeddings' (the umT5 encoder is too large)."""
+    enc, loader = node_of(prompt, "CLIPTextEncode"), node_of(prompt, "CLIPLoader")
+    prompt[enc] = {"class_type": "SelfForcingLoadTextEmbeds", "inputs": {"embeds_name": EMBEDS}}
+    del prompt[loader]
+    return prompt
+
+
+def small(prompt: dict, **sizes) -> dict:
+    for k, v in prompt.items():
+        if v["class_type"] in ("SelfForcingSampler", "ImageScale"):
+            for key in ("width", "height"):
+                v["inputs"][key] = sizes.get(key, 64)
+        if v["class_type"] == "SelfForcingModelLoader":
+            v["inputs"]["device"] = "cpu"
+    return prompt
+
+
+def run(prompt: dict, name: str, work: Path) -> dict:
+    path = work / "prompts" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(prompt, indent=1))
+    t0 = time.time()
+    stats = run_headless.run(str(path), SERVER, str(work / "videos" / name), timeout=900,
+                             previews=str(work / "previews" / name))
+    stats["seconds"] = round(time.time() - t0, 2)
+    stats["videos"] = [dict(file=f, **video_info(f)) for f in stats.get("files", []) if f.endswith(".mp4")]
+    log(f"{name}: {json.dumps({k: v for k, v in stats.items() if k != 'files'})}")
+    return stats
+
+
+# -- the checks ------------------------------------------------------------------------------------
+def check_object_info(result: dict) -> None:
+    live = get("/object_info")
+    mismatches = []
+    for spec in ALL_NODES:
+        if spec.node_id not in live:
+            mismatches.append(f"{spec.node_id} missing")
+            continue
+        req = live[spec.node_id]["input"].get("required", {})
+        dyn = {name: req[name][1].get("options") for name in ("model_name", "embeds_name") if name in req}
+        mine = object_info(spec, dyn)
+        diff = [k for k in mine if mine[k] != live[spec.node_id].get(k)]
+        if diff:
+            mismatches.append(f"{spec.node_id}: {diff}")
+    embeds = live["SelfForcingLoadTextEmbeds"]["input"]["required"]["embeds_name"][1]["options"]
+    models = live["SelfForcingModelLoader"]["input"]["required"]["model_name"][1]["options"]
+    result["object_info"] = {"nodes": len(live), "ours_match_specs": not mismatches, "mismatches": mismatches,
+                             "text_embeds_listed": embeds, "model_files_listed": models}
+    assert not mismatches, mismatches
+    assert EMBEDS in embeds and SELF_FORCING.name in models
+
+
+def check_ui_conversion(result: dict) -> None:
+    out = {}
+    for ui in sorted((REPO / "example_workflows").glob("*.json")):
+        p = subprocess.run([sys.executable, str(HARNESS / "run_workflow.py"), str(ui), "--convert-only",
+                            "--server", SERVER], capture_output=True, text=True)
+        if p.returncode:
+            out[ui.name] = f"conversion failed: {p.stderr.strip()[-500:]}"
+            continue
+        converted = json.loads(p.stdout)
+        twin = api(ui.stem)
+        # Dotted keys ("format.codec") are sub-inputs of newer cores' dynamic combos, sent next to the
+        # 0.3.64 names in the API files; a 0.3.64 UI file cannot carry them and 0.3.64 ignores them.
+        strip = lambda d: {k: {"class_type": v["class_type"],  # noqa: E731
+                               "inputs": {n: x for n, x in v["inputs"].items() if "." not in n}}
+                           for k, v in d.items()}
+        out[ui.name] = "identical to API twin" if strip(converted) == strip(twin) else {
+            "converted": strip(converted), "twin": strip(twin)}
+    result["ui_conversion"] = out
+    bad = {k: v for k, v in out.items() if v != "identical to API twin"}
+    assert not bad, json.dumps(bad, indent=1)[:4000]
+
+
+def check_validation(result: dict) -> None:
+    """POST every shipped API workflow unchanged: it must validate; the run is then stopped."""
+    out = {}
+    for path in sorted((REPO / "workflows" / "api").glob("*.json")):
+        code, body = post("/prompt", {"prompt": json.loads(path.read_text()), "client_id": "validation"})
+        entry = {"http": code, "node_errors": (body or {}).get("node_errors")}
+        if code == 200:
+            pid = body["prompt_id"]
+            post("/queue", {"delete": [pid]})
+            post("/interrupt", {"prompt_id": pid})
+            h = wait_done(pid, timeout=300)
+            if h is None:
+                entry["run"] = "removed from the queue before it started"
+            else:
+                entry["run"] = h["status"]["status_str"]
+                stops = [m for m in h["status"]["messages"] if m[0] in ("execution_error", "execution_interrupted")]
+                if stops:
+                    kind, data = stops[0]
+                    entry["stopped"] = f"{kind} in {data.get('node_type')}: {data.get('exception_message', '')[:100]}"
+        else:
+            entry["error"] = body
+        out[path.name] = entry
+    result["validation"] = out
+    bad = {k: v for k, v in out.items() if v["http"] != 200 or v["node_errors"]}
+    assert not bad, bad
+
+
+def check_runs(work: Path, comfy_state: Path, tiny: dict, result: dict) -> None:
+    runs = {}
+    # a) text to video from saved embeddings (shipped graph, tiny sizes): 21 frames = 6 latents = 2 chunks
+    p = small(api("self_forcing_t2v_from_saved_embeds"))
+    p[node_of(p, "SelfForcingSampler")]["inputs"]["length"] = 21
+    runs["t2v_from_saved_embeds"] = run(p, "t2v_from_saved_embeds", work)
+    # b) the CLIP-based text-to-video graph with the prompt from the saved embedding
+    p = small(use_saved_embeds(api("self_forcing_t2v_stream_81f")))
+    p[node_of(p, "SelfForcingSampler")]["inputs"].update(length=21, seed=7)  # not a cached repeat of a)
+    runs["t2v_stream"] = run(p, "t2v_stream", work)
+    # c) long video, rolling cache: 45 frames = 12 latents = 4 chunks through a window of 3 + sink 1
+    p = small(use_saved_embeds(api("self_forcing_long_video_rolling_30s")))
+    p[node_of(p, "SelfForcingSampler")]["inputs"]["length"] = 45
+    p[node_of(p, "SelfForcingLongVideoOptions")]["inputs"].update(window=3, sink=1)
+    runs["long_video_rolling"] = run(p, "long_video_rolling", work)
+    # d) extend the text-to-video output by 8 frames (VAEEncode of 21 frames = 6 latents, + 2)
+    shutil.copy(runs["t2v_stream"]["videos"][0]["file"], comfy_state / "input" / "input_video.mp4")
+    p = small(use_saved_embeds(api("self_forcing_extend_video")))
+    p[node_of(p, "SelfForcingExtendVideo")]["inputs"]["extend_frames"] = 8
+    runs["extend_video"] = run(p, "extend_video", work)
+    # e) image to video: one image + 8 frames = 9 frames
+    shutil.copy(Path(os.environ.get("COMFY_DIR", "/work/comfyui-src")) / "input" / "example.png",
+                comfy_state / "input" / "example.png")
+    p = small(use_saved_embeds(api("self_forcing_image_to_video")))
+    p[node_of(p, "SelfForcingExtendVideo")]["inputs"]["extend_frames"] = 8
+    runs["image_to_video"] = run(p, "image_to_video", work)
+    # f) save text embeddings (fed from the saved file instead of umT5) into the output folder
+    p = use_saved_embeds(api("self_forcing_save_text_embeds"))
+    p[node_of(p, "SelfForcingSaveTextEmbeds")]["inputs"].update(folder="output", filename_prefix="e2e/roundtrip")
+    stats = run(p, "save_text_embeds", work)
+    saved = sorted((comfy_state / "output" / "text_embeds" / "e2e").glob("roundtrip_*.safetensors"))
+    stats["saved_file"] = str(saved[-1]) if saved else None
+    stats["roundtrip_identical"] = bool(saved) and torch.equal(load_text_embeds(str(saved[-1]))[0], tiny["text_embeds"])
+    runs["save_text_embeds"] = stats
+    result["runs"] = runs
+    expect = {"t2v_from_saved_embeds": 21, "t2v_stream": 21, "long_video_rolling": 45, "extend_video": 29,
+              "image_to_video": 9}
+    for name, frames in expect.items():
+        v = runs[name]["videos"]
+        assert "error" not in runs[name] and v and v[0]["frames"] == frames and v[0]["width"] == 64, (name, runs[name])
+    assert runs["t2v_stream"]["previews"] >= 2 and runs["long_video_rolling"]["previews"] >= 4
+    assert stats["roundtrip_identical"], stats
+
+
+def check_interrupt(work: Path, result: dict) -> None:
+    p = small(use_saved_embeds(api("self_forcing_t2v_stream_81f")))
+    p[node_of(p, "SelfForcingSampler")]["inputs"].update(length=401, seed=5)  # 101 latents, 34 chunks
+    path = work / "prompts" / "interrupt.json"
+    path.write_text(json.dumps(p))
+
+    def interrupt_soon():
+        time.sleep(4.0)
+        post("/interrupt", {})
+
+    threading.Thread(target=interrupt_soon, daemon=True).start()
+    stats = run_headless.run(str(path), SERVER, str(work / "videos" / "interrupt"), timeout=600)
+    p2 = small(use_saved_embeds(api("self_forcing_t2v_stream_81f")))
+    p2[node_of(p2, "SelfForcingSampler")]["inputs"].update(length=9, seed=6)
+    after = run(p2, "after_interrupt", work)
+    result["interrupt"] = {"interrupted_run": {k: v for k, v in stats.items() if k != "files"},
+                           "next_run_ok": "error" not in after and bool(after["videos"])}
+    assert stats.get("error", {}).get("exception_message") == "interrupted", stats
+    assert result["interrupt"]["next_run_ok"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="/tmp/sf_e2e")
+    ap.add_argument("--comfy-dir", default=os.environ.get("COMFY_DIR", "/work/comfyui-src"))
+    ap.add_argument("--keep-server", action="store_true")
+    args = ap.parse_args()
+    work = Path(args.work)
+    if work.exists():
+        shutil.rmtree(work)
+    models = work / "models"
+    tiny = write_tiny_files(models)
+    yaml = work / "extra_model_paths.yaml"
+    write_yaml(models, yaml)
+    env = dict(os.environ, COMFY_DIR=args.comfy_dir, COMFY_EXTRA_ARGS=f"--extra-model-paths-config {yaml}")
+    state = Path(env.get("COMFY_STATE_DIR", Path.home() / "comfy-harness" / "state"))
+    harness("stop", env=env, check=False)
+    for sub in ("output", "input"):
+        shutil.rmtree(state / sub, ignore_errors=True)
+        (state / sub).mkdir(parents=True, exist_ok=True)
+    started = harness("start", REPO, env=env)
+    result = {"server_log": started.stdout.strip().splitlines()[0], "import": "ok"}
+    log_text = Path(result["server_log"]).read_text()
+    assert "IMPORT FAILED" not in log_text, "the pack failed to import"
+    try:
+        check_object_info(result)
+        check_ui_conversion(result)
+        check_runs(work, state, tiny, result)  # also places the input video and image the workflows name
+        check_validation(result)
+        check_interrupt(work, result)
+        result["vae_keys_missing_in_core"] = "Missing VAE keys" in Path(result["server_log"]).read_text()
+        result["ok"] = True
+    finally:
+        (work / "summary.json").write_text(json.dumps(result, indent=1, default=str))
+        if not args.keep_server:
+            harness("stop", env=env, check=False)
+    log(f"summary: {work / 'summary.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""The shipped workflows, defined once in Python and written in both formats.
+
+    python -m self_forcing.workflows.build          # (re)write example_workflows/*.json and workflows/api/*.json
+    python -m self_forcing.workflows.build --check  # exit 1 if the files on disk differ from the definitions
+
+UI files (``example_workflows/``, listed by ComfyUI's template browser) are laid out left to right by
+graph depth; API files (``workflows/api/``) are what batch jobs POST to ``/prompt``. A test converts
+every UI file back to API format and compares it with its twin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import weights
+from ..nodes.specs import DEFAULT_STEPS
+from .schemas import REPO, all_schemas, ordered_inputs, widget_slots
+
+UI_DIR = REPO / "example_workflows"
+API_DIR = REPO / "workflows" / "api"
+PACK_ID = "self-forcing-stream"
+PACK_VERSION = "0.1.0"
+CORE_VERSION = "0.3.64"
+FPS = 16.0
+PROMPT = ("A red fox trots through fresh snow in a quiet birch forest at sunrise, soft golden light, "
+          "breath visible in the cold air, the camera tracking alongside at eye level, cinematic, detailed fur.")
+EXTEND_PROMPT = ("The scene continues naturally: the same subject keeps moving in the same direction, "
+                 "same lighting and camera motion, cinematic, detailed.")
+I2V_PROMPT = ("The scene in the picture comes to life: gentle natural motion, a slow camera push-in, "
+              "soft light, cinematic, detailed.")
+
+
+@dataclass(frozen=True)
+class Link:
+    node: int
+    slot: int = 0
+
+
+@dataclass
+class Node:
+    id: int
+    type: str
+    inputs: dict
+    title: str | None = None
+
+
+@dataclass
+class Graph:
+    name: str
+    description: str
+    nodes: list[Node] = field(default_factory=list)
+    note: str = ""
+
+    def add(self, type_: str, title: str | None = None, **inputs) -> Link:
+        node = Node(len(self.nodes) + 1, type_, inputs, title)
+        self.nodes.append(node)
+        return Link(node.id)
+
+
+# -- building blocks -------------------------------------------------------------------------------
+FILES_NOTE = (
+    "## Files this workflow needs\n"
+    f"- `models/diffusion_models/{weights.SELF_FORCING.name}` (Self Forcing; `self-forcing download` fetches "
+    f"[{weights.SELF_FORCING.repo_path}]({weights.SELF_FORCING.url}) and converts it, or tick "
+    "*download_if_missing* on the loader)\n"
+    f"- `models/vae/{weights.WAN_VAE.name}` ([download]({weights.WAN_VAE.url}))\n"
+    f"- `models/text_encoders/{weights.UMT5.name}` ([download]({weights.UMT5.url}))\n"
+)
+
+
+def _loader(g: Graph) -> Link:
+    return g.add("SelfForcingModelLoader", model_name=weights.SELF_FORCING.name, dtype="auto", attention="auto",
+                 device="default", keep_loaded=False, download_if_missing=False)
+
+
+def _prompt(g: Graph, text: str) -> Link:
+    clip = g.add("CLIPLoader", clip_name=weights.UMT5.name, type="wan", device="default")
+    return g.add("CLIPTextEncode", "Prompt", text=text, clip=clip)
+
+
+def _vae(g: Graph) -> Link:
+    return g.add("VAELoader", vae_name=weights.WAN_VAE.name)
+
+
+def _save(g: Graph, latent: Link, vae: Link, prefix: str, fps=FPS) -> None:
+    images = g.add("VAEDecode", samples=latent, vae=vae)
+    video = g.add("CreateVideo", images=images, fps=fps)
+    # "format.codec": the codec as newer cores (2026) name it; older cores read "codec" and ignore it.
+    g.add("SaveVideo", video=video, filename_prefix=prefix, format="auto", codec="auto", **{"format.codec": "auto"})
+
+
+def _sampling(**over) -> dict:
+    base = dict(seed=42, frames_per_block=3, steps=DEFAULT_STEPS, shift=5.0, context_noise=0.0)
+    base.update(over)
+    return base
+
+
+# -- the workflows ---------------------------------------------------------------------------------
+def t2v_stream() -> Graph:
+    g = Graph("self_forcing_t2v_stream_81f", "Text to video, streamed chunk by chunk: 81 frames (5 s) at 832x480.",
+              note=FILES_NOTE)
+    model = _loader(g)
+    positive = _prompt(g, PROMPT)
+    vae = _vae(g)
+    latent = g.add("SelfForcingSampler", model=model, positive=positive, width=832, height=480, length=81,
+                   **_sampling())
+    _save(g, latent, vae, "video/self_forcing_t2v")
+    return g
+
+
+def long_video() -> Graph:
+    g = Graph("self_forcing_long_video_rolling_30s",
+              "Long video with a rolling KV cache (window 21 latent frames + 3 sink frames): 477 frames, "
+              "about 30 s at 16 fps. Memory stays flat whatever the length.", note=FILES_NOTE)
+    model = _loader(g)
+    positive = _prompt(g, PROMPT)
+    vae = _vae(g)
+    options = g.add("SelfForcingLongVideoOptions", cache="rolling", window=21, sink=3, routing_topk=0)
+    latent = g.add("SelfForcingSampler", model=model, positive=positive, width=832, height=480, length=477,
+                   **_sampling(), options=options)
+    _save(g, latent, vae, "video/self_forcing_long")
+    return g
+
+
+def extend() -> Graph:
+    g = Graph("self_forcing_extend_video",
+              "Extend a video by 80 frames: the input is VAE-encoded, its last 3 latent frames are resampled "
+              "by the model (strength 0.3), then streaming continues. Put the video in ComfyUI's input folder.",
+              note=FILES_NOTE + "- a video in `input/` (pick it in Load Video)\n")
+    model = _loader(g)
+    positive = _prompt(g, EXTEND_PROMPT)
+    vae = _vae(g)
+    video = g.add("LoadVideo", file="input_video.mp4")
+    parts = g.add("GetVideoComponents", video=video)
+    frames = g.add("ImageScale", image=Link(parts.node, 0), upscale_method="lanczos", width=832, height=480,
+                   crop="center")
+    encoded = g.add("VAEEncode", pixels=frames, vae=vae)
+    latent = g.add("SelfForcingExtendVideo", model=model, positive=positive, latent=encoded, extend_frames=80,
+                   history_frames=3, resample_strength=0.3, **_sampling(), output="joined")
+    images = g.add("VAEDecode", samples=latent, vae=vae)
+    out = g.add("CreateVideo", images=images, fps=Link(parts.node, 2))
+    g.add("SaveVideo", video=out, filename_prefix="video/self_forcing_extended", format="auto", codec="auto",
+          **{"format.codec": "auto"})
+    return g
+
+
+def image_to_video() -> Graph:
+    g = Graph("self_forcing_image_to_video",
+              "Image to video: the image is VAE-encoded as a one-frame video and extended by 80 frames "
+              "(81 in total).", note=FILES_NOTE + "- an image in `input/` (pick it in Load Image)\n")
+    model = _loader(g)
+    positive = _prompt(g, I2V_PROMPT)
+    vae = _vae(g)
+    image = g.add("LoadImage", image="example.png")
+    scaled = g.add("ImageScale", image=Link(image.node, 0), upscale_method="lanczos", width=832, height=480,
+                   crop="center")
+    encoded = g.add("VAEEncode", pixels=scaled, vae=vae)
+    latent = g.add("SelfForcingExtendVideo", model=model, positive=positive, latent=encoded, extend_frames=80,
+                   history_frames=1, resample_strength=0.2, **_sampling(), output="joined")
+    _save(g, latent, vae, "video/self_forcing_i2v")
+    return g
+
+
+def save_embeds() -> Graph:
+    g = Graph("self_forcing_save_text_embeds",
+              "Encode a prompt once with umT5 and save it (models/text_embeds), so later runs need not load "
+              "the 11 GB text encoder.", note=FILES_NOTE)
+    positive = _prompt(g, PROMPT)
+    g.add("SelfForcingSaveTextEmbeds", conditioning=positive, filename_prefix="fox_in_snow", folder="text_embeds")
+    return g
+
+
+def t2v_from_embeds() -> Graph:
+    g = Graph("self_forcing_t2v_from_saved_embeds",
+              "Text to video from saved text embeddings (no text encoder loaded): for batch jobs and low-VRAM "
+              "GPUs. Create the embeddings with the save_text_embeds workflow first.",
+              note=FILES_NOTE.replace(f"- `models/text_encoders/{weights.UMT5.name}`",
+                                      "- (no text encoder needed) was: `models/text_encoders/" + weights.UMT5.name + "`")
+              + "- `models/text_embeds/fox_in_snow_00001.safetensors` (from the save_text_embeds workflow)\n")
+    model = _loader(g)
+    positive = g.add("SelfForcingLoadTextEmbeds", embeds_name="fox_in_snow_00001.safetensors")
+    vae = _vae(g)
+    latent = g.add("SelfForcingSampler", model=model, positive=positive, width=832, height=480, length=81,
+                   **_sampling())
+    _save(g, latent, vae, "video/self_forcing_t2v_embeds")
+    return g
+
+
+WORKFLOWS = (t2v_stream, long_video, extend, image_to_video, save_embeds, t2v_from_embeds)
+
+
+# -- writers ---------------------------------------------------------------------------------------
+def to_api(g: Graph, schemas: dict) -> dict:
+    out = {}
+    for n in g.nodes:
+        inputs = {k: ([str(v.node), v.slot] if isinstance(v, Link) else v) for k, v in n.inputs.items()}
+        title = n.title or schemas[n.type].get("display_name") or n.type
+        out[str(n.id)] = {"class_type": n.type, "inputs": inputs, "_meta": {"title": title}}
+    return out
+
+
+def _depths(g: Graph) -> dict[int, int]:
+    depth: dict[int, int] = {}
+    for n in g.nodes:  # nodes are added after their sources
+        srcs = [v.node for v in n.inputs.values() if isinstance(v, Link)]
+        depth[n.id] = 1 + max((depth[s] for s in srcs), default=-1)
+    return depth
+
+
+def to_ui(g: Graph, schemas: dict) -> dict:
+    """The editor's JSON (litegraph, version 0.4) for a graph, widgets in /object_info order."""
+    depth = _depths(g)
+    rows: dict[int, int] = {}
+    links, ui_nodes = [], []
+    outputs_links: dict[tuple[int, int], list[int]] = {}
+    for n in g.nodes:
+        for name, v in n.inputs.items():
+            if isinstance(v, Link):
+                links.append([len(links) + 1, v.node, v.slot, n.id, name, None])
+                outputs_links.setdefault((v.node, v.slot), []).append(len(links))
+    link_of = {(l[3], l[4]): l for l in links}
+    note_id = len(g.nodes) + 1
+    for order, n in enumerate(sorted(g.nodes, key=lambda n: (depth[n.id], n.id))):
+        schema = schemas[n.type]
+        d = depth[n.id]
+        row = rows.get(d, 0)
+        rows[d] = row + 1
+        ins = []
+        for name, spec, section in ordered_inputs(schema):
+            link = link_of.get((n.id, name))
+            is_socket = not (spec[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO") or isinstance(spec[0], list))
+            if not is_socket and link is None:
+                continue
+            entry = {"name": name, "type": "COMBO" if isinstance(spec[0], list) else spec[0], "link": None}
+            if not is_socket:
+                entry["widget"] = {"name": name}
+            if link is not None:
+                link[4] = len(ins)
+                link[5] = entry["type"]
+                entry["link"] = link[0]
+            ins.append(entry)
+        outs = [{"name": name, "type": t, "slot_index": i, "links": outputs_links.get((n.id, i), [])}
+                for i, (t, name) in enumerate(zip(schema["output"], schema.get("output_name") or schema["output"]))]
+        values = []
+        for name, count in widget_slots(schema):
+            if name is None:  # upload button
+                values.extend(["image"] * count)
+                continue
+            v = n.inputs.get(name)
+            values.append(v if not isinstance(v, Link) else _default(schema, name))
+            if count > 1:
+                values.append("fixed")
+        ours = n.type.startswith("SelfForcing")
+        node = {
+            "id": n.id, "type": n.type, "pos": [40 + 420 * d, 40 + 330 * row], "size": [380, 290],
+            "flags": {}, "order": order, "mode": 0, "inputs": ins, "outputs": outs,
+            "properties": {"cnr_id": PACK_ID if ours else "comfy-core",
+                           "ver": PACK_VERSION if ours else CORE_VERSION, "Node name for S&R": n.type},
+            "widgets_values": values,
+        }
+        if n.title:
+            node["title"] = n.title
+        ui_nodes.append(node)
+    for link in links:  # origin slots are output indices already; the type is the output's
+        src = next(x for x in g.nodes if x.id == link[1])
+        link[5] = schemas[src.type]["output"][link[2]]
+    if g.note:
+        ui_nodes.append({"id": note_id, "type": "MarkdownNote", "pos": [40, -260], "size": [560, 230], "flags": {},
+                         "order": len(ui_nodes), "mode": 0, "inputs": [], "outputs": [],
+                         "properties": {}, "widgets_values": [f"# {g.description}\n\n{g.note}"],
+                         "color": "#432", "bgcolor": "#653", "title": "Read me"})
+    return {
+        "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{PACK_ID}/{g.name}")), "revision": 0,
+        "last_node_id": note_id if g.note else len(g.nodes), "last_link_id": len(links),
+        "nodes": ui_nodes, "links": links, "groups": [], "config": {},
+        "extra": {"ds": {"scale": 0.8, "offset": [40, 300]},
+                  "node_versions": {"comfy-core": CORE_VERSION, PACK_ID: PACK_VERSION}},
+        "version": 0.4,
+    }
+
+
+def _default(schema: dict, name: str):
+    for n, spec, _ in ordered_inputs(schema):
+        if n == name:
+            return (spec[1] if len(spec) > 1 else {}).get("default")
+    return None
+
+
+def _dump(obj) -> str:
+    return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+
+
+def render_all(schemas: dict | None = None) -> dict[Path, str]:
+    schemas = schemas or all_schemas()
+    files = {}
+    for make in WORKFLOWS:
+        g = make()
+        files[API_DIR / f"{g.name}.json"] = _dump(to_api(g, schemas))
+        files[UI_DIR / f"{g.name}.json"] = _dump(to_ui(g, schemas))
+    return files
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="only compare; exit 1 if a file is missing or differs")
+    args = ap.parse_args(argv)
+    stale = []
+    for path, text in render_all().items():
+        if path.is_file() and path.read_text() == text:
+            continue
+        stale.append(path)
+        if not args.check:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    for p in stale:
+        print(("stale: " if args.check else "wrote: ") + str(p.relative_to(REPO)))
+    return 1 if (args.check and stale) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
