@@ -100,8 +100,9 @@ def manual_instructions(files: Sequence[OfficialFile], folder_of: Callable[[Offi
         lines.append(f"      from: {f.url}")
         lines.append(f"      into: {folder_of(f)}")
         if f.convert:
-            lines.append(f"      (the .pt can be used as it is, or converted once with "
-                         f"'self-forcing download --from-file PATH/{Path(f.repo_path).name}')")
+            pt = Path(f.repo_path).name
+            lines.append(f"      (keep it as {pt}: the loader reads .pt files too; or convert it once to {f.name} "
+                         f"with 'self-forcing download --models-dir <ComfyUI>/models --from-file {pt}')")
         if f.sha256:
             lines.append(f"      sha256 of the download: {f.sha256}")
     return "\n".join(lines)
@@ -157,7 +158,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, dtype:
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     if dtype not in dtypes:
         raise ValueError(f"dtype '{dtype}' is not one of {', '.join(dtypes)}")
-    sd, config, layout, meta = load_state_dict_file(os.fspath(src))
+    sd, config, layout, meta = load_state_dict_file(os.fspath(src))[:4]
     meta = {**meta, "converted_from": {"layout": layout, **(source or {})}}
     meta.setdefault("frames_per_block", 3)
     save_model(os.fspath(dst), sd, config, meta=meta, dtype=dtypes[dtype])
