@@ -48,7 +48,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--keep-pt", action="store_true", help="keep the downloaded .pt next to the conversion")
     p.add_argument("--endpoint", default=None, help="Hugging Face endpoint or mirror (default: $HF_ENDPOINT or the Hub)")
     p.add_argument("--token", default=None, help="Hugging Face token (default: the logged-in one, if any)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, run=run)
     return p
 
 
