@@ -47,6 +47,8 @@ def build(args, dtype, device):
     model = model.to(dtype).eval().requires_grad_(False)
     if args.fuse_qkv:
         model.fuse_qkv()
+    if args.fuse_gelu:
+        model.fuse_gelu()
     if args.compile != "none":
         model.compile_blocks(mode=None if args.compile == "default" else args.compile)
     return model, cfg
@@ -156,7 +158,7 @@ def long_run(model, context, args, device):
 def check_accuracy(args, device, context):
     """Optimised path (this run's settings) vs eager fp32 on the same weights: relative error of x0."""
     frames = min(6, (args.frames - 1) // 4 + 1)
-    ref_args = argparse.Namespace(**{**vars(args), "compile": "none", "fuse_qkv": False})
+    ref_args = argparse.Namespace(**{**vars(args), "compile": "none", "fuse_qkv": False, "fuse_gelu": False})
     ref, _ = build(ref_args, torch.float32, device)
     fast, _ = build(args, DTYPES[args.dtype], device)
     opts = StreamOptions(frames_per_block=args.fpb)
@@ -169,6 +171,43 @@ def check_accuracy(args, device, context):
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
+CATEGORIES = [  # kernel-name fragments -> category (first match wins)
+    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa", "softmax")),
+    ("gemm", ("gemm", "nvjet", "sm90_xmma", "cutlass", "matmul", "mm_", "cublas")),
+    ("copy", ("copy", "memcpy", "memset", "cat")),
+    ("fused elementwise", ("triton",)),
+]
+
+
+def profile_video(model, context, args, opts, device):
+    """Kernel time by category for one streamed video, and GPU busy time vs wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    frames = (args.frames - 1) // 4 + 1
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        run_video(model, context, args, opts, device, frames)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    sums, names = {}, {}
+    for ev in prof.key_averages():
+        dt = getattr(ev, "device_time_total", 0.0) or getattr(ev, "cuda_time_total", 0.0)
+        if dt <= 0 or ev.key.startswith(("aten::", "cuda", "Torch-Compiled", "CompiledFunction", "## ")):
+            continue
+        low = ev.key.lower()
+        cat = next((c for c, frags in CATEGORIES if any(f in low for f in frags)), "other elementwise")
+        sums[cat] = sums.get(cat, 0.0) + dt
+        names[ev.key] = (cat, dt, ev.count)
+    busy = sum(sums.values()) / 1e6
+    print(f"profile: wall {wall:.3f} s, kernels {busy:.3f} s ({100 * busy / wall:.0f}% busy)")
+    for cat, dt in sorted(sums.items(), key=lambda kv: -kv[1]):
+        print(f"  {cat:18s} {dt / 1e6:7.3f} s  {100 * dt / 1e6 / busy:5.1f}%")
+    print("  top kernels:")
+    for key, (cat, dt, n) in sorted(names.items(), key=lambda kv: -kv[1][1])[:14]:
+        print(f"    {dt / 1e3:8.1f} ms x{n:<5d} [{cat}] {key[:90]}")
+    return {"wall_s": wall, "kernel_s": busy, "by_category_s": {k: v / 1e6 for k, v in sums.items()}}
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -178,6 +217,7 @@ def main(argv=None):
     p.add_argument("--attn", default="auto", help="attention backend: auto, sdpa, flash3, flash2")
     p.add_argument("--compile", default="none", help="none, default, max-autotune-no-cudagraphs, ...")
     p.add_argument("--fuse-qkv", action="store_true")
+    p.add_argument("--fuse-gelu", action="store_true", help="FFN GEMM with a GELU epilogue (CUDA)")
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--frames", type=int, default=81, help="pixel frames (4k+1)")
@@ -190,6 +230,7 @@ def main(argv=None):
     p.add_argument("--long", type=int, default=0, help="latent frames of a rolling-cache long run (0: skip)")
     p.add_argument("--long-every", type=int, default=100)
     p.add_argument("--check", action="store_true", help="compare with the eager fp32 path")
+    p.add_argument("--profile", action="store_true", help="kernel time by category for one video (CUDA)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     if args.tiny:
@@ -204,7 +245,7 @@ def main(argv=None):
     info = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "dtype": args.dtype, "attention": model.attn_backend,
-        "compile": args.compile, "fuse_qkv": args.fuse_qkv, "size": f"{args.width}x{args.height}",
+        "compile": args.compile, "fuse_qkv": args.fuse_qkv, "fuse_gelu": args.fuse_gelu, "size": f"{args.width}x{args.height}",
         "command": "python benchmarks/bench_stream.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     if device.type == "cuda":
@@ -212,12 +253,14 @@ def main(argv=None):
     res = short_run(model, context, args, opts, device)
     info.update(res)
     print(f"device {info['device']} | torch {info['torch']} | {info['dtype']} | attention {info['attention']} | "
-          f"compile {info['compile']} | fused qkv {info['fuse_qkv']}")
+          f"compile {info['compile']} | fused qkv {info['fuse_qkv']} | gelu epilogue {info['fuse_gelu']}")
     print(f"{'video':>22} {'generator s':>12} {'gen FPS':>8} {'first chunk s':>14} {'peak GiB':>9} {'forwards':>9}")
     print(f"{info['size'] + ' x' + str(res['pixel_frames']):>22} {res['generator_s']:12.3f} {res['generator_fps']:8.1f} "
           f"{res['first_chunk_s']:14.3f} {res['peak_gib']:9.2f} {res['forwards']:9d}")
     print(f"  range {res['generator_s_min']:.3f}-{res['generator_s_max']:.3f} s over {args.repeats} videos; "
           f"per chunk ms: {res['chunk_ms']}")
+    if args.profile and device.type == "cuda":
+        info["profile"] = profile_video(model, context, args, opts, device)
     if args.check:
         rel_norm, rel_max = check_accuracy(args, device, context)
         info["check_rel_norm"], info["check_rel_max"] = rel_norm, rel_max

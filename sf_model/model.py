@@ -119,6 +119,14 @@ class CrossAttention(nn.Module):
         return self.o(attention(q, kv[0], kv[1], backend).flatten(2))
 
 
+@torch.compiler.disable
+def linear_gelu(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """GELU(tanh)(x W^T + b) as one cuBLASLt GEMM with a GELU epilogue (kept out of torch.compile,
+    which would split it again into a GEMM and an elementwise kernel)."""
+    out = torch._addmm_activation(layer.bias, x.flatten(0, -2), layer.weight.t(), use_gelu=True)
+    return out.unflatten(0, x.shape[:-1])
+
+
 def per_frame(t: torch.Tensor, frames: int, scale=None, shift=None, gate=None) -> torch.Tensor:
     """Apply per-frame modulation terms [B, F, dim] to tokens [B, F*T, dim]."""
     t = t.unflatten(1, (frames, -1))
@@ -140,6 +148,7 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim ** 0.5)
+        self.gelu_epilogue = False                    # see CausalWanModel.fuse_gelu
         self.pre_attention = self._pre_attention     # replaced by compiled versions by
         self.post_attention = self._post_attention   # CausalWanModel.compile_blocks()
 
@@ -159,7 +168,11 @@ class Block(nn.Module):
         x = x + per_frame(y.float(), frames, gate=gate1)
         x = x + self.cross_attn(self.norm3(x).to(dtype), (text_k, text_v), backend).float()
         h = per_frame(self.norm2(x), frames, scale2, shift2).to(dtype)
-        return x + per_frame(self.ffn(h).float(), frames, gate=gate2)
+        if self.gelu_epilogue and h.is_cuda:
+            y = self.ffn[2](linear_gelu(self.ffn[0], h))
+        else:
+            y = self.ffn(h)
+        return x + per_frame(y.float(), frames, gate=gate2)
 
     def forward(self, x, e, frames, rope, text_kv, attend, backend):
         """x: [B, L, dim] float32; e: [B, F, 6, dim] float32 time projection; attend(q, k, v) -> out."""
@@ -381,13 +394,20 @@ class CausalWanModel(nn.Module):
         if attn is not None and attn.fused is not None and attn.fused[0].data_ptr() != attn.q.weight.data_ptr():
             self.fuse_qkv()
 
+    def fuse_gelu(self, enabled: bool = True) -> "CausalWanModel":
+        """On CUDA, run each FFN's first linear layer and its GELU as one GEMM with a GELU epilogue."""
+        for blk in self.blocks:
+            blk.gelu_epilogue = enabled
+        return self
+
     def compile_blocks(self, mode: str | None = None, fullgraph: bool = True) -> "CausalWanModel":
         """torch.compile the parts of every block around attention (norms, modulation, RoPE, GEMMs,
         cross-attention, FFN). Attention against the cache stays eager, so the compiled graphs see
         the same shapes for every chunk of a video and do not recompile as the cache grows."""
         for blk in self.blocks:
             blk.pre_attention = torch.compile(blk._pre_attention, mode=mode, fullgraph=fullgraph, dynamic=False)
-            blk.post_attention = torch.compile(blk._post_attention, mode=mode, fullgraph=fullgraph, dynamic=False)
+            blk.post_attention = torch.compile(blk._post_attention, mode=mode, dynamic=False,
+                                               fullgraph=fullgraph and not blk.gelu_epilogue)
         return self
 
     def new_cache(self, batch: int, frame_tokens: int, *, window: int, sink: int = 0,

@@ -1,0 +1,89 @@
+"""Correctness checks that need a CUDA device (run on the GPU machine; not part of CI).
+
+1. FlexAttention block mask == dense SDPA mask in the full-sequence (training) view.
+2. Streaming through the KV cache == the block-causal full-sequence view, on CUDA, fp32.
+3. Rolling window + sink on CUDA == the explicitly masked full sequence.
+4. bf16 (fused QKV, optionally compiled) vs fp32 eager: relative error of a streamed video.
+
+    python benchmarks/gpu_checks.py [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from self_forcing.sf_model import model as model_mod
+from self_forcing.sf_model.config import TINY, WanConfig
+from self_forcing.sf_model.mask import token_mask
+from self_forcing.sf_model.model import CausalWanModel
+from self_forcing.sf_model.sampler import StreamOptions, block_plan, generate
+
+
+def random_model(cfg: WanConfig, device, dtype=torch.float32, seed=0) -> CausalWanModel:
+    torch.manual_seed(seed)
+    m = CausalWanModel(cfg, attn_backend="sdpa").to(device)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.2 + (1.0 if "norm" in name else 0.0))
+    return m.to(dtype).eval().requires_grad_(False)
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def incremental(m, x, t, ctx, fpb, window, sink):
+    text = m.encode_text(ctx)
+    _, _, f, h, w = x.shape
+    cache = m.new_cache(x.shape[0], (h // 2) * (w // 2), window=window or f, sink=sink)
+    return torch.cat([m.forward_block(x[:, :, s:s + n], t[:, s:s + n], text, cache, s)
+                      for s, n in block_plan(0, f, fpb)], 2)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--compile", action="store_true")
+    args = p.parse_args()
+    dev = torch.device("cuda")
+    cfg = TINY.replace(dim=256, num_heads=2, ffn_dim=512, num_layers=3)  # head_dim 128 like Wan
+    m = random_model(cfg, dev)
+    g = torch.Generator(dev).manual_seed(0)
+    f, h, w = 12, 16, 24
+    x = torch.randn(1, 16, f, h, w, device=dev, generator=g)
+    ctx = torch.randn(1, 10, cfg.text_dim, device=dev, generator=g)
+    t = torch.rand(1, f, device=dev, generator=g) * 1000
+    results = {}
+    with torch.no_grad():
+        for fpb, window, sink in [(3, None, 0), (1, None, 0), (3, 6, 0), (3, 6, 3)]:
+            flex = m(x, t, ctx, frames_per_block=fpb, window=window, sink=sink)  # CUDA: FlexAttention
+            orig = model_mod.build_mask
+            model_mod.build_mask = lambda *a, **k: token_mask(f, (h // 2) * (w // 2), fpb, window, sink, dev)
+            dense = m(x, t, ctx, frames_per_block=fpb, window=window, sink=sink)
+            model_mod.build_mask = orig
+            inc = incremental(m, x, t, ctx, fpb, window, sink)
+            results[f"flex_vs_dense fpb={fpb} W={window} S={sink}"] = rel(flex, dense)
+            results[f"stream_vs_full fpb={fpb} W={window} S={sink}"] = rel(inc, dense)
+    lin = torch.nn.Linear(256, 512).to(dev, torch.bfloat16)
+    xin = torch.randn(2, 4680, 256, device=dev, dtype=torch.bfloat16)
+    with torch.no_grad():
+        fused = model_mod.linear_gelu(lin, xin)
+        plain = torch.nn.functional.gelu(lin(xin).float(), approximate="tanh")
+    results["bf16 GEMM+GELU epilogue vs tanh GELU"] = rel(fused, plain)
+    ref = random_model(cfg, dev)
+    fast = random_model(cfg, dev, torch.bfloat16).fuse_qkv().fuse_gelu()
+    if args.compile:
+        fast.compile_blocks()
+    opts = StreamOptions(frames_per_block=3)
+    a = generate(ref, ctx, num_frames=9, height=h, width=w, seed=2, options=opts)
+    b = generate(fast, ctx.bfloat16(), num_frames=9, height=h, width=w, seed=2, options=opts)
+    results["bf16 optimised vs fp32 eager (video x0)"] = rel(b, a)
+    for k, v in results.items():
+        print(f"{k:45s} rel err {v:.2e}")
+    bad = [k for k, v in results.items() if not v < (3e-2 if "bf16" in k else 1e-4)]
+    print("ALL CHECKS PASSED" if not bad else f"FAILED: {bad}")
+
+
+if __name__ == "__main__":
+    main()
