@@ -159,6 +159,18 @@ def check_video_request(width: int, height: int, length: int, patch: tuple[int, 
         raise ValueError(err)
 
 
+def _guarded(work, hooks: RunHooks):
+    """Run ``work()`` so that nothing it allocated outlives it: on any exception (interrupt, OOM, error) the
+    frames of the traceback are cleared, and the allocator cache is emptied in every case."""
+    try:
+        return work()
+    except BaseException as e:
+        _drop_frames(e)
+        raise
+    finally:
+        _release(hooks)
+
+
 def sample_video(handle: ModelHandle, conditioning, *, width: int, height: int, length: int, seed: int,
                  frames_per_block: int = 3, steps: str = "1000, 750, 500, 250", shift: float = 5.0,
                  context_noise: float = 0.0, long_video: LongVideoOptions | None = None,
@@ -170,18 +182,17 @@ def sample_video(handle: ModelHandle, conditioning, *, width: int, height: int, 
     opts = stream_options(frames_per_block, steps, shift, context_noise, long_video)
     frames = latent_frames(length)
     _check_fixed_cache(opts, frames, cfg.rope_max_frames, f"length {length}")
-    context = context_from_conditioning(conditioning, cfg.text_dim, cfg.text_len)
-    try:
+    context_from_conditioning(conditioning, cfg.text_dim, cfg.text_len)  # fail early, before moving weights
+
+    def work():
+        context = context_from_conditioning(conditioning, cfg.text_dim, cfg.text_len)
         with model_on_device(handle, hooks) as model:
-            ctx = context.to(model.device)
-            latents = _run_stream(model, ctx, num_frames=frames, height=height // SPATIAL_STRIDE,
-                                  width=width // SPATIAL_STRIDE, seed=seed, opts=opts, prefix=None, hooks=hooks)
+            latents = _run_stream(model, context.to(model.device), num_frames=frames,
+                                  height=height // SPATIAL_STRIDE, width=width // SPATIAL_STRIDE, seed=seed,
+                                  opts=opts, prefix=None, hooks=hooks)
         return to_raw(latents)
-    except BaseException as e:
-        _drop_frames(e)
-        raise
-    finally:
-        _release(hooks)
+
+    return _guarded(work, hooks)
 
 
 def _latent_samples(latent, cfg) -> torch.Tensor:
@@ -231,13 +242,15 @@ def extend_video(handle: ModelHandle, conditioning, latent, *, extend_frames: in
     batch = samples.shape[0]
     if context.shape[0] not in (1, batch):
         raise ValueError(f"positive has batch {context.shape[0]} but the latent has batch {batch}; use one prompt")
-    context = context.expand(batch, -1, -1)
+    del context
     h, w = samples.shape[3:]
-    try:
+    resampled = bool(resampled_count and resample_strength > 0)
+
+    def work():
+        ctx = context_from_conditioning(conditioning, cfg.text_dim, cfg.text_len).expand(batch, -1, -1)
         with model_on_device(handle, hooks) as model:
-            ctx = context.to(model.device)
+            ctx = ctx.to(model.device)
             history = to_model_space(samples).to(model.device)
-            resampled = bool(resampled_count and resample_strength > 0)
             if resampled:
                 history = resample_history(model, ctx, history, frames=resampled_count, strength=resample_strength,
                                            seed=seed, options=opts, check_cancel=hooks.check_cancel)
@@ -245,19 +258,13 @@ def extend_video(handle: ModelHandle, conditioning, latent, *, extend_frames: in
                     hooks.progress(0, 1, preview_strip(history[:, :, prefix_len - resampled_count:].cpu()))
             new = _run_stream(model, ctx, num_frames=new_frames, height=h, width=w, seed=seed, opts=opts,
                               prefix=history, hooks=hooks)
-            resampled_tail = history[:, :, prefix_len - resampled_count:].to("cpu", torch.float32)
-            del history
-        new_raw = to_raw(new).to(samples.dtype)
-        if output == "new frames only":
-            return new_raw
-        if output == "joined":
-            return torch.cat([samples.cpu(), new_raw], dim=2)
-        if not resampled:  # nothing was resampled: the input as it is
-            return torch.cat([samples.cpu(), new_raw], dim=2)
-        kept = samples[:, :, :prefix_len - resampled_count].cpu()
-        return torch.cat([kept, to_raw(resampled_tail).to(samples.dtype), new_raw], dim=2)
-    except BaseException as e:
-        _drop_frames(e)
-        raise
-    finally:
-        _release(hooks)
+            tail = history[:, :, prefix_len - resampled_count:].to("cpu", torch.float32)
+        return to_raw(new).to(samples.dtype), to_raw(tail).to(samples.dtype)
+
+    new_raw, resampled_tail = _guarded(work, hooks)
+    if output == "new frames only":
+        return new_raw
+    if output == "joined" or not resampled:  # the input as it is (bit-identical), then the new frames
+        return torch.cat([samples.cpu(), new_raw], dim=2)
+    kept = samples[:, :, :prefix_len - resampled_count].cpu()
+    return torch.cat([kept, resampled_tail, new_raw], dim=2)

@@ -90,7 +90,8 @@ def _positive_input() -> InputSpec:
 
 def _seed_input() -> InputSpec:
     return InputSpec("seed", "INT", "Random seed of the initial and re-injected noise. Same seed + same "
-                     "inputs = same video.", default=0, min=0, max=SEED_MAX, control_after_generate=True)
+                     "inputs = same video on any device. Range 0 to 2^64-1.", default=0, min=0, max=SEED_MAX,
+                     control_after_generate=True)
 
 
 def _block_inputs() -> tuple[InputSpec, ...]:
@@ -236,7 +237,7 @@ EXTEND = NodeSpec(
                   "image-to-video, 3-6 for a video. Range 0-1024.", default=3, min=0, max=1024),
         InputSpec("resample_strength", "FLOAT", "How strongly the history is re-noised before the model "
                   "re-denoises it (0 = use the history exactly as it is; 1 = regenerate it from noise). "
-                  "0.2-0.5 keeps the content and moves it into the model's own distribution.",
+                  "0.2-0.5 keeps the content and moves it into the model's own distribution. Range 0-1.",
                   default=0.3, min=0.0, max=1.0, step=0.01),
         _seed_input(),
         *_block_inputs(),

@@ -73,6 +73,7 @@ def check_api(prompt: dict, schemas: dict) -> list[str]:
         return ["this is a UI (editor) workflow, not API format"]
     for node_id, node in prompt.items():
         where = f"node {node_id} ({node.get('class_type')})"
+        before = len(problems)
         schema = schemas.get(node.get("class_type"))
         if schema is None:
             problems.append(f"{where}: unknown node class")
@@ -110,7 +111,7 @@ def check_api(prompt: dict, schemas: dict) -> list[str]:
                 continue
             problems.extend(_check_value(where, name, spec, value, name in schema.get("_file_inputs", ())))
         rule = CROSS_FIELD.get(node.get("class_type"))
-        if rule:
+        if rule and len(problems) == before:  # cross-field checks need well-typed values
             fn, names = rule
             args = [inputs.get(n) if not isinstance(inputs.get(n), list) else None for n in names]
             verdict = fn(*args)

@@ -1,0 +1,111 @@
+"""Node schemas: stable ids, append-only inputs, tooltips with ranges, V3-only registration."""
+
+import ast
+from pathlib import Path
+
+from self_forcing.nodes import logic_validate, specs
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Inputs and outputs as first released. Saved workflows depend on them (widgets_values are positional):
+# ids never change and new inputs are only ever appended, so each list must stay a prefix of the current one.
+FROZEN = {
+    "SelfForcingModelLoader": (["model_name", "dtype", "attention", "device", "keep_loaded", "download_if_missing"],
+                               ["SELF_FORCING_MODEL", "STRING"]),
+    "SelfForcingLongVideoOptions": (["cache", "window", "sink", "routing_topk"], ["SELF_FORCING_OPTIONS"]),
+    "SelfForcingSampler": (["model", "positive", "width", "height", "length", "seed", "frames_per_block", "steps",
+                            "shift", "context_noise", "options"], ["LATENT"]),
+    "SelfForcingExtendVideo": (["model", "positive", "latent", "extend_frames", "history_frames",
+                                "resample_strength", "seed", "frames_per_block", "steps", "shift", "context_noise",
+                                "output", "options"], ["LATENT"]),
+    "SelfForcingSaveTextEmbeds": (["conditioning", "filename_prefix", "folder"], ["STRING"]),
+    "SelfForcingLoadTextEmbeds": (["embeds_name"], ["CONDITIONING"]),
+}
+
+
+def test_node_ids_are_stable_and_inputs_only_appended():
+    assert set(specs.NODES_BY_ID) >= set(FROZEN)
+    for node_id, (inputs, outputs) in FROZEN.items():
+        spec = specs.NODES_BY_ID[node_id]
+        assert [i.name for i in spec.inputs][:len(inputs)] == inputs, node_id
+        assert [o.type for o in spec.outputs][:len(outputs)] == outputs, node_id
+        appended = spec.inputs[len(inputs):]
+        assert all(i.optional for i in appended), f"{node_id}: new inputs must be optional"
+
+
+def test_one_category_root_and_core_types_where_core_has_them():
+    for spec in specs.ALL_NODES:
+        assert spec.category.startswith(specs.ROOT + "/"), spec.node_id
+        assert spec.node_id.startswith("SelfForcing") and spec.display_name and spec.description
+    sockets = {i.type for s in specs.ALL_NODES for i in s.inputs if not i.is_widget}
+    sockets |= {o.type for s in specs.ALL_NODES for o in s.outputs}
+    # Only the model handle and the options bundle are our own types; prompts and videos use core's.
+    assert sockets - {"LATENT", "CONDITIONING", "STRING"} == {specs.MODEL_TYPE, specs.OPTIONS_TYPE}
+
+
+def test_every_input_has_a_tooltip_with_its_range():
+    for spec in specs.ALL_NODES:
+        for i in spec.inputs:
+            assert i.tooltip and len(i.tooltip) >= 30, (spec.node_id, i.name)
+            if i.type in ("INT", "FLOAT") and i.min is not None and i.max is not None:
+                assert "Range" in i.tooltip, (spec.node_id, i.name)
+
+
+def test_defaults_are_valid():
+    for spec in specs.ALL_NODES:
+        for i in spec.inputs:
+            if i.type in ("INT", "FLOAT") and i.default is not None:
+                assert i.min <= i.default <= i.max, (spec.node_id, i.name)
+            if i.type == "COMBO" and i.options:
+                assert i.default in i.options, (spec.node_id, i.name)
+    d = {i.name: i.default for i in specs.SAMPLER.inputs}
+    assert logic_validate.validate_generation(d["width"], d["height"], d["length"], d["frames_per_block"],
+                                              d["steps"], d["shift"], d["context_noise"]) is True
+    d = {i.name: i.default for i in specs.EXTEND.inputs}
+    assert logic_validate.validate_extension(d["extend_frames"], d["history_frames"], d["resample_strength"],
+                                             d["frames_per_block"], d["steps"], d["shift"], d["context_noise"]) is True
+    d = {i.name: i.default for i in specs.OPTIONS.inputs}
+    assert logic_validate.validate_long_video(d["cache"], d["window"], d["sink"], d["routing_topk"]) is True
+
+
+def test_object_info_view_matches_the_spec():
+    info = specs.object_info(specs.SAMPLER)
+    assert info["input_order"]["required"][:3] == ["model", "positive", "width"]
+    assert info["input"]["optional"]["options"][0] == specs.OPTIONS_TYPE
+    assert info["input"]["required"]["seed"][1]["control_after_generate"] is True
+    assert info["output"] == ["LATENT"]
+    save = specs.object_info(specs.SAVE_EMBEDS)
+    assert save["output_node"] and set(save["input"]["hidden"]) == {"prompt", "extra_pnginfo"}
+    loader = specs.object_info(specs.LOADER, {"model_name": ["a.safetensors"]})
+    assert loader["input"]["required"]["model_name"][1]["options"] == ["a.safetensors"]
+
+
+def _module(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(), filename=str(path))
+
+
+def test_v3_entrypoint_without_node_class_mappings():
+    root = _module(REPO / "__init__.py")
+    names = {t.id for n in ast.walk(root) if isinstance(n, (ast.Assign, ast.AnnAssign))
+             for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Name)}
+    assert "NODE_CLASS_MAPPINGS" not in names  # core would then skip comfy_entrypoint
+    assert any(isinstance(n, ast.AsyncFunctionDef) and n.name == "comfy_entrypoint" for n in root.body)
+    ext = _module(REPO / "nodes" / "extension.py")
+    assert any(isinstance(n, ast.ClassDef) and n.name == "SelfForcingExtension" for n in ext.body)
+    listed = {e.id for n in ast.walk(ext) if isinstance(n, ast.List) for e in n.elts if isinstance(e, ast.Name)}
+    classes = {n.name for f in (REPO / "nodes").glob("nodes_*.py") for n in _module(f).body
+               if isinstance(n, ast.ClassDef)}
+    assert listed == set(specs.NODES_BY_ID) == classes  # every spec has a class, every class is registered
+
+
+def test_logic_modules_do_not_import_comfyui():
+    comfy = {"comfy", "comfy_api", "folder_paths", "server", "nodes", "latent_preview", "execution"}
+    for path in list((REPO / "nodes").glob("logic_*.py")) + [REPO / "nodes" / "specs.py", REPO / "weights.py"]:
+        for n in ast.walk(_module(path)):
+            if isinstance(n, ast.Import):
+                mods = [a.name for a in n.names]
+            elif isinstance(n, ast.ImportFrom) and n.level == 0:
+                mods = [n.module or ""]
+            else:
+                continue
+            assert not any(m.split(".")[0] in comfy for m in mods), (path.name, mods)

@@ -1,0 +1,128 @@
+"""Shipped workflows, checked against our node schemas and a recorded snapshot of core's (no ComfyUI)."""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from self_forcing import weights
+from self_forcing.workflows import build
+from self_forcing.workflows.check import check_api, ui_to_api
+from self_forcing.workflows.schemas import all_schemas, core_schemas
+
+REPO = Path(__file__).resolve().parent.parent
+API = sorted((REPO / "workflows" / "api").glob("*.json"))
+UI = sorted((REPO / "example_workflows").glob("*.json"))
+SCHEMAS = all_schemas()
+
+
+def load(path):
+    return json.loads(path.read_text())
+
+
+def by_class(prompt, class_type):
+    return [n for n in prompt.values() if n["class_type"] == class_type]
+
+
+def test_the_core_snapshot_is_a_real_object_info_recording():
+    core = core_schemas()
+    assert {"VAEDecode", "CreateVideo", "SaveVideo", "CLIPLoader", "CLIPTextEncode", "VAEEncode"} <= set(core)
+    assert "wan" in core["CLIPLoader"]["input"]["required"]["type"][0]
+    assert core["VAEDecode"]["output"] == ["IMAGE"] and core["CreateVideo"]["output"] == ["VIDEO"]
+
+
+@pytest.mark.parametrize("path", API, ids=lambda p: p.stem)
+def test_api_workflow_is_valid(path):
+    assert check_api(load(path), SCHEMAS) == []
+
+
+@pytest.mark.parametrize("path", API, ids=lambda p: p.stem)
+def test_api_workflow_uses_the_real_file_names_and_saves_something(path):
+    prompt = load(path)
+    for n in by_class(prompt, "SelfForcingModelLoader"):
+        assert n["inputs"]["model_name"] == weights.SELF_FORCING.name
+    for n in by_class(prompt, "VAELoader"):
+        assert n["inputs"]["vae_name"] == "wan_2.1_vae.safetensors"
+    for n in by_class(prompt, "CLIPLoader"):
+        assert n["inputs"]["clip_name"] == "umt5_xxl_fp8_e4m3fn_scaled.safetensors" and n["inputs"]["type"] == "wan"
+    assert by_class(prompt, "SaveVideo") or by_class(prompt, "SelfForcingSaveTextEmbeds")
+
+
+def test_the_required_workflows_are_shipped():
+    prompts = {p.stem: load(p) for p in API}
+    t2v = prompts["self_forcing_t2v_stream_81f"]
+    assert by_class(t2v, "SelfForcingSampler")[0]["inputs"]["length"] == 81
+    long = prompts["self_forcing_long_video_rolling_30s"]
+    assert by_class(long, "SelfForcingLongVideoOptions")[0]["inputs"]["cache"] == "rolling"
+    fps = by_class(long, "CreateVideo")[0]["inputs"]["fps"]
+    assert by_class(long, "SelfForcingSampler")[0]["inputs"]["length"] / fps >= 29.5
+    ext = prompts["self_forcing_extend_video"]
+    assert by_class(ext, "LoadVideo") and by_class(ext, "VAEEncode") and by_class(ext, "SelfForcingExtendVideo")
+    i2v = prompts["self_forcing_image_to_video"]
+    assert by_class(i2v, "LoadImage") and by_class(i2v, "SelfForcingExtendVideo")[0]["inputs"]["history_frames"] == 1
+    assert {p.stem for p in UI} == set(prompts)
+
+
+@pytest.mark.parametrize("path", UI, ids=lambda p: p.stem)
+def test_ui_workflow_converts_to_its_api_twin(path):
+    ui = load(path)
+    twin = load(REPO / "workflows" / "api" / path.name)
+    converted = ui_to_api(ui, SCHEMAS)
+    # "format.codec" style keys exist only for newer cores' dynamic combos; a 0.3.64 UI file has no slot for them
+    strip = lambda d: {k: {"class_type": v["class_type"],  # noqa: E731
+                           "inputs": {n: x for n, x in v["inputs"].items() if "." not in n}} for k, v in d.items()}
+    assert strip(converted) == strip(twin)
+    for link in ui["links"]:  # every UI link's type is the source output's and the target input's type
+        link_id, src, src_slot, dst, dst_slot, typ = link
+        src_node = next(n for n in ui["nodes"] if n["id"] == src)
+        dst_node = next(n for n in ui["nodes"] if n["id"] == dst)
+        assert src_node["outputs"][src_slot]["type"] == typ
+        assert dst_node["inputs"][dst_slot]["type"] == typ and dst_node["inputs"][dst_slot]["link"] == link_id
+
+
+def test_shipped_files_match_their_definitions():
+    rendered = build.render_all(SCHEMAS)
+    assert set(rendered) == set(API) | set(UI)
+    for path, text in rendered.items():
+        assert path.read_text() == text, f"{path.name} is stale: run python -m self_forcing.workflows.build"
+
+
+# -- the checker itself catches broken workflows ----------------------------------------------------
+def t2v():
+    return copy.deepcopy(load(REPO / "workflows" / "api" / "self_forcing_t2v_stream_81f.json"))
+
+
+def node(prompt, class_type):
+    return next(k for k, v in prompt.items() if v["class_type"] == class_type)
+
+
+@pytest.mark.parametrize("mutate, expect", [
+    (lambda p: p[node(p, "VAEDecode")].update(class_type="VAEDecodeTypo"), "unknown node class"),
+    (lambda p: p[node(p, "SelfForcingSampler")]["inputs"].update(widht=832), "unknown input 'widht'"),
+    (lambda p: p[node(p, "SelfForcingSampler")]["inputs"].pop("seed"), "required input 'seed' is missing"),
+    (lambda p: p[node(p, "SelfForcingSampler")]["inputs"].update(width="832"), "not an integer"),
+    (lambda p: p[node(p, "SelfForcingSampler")]["inputs"].update(width=8192), "above the maximum"),
+    (lambda p: p[node(p, "SelfForcingSampler")]["inputs"].update(length=80), "use 77 or 81"),
+    (lambda p: p[node(p, "CLIPLoader")]["inputs"].update(type="wan2"), "is not one of"),
+    (lambda p: p[node(p, "SelfForcingModelLoader")]["inputs"].update(dtype="int8"), "is not one of"),
+    (lambda p: p[node(p, "SelfForcingSampler")]["inputs"].update(positive=[node(p, "VAELoader"), 0]),
+     "expects CONDITIONING but node"),
+    (lambda p: p[node(p, "VAEDecode")]["inputs"].update(samples=["99", 0]), "missing node 99"),
+    (lambda p: p[node(p, "VAEDecode")]["inputs"].update(samples=[node(p, "SelfForcingSampler"), 1]),
+     "which has 1 outputs"),
+    (lambda p: p[node(p, "SaveVideo")]["inputs"].update(video=12), "must be linked"),
+])
+def test_checker_reports_broken_workflows(mutate, expect):
+    prompt = t2v()
+    mutate(prompt)
+    problems = check_api(prompt, SCHEMAS)
+    assert len(problems) == 1 and expect in problems[0], problems
+
+
+def test_checker_allows_newer_dynamic_combo_sub_inputs_only_on_known_combos():
+    prompt = t2v()
+    save = prompt[node(prompt, "SaveVideo")]["inputs"]
+    assert "format.codec" in save and check_api(prompt, SCHEMAS) == []
+    save["video.codec"] = "x"  # 'video' is a socket, not a combo
+    assert check_api(prompt, SCHEMAS) == [f"node {node(prompt, 'SaveVideo')} (SaveVideo): unknown input 'video.codec'"]
