@@ -28,7 +28,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -292,23 +291,40 @@ def check_runs(work: Path, comfy_state: Path, tiny: dict, result: dict) -> None:
 
 
 def check_interrupt(work: Path, result: dict) -> None:
+    """Interrupt the sampler mid-run (after its 8th denoising pass) and check the server keeps working."""
     p = small(use_saved_embeds(api("self_forcing_t2v_stream_81f")))
-    p[node_of(p, "SelfForcingSampler")]["inputs"].update(length=401, seed=5)  # 101 latents, 34 chunks
-    path = work / "prompts" / "interrupt.json"
-    path.write_text(json.dumps(p))
-
-    def interrupt_soon():
-        time.sleep(4.0)
-        post("/interrupt", {})
-
-    threading.Thread(target=interrupt_soon, daemon=True).start()
-    stats = run_headless.run(str(path), SERVER, str(work / "videos" / "interrupt"), timeout=600)
+    sampler = node_of(p, "SelfForcingSampler")
+    p[sampler]["inputs"].update(length=401, seed=5)  # 101 latent frames: 34 chunks, 136 passes
+    client = "interrupt-check"
+    ws = run_headless.WebSocket(SERVER.replace("http", "ws") + f"/ws?clientId={client}", timeout=5.0)
+    seen, interrupted_at, outcome = [], None, None
+    try:
+        pid = run_headless.queue_prompt(SERVER, p, client)
+        end = time.time() + 300
+        while time.time() < end and outcome is None:
+            opcode, data = ws.receive()
+            if opcode != 1:
+                continue
+            msg = json.loads(data)
+            body = msg.get("data") or {}
+            if body.get("prompt_id") != pid:
+                continue
+            if msg["type"] == "progress" and body.get("node") == sampler:
+                seen.append((body["value"], body["max"]))
+                if interrupted_at is None and body["value"] >= 8:
+                    interrupted_at = body["value"]
+                    post("/interrupt", {"prompt_id": pid})
+            elif msg["type"] in ("execution_interrupted", "execution_error", "execution_success"):
+                outcome = msg["type"]
+    finally:
+        ws.close()
     p2 = small(use_saved_embeds(api("self_forcing_t2v_stream_81f")))
     p2[node_of(p2, "SelfForcingSampler")]["inputs"].update(length=9, seed=6)
     after = run(p2, "after_interrupt", work)
-    result["interrupt"] = {"interrupted_run": {k: v for k, v in stats.items() if k != "files"},
+    result["interrupt"] = {"outcome": outcome, "interrupt_sent_at_pass": interrupted_at,
+                           "last_pass_seen": seen[-1] if seen else None,
                            "next_run_ok": "error" not in after and bool(after["videos"])}
-    assert stats.get("error", {}).get("exception_message") == "interrupted", stats
+    assert outcome == "execution_interrupted" and seen[-1][0] < seen[-1][1], result["interrupt"]
     assert result["interrupt"]["next_run_ok"]
 
 
