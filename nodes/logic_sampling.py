@@ -73,13 +73,41 @@ def model_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def cache_bytes(cfg, opts: StreamOptions, total_frames: int, lat_h: int, lat_w: int, batch: int,
+                dtype: torch.dtype) -> int:
+    """Size of the KV cache a run allocates (keys and values of every layer, plus routing summaries)."""
+    ph, pw = cfg.patch_size[1:]
+    frame_tokens = (lat_h // ph) * (lat_w // pw)
+    frames = (opts.window if opts.window is not None else total_frames) + opts.sink
+    size = torch.empty((), dtype=dtype).element_size()
+    total = 2 * cfg.num_layers * batch * frames * frame_tokens * cfg.dim * size
+    if opts.routing_topk is not None:
+        total += cfg.num_layers * batch * frames * cfg.dim * 4
+    return total
+
+
+def run_bytes(cfg, opts: StreamOptions, total_frames: int, lat_h: int, lat_w: int, batch: int,
+              dtype: torch.dtype) -> int:
+    """Device memory a run needs besides the weights: the KV cache plus a rough margin for one block's
+    activations, so ComfyUI can unload other models first."""
+    ph, pw = cfg.patch_size[1:]
+    block_tokens = batch * opts.frames_per_block * (lat_h // ph) * (lat_w // pw)
+    activations = 2 * block_tokens * (cfg.ffn_dim + 8 * cfg.dim) * 4
+    return cache_bytes(cfg, opts, total_frames, lat_h, lat_w, batch, dtype) + activations
+
+
 @contextmanager
-def model_on_device(handle: ModelHandle, hooks: RunHooks):
-    """Move the weights to the load device for a run and back to the offload device afterwards."""
+def model_on_device(handle: ModelHandle, hooks: RunHooks, extra_bytes: int = 0):
+    """Move the weights to the load device for a run and back to the offload device afterwards.
+
+    Before the run, ComfyUI is asked to free room for the weights (if they must move) and ``extra_bytes``.
+    """
     model = handle.model
-    if model.device != handle.load_device:
-        if hooks.free_memory is not None:
-            hooks.free_memory(model_bytes(model), handle.load_device)
+    moving = model.device != handle.load_device
+    need = extra_bytes + (model_bytes(model) if moving else 0)
+    if need and hooks.free_memory is not None:
+        hooks.free_memory(need, handle.load_device)
+    if moving:
         model.to(handle.load_device)
     try:
         yield model
@@ -186,7 +214,9 @@ def sample_video(handle: ModelHandle, conditioning, *, width: int, height: int, 
 
     def work():
         context = context_from_conditioning(conditioning, cfg.text_dim, cfg.text_len)
-        with model_on_device(handle, hooks) as model:
+        extra = run_bytes(cfg, opts, frames, height // SPATIAL_STRIDE, width // SPATIAL_STRIDE, context.shape[0],
+                          handle.model.dtype)
+        with model_on_device(handle, hooks, extra) as model:
             latents = _run_stream(model, context.to(model.device), num_frames=frames,
                                   height=height // SPATIAL_STRIDE, width=width // SPATIAL_STRIDE, seed=seed,
                                   opts=opts, prefix=None, hooks=hooks)
@@ -248,7 +278,8 @@ def extend_video(handle: ModelHandle, conditioning, latent, *, extend_frames: in
 
     def work():
         ctx = context_from_conditioning(conditioning, cfg.text_dim, cfg.text_len).expand(batch, -1, -1)
-        with model_on_device(handle, hooks) as model:
+        extra = run_bytes(cfg, opts, prefix_len + new_frames, h, w, batch, handle.model.dtype)
+        with model_on_device(handle, hooks, extra) as model:
             ctx = ctx.to(model.device)
             history = to_model_space(samples).to(model.device)
             if resampled:

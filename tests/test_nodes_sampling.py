@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from self_forcing.nodes.logic_model import ModelHandle, describe, load_handle, resolve_dtype
-from self_forcing.nodes.logic_sampling import (LongVideoOptions, RunHooks, extend_video, sample_video,
-                                               stream_options)
+from self_forcing.nodes.logic_sampling import (LongVideoOptions, RunHooks, cache_bytes, extend_video, run_bytes,
+                                               sample_video, stream_options)
 from self_forcing.sf_model.checkpoint import LoadedModel, save_model
 from self_forcing.sf_model.config import TINY
 from self_forcing.sf_model.latent_format import to_model_space, to_raw
@@ -236,7 +236,18 @@ def test_free_memory_is_asked_before_moving_weights_to_the_load_device(make_tiny
         sample_video(h, prompt(), width=32, height=32, length=5, seed=0,
                      hooks=RunHooks(free_memory=lambda n, d: asked.append((n, d))))
     n_params = sum(p.numel() for p in model.parameters())
-    assert asked == [(n_params * 4, torch.device("cpu"))]
+    opts = stream_options(3, STEPS, 5.0, 0.0, None)
+    extra = run_bytes(model.config, opts, 2, 4, 4, 1, torch.float32)
+    assert asked == [(n_params * 4 + extra, torch.device("cpu"))]  # room for the weights and the run
+
+
+@pytest.mark.parametrize("long_video, total", [(None, 7), (LongVideoOptions("rolling", 3, 1, 0), 40),
+                                               (LongVideoOptions("rolling", 6, 2, 2), 40)])
+def test_cache_size_estimate_is_exact(tiny_model, long_video, total):
+    opts = stream_options(3, STEPS, 5.0, 0.0, long_video)
+    window = opts.window if opts.window is not None else total
+    cache = tiny_model.new_cache(2, 2 * 4, window=window, sink=opts.sink, key_means=opts.routing_topk is not None)
+    assert cache_bytes(tiny_model.config, opts, total, 4, 8, 2, torch.float32) == cache.nbytes()
 
 
 # -- loading ----------------------------------------------------------------------------------------
