@@ -49,6 +49,8 @@ def build(args, dtype, device):
         model.fuse_qkv()
     if args.fuse_gelu:
         model.fuse_gelu()
+    if args.fused_kernels:
+        model.use_fused_kernels()
     if args.compile != "none":
         model.compile_blocks(mode=None if args.compile == "default" else args.compile)
     return model, cfg
@@ -158,7 +160,8 @@ def long_run(model, context, args, device):
 def check_accuracy(args, device, context):
     """Optimised path (this run's settings) vs eager fp32 on the same weights: relative error of x0."""
     frames = min(6, (args.frames - 1) // 4 + 1)
-    ref_args = argparse.Namespace(**{**vars(args), "compile": "none", "fuse_qkv": False, "fuse_gelu": False})
+    ref_args = argparse.Namespace(**{**vars(args), "compile": "none", "fuse_qkv": False, "fuse_gelu": False,
+                                             "fused_kernels": False})
     ref, _ = build(ref_args, torch.float32, device)
     fast, _ = build(args, DTYPES[args.dtype], device)
     opts = StreamOptions(frames_per_block=args.fpb)
@@ -218,6 +221,8 @@ def main(argv=None):
     p.add_argument("--compile", default="none", help="none, default, max-autotune-no-cudagraphs, ...")
     p.add_argument("--fuse-qkv", action="store_true")
     p.add_argument("--fuse-gelu", action="store_true", help="FFN GEMM with a GELU epilogue (CUDA)")
+    p.add_argument("--fused-kernels", action="store_true",
+                   help="inference trunk with fused Triton elementwise kernels (implies --fuse-qkv --fuse-gelu)")
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--frames", type=int, default=81, help="pixel frames (4k+1)")
@@ -245,7 +250,7 @@ def main(argv=None):
     info = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "dtype": args.dtype, "attention": model.attn_backend,
-        "compile": args.compile, "fuse_qkv": args.fuse_qkv, "fuse_gelu": args.fuse_gelu, "size": f"{args.width}x{args.height}",
+        "compile": args.compile, "fuse_qkv": args.fuse_qkv, "fuse_gelu": args.fuse_gelu, "fused_kernels": args.fused_kernels, "size": f"{args.width}x{args.height}",
         "command": "python benchmarks/bench_stream.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     if device.type == "cuda":
@@ -253,7 +258,7 @@ def main(argv=None):
     res = short_run(model, context, args, opts, device)
     info.update(res)
     print(f"device {info['device']} | torch {info['torch']} | {info['dtype']} | attention {info['attention']} | "
-          f"compile {info['compile']} | fused qkv {info['fuse_qkv']} | gelu epilogue {info['fuse_gelu']}")
+          f"compile {info['compile']} | fused qkv {info['fuse_qkv']} | gelu epilogue {info['fuse_gelu']} | fused kernels {info['fused_kernels']}")
     print(f"{'video':>22} {'generator s':>12} {'gen FPS':>8} {'first chunk s':>14} {'peak GiB':>9} {'forwards':>9}")
     print(f"{info['size'] + ' x' + str(res['pixel_frames']):>22} {res['generator_s']:12.3f} {res['generator_fps']:8.1f} "
           f"{res['first_chunk_s']:14.3f} {res['peak_gib']:9.2f} {res['forwards']:9d}")

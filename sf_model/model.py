@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from .attention import attention, masked_attention, resolve_backend
 from .cache import KVCache, TextContext
 from .config import WanConfig
+from .fused_trunk import fused_trunk
 from .mask import build_mask
 from .rope import Rope3D, apply_rope
 from .routing import history_frames, routed_attention
@@ -211,6 +212,7 @@ class CausalWanModel(nn.Module):
         # Not a buffer: never in the state dict, never cast by .to(dtype).
         self.rope = Rope3D(cfg.head_dim, cfg.rope_split, cfg.rope_theta, cfg.rope_max_frames)
         self._backend: tuple[str, str] | None = None
+        self.fused_kernels = False
 
     # -- properties --------------------------------------------------------------------------
     @property
@@ -311,10 +313,13 @@ class CausalWanModel(nn.Module):
         self._refresh_fused()
         e, e0 = self.time_embed(t, b, fr)
         h = self.patch_embedding(x.to(self.dtype)).flatten(2).transpose(1, 2).float()  # [B, L, dim]
-        backend = self.attn_backend
-        for i, blk in enumerate(self.blocks):
-            h = blk(h, e0, fr, rope, text[i], attend_for_layer(i), backend)
-        out = self.head(h, e, fr)
+        if self.fused_kernels and not torch.is_grad_enabled():
+            out = fused_trunk(self, h, e, e0, fr, rope, text, attend_for_layer)
+        else:
+            backend = self.attn_backend
+            for i, blk in enumerate(self.blocks):
+                h = blk(h, e0, fr, rope, text[i], attend_for_layer(i), backend)
+            out = self.head(h, e, fr)
         return self.unpatchify(out, grid)
 
     def unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
@@ -393,6 +398,15 @@ class CausalWanModel(nn.Module):
         attn = self.blocks[0].self_attn if len(self.blocks) else None
         if attn is not None and attn.fused is not None and attn.fused[0].data_ptr() != attn.q.weight.data_ptr():
             self.fuse_qkv()
+
+    def use_fused_kernels(self, enabled: bool = True) -> "CausalWanModel":
+        """Inference trunk with fused elementwise kernels (``sf_model.kernels``; Triton on CUDA), fused
+        QKV and, on CUDA, the FFN GELU epilogue. Gradient-recording forwards keep the plain path."""
+        if enabled:
+            self.fuse_qkv()
+            self.fuse_gelu()
+        self.fused_kernels = enabled
+        return self
 
     def fuse_gelu(self, enabled: bool = True) -> "CausalWanModel":
         """On CUDA, run each FFN's first linear layer and its GELU as one GEMM with a GELU epilogue."""

@@ -89,3 +89,22 @@ def test_fused_qkv_and_compiled_blocks_compute_the_same_function(make_tiny, tmp_
     save_model(tmp_path / "f.safetensors", fast, fast.config)  # shared views save fine
     assert torch.equal(load_model(tmp_path / "f.safetensors").model.blocks[0].self_attn.k.weight,
                        ref_model.blocks[0].self_attn.k.weight)
+
+
+def test_fused_kernel_trunk_matches_the_reference_path(make_tiny):
+    """The fused inference trunk (PyTorch versions of the kernels on CPU) == the block-by-block path."""
+    from self_forcing.sf_model.config import TINY
+    from self_forcing.sf_model.sampler import StreamOptions, generate
+
+    for cfg in (TINY, TINY.replace(cross_attn_norm=False)):
+        ref_model, fast = make_tiny(cfg, seed=11), make_tiny(cfg, seed=11)
+        fast.use_fused_kernels()
+        ctx = torch.randn(1, 10, 32, generator=torch.Generator().manual_seed(0))
+        opts = StreamOptions(window=6, sink=1)
+        ref = generate(ref_model, ctx, num_frames=9, height=4, width=6, seed=1, options=opts)
+        out = generate(fast, ctx, num_frames=9, height=4, width=6, seed=1, options=opts)
+        assert ((out - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+        x, _, t = inputs()
+        with torch.enable_grad():  # gradient-recording forwards keep the plain path
+            assert torch.allclose(fast(x, t, ctx, frames_per_block=3), ref_model(x, t, ctx, frames_per_block=3),
+                                  atol=1e-5)
