@@ -20,9 +20,9 @@ from ..sf_model.resample import resample_history
 from ..sf_model.sampler import StreamOptions, stream
 from .logic_model import ModelHandle
 from .logic_text import context_from_conditioning
-from .specs import EXTEND_OUTPUTS
-from .logic_validate import (TEMPORAL_STRIDE, SPATIAL_STRIDE, check_extend_frames, check_length, check_size,
+from .logic_validate import (SPATIAL_STRIDE, TEMPORAL_STRIDE, check_extend_frames, check_length, check_size,
                              first_error, latent_frames, parse_steps, validate_long_video)
+from .specs import EXTEND_OUTPUTS
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,6 @@ def stream_options(frames_per_block: int, steps: str, shift: float, context_nois
                                  f"{frames_per_block} or more")
             window, sink = long_video.window, long_video.sink
             extend = True  # only distances up to the window are ever seen, so positions may run past the table
-        elif long_video.cache != "fixed":
-            raise ValueError(f"cache '{long_video.cache}' is not one of: fixed, rolling")
         topk = long_video.routing_topk or None
     return StreamOptions(frames_per_block=frames_per_block, steps=step_list, warp=True, shift=shift,
                          context_noise=context_noise, window=window, sink=sink, routing_topk=topk,

@@ -63,14 +63,18 @@ class Graph:
 
 
 # -- building blocks -------------------------------------------------------------------------------
-FILES_NOTE = (
-    "## Files this workflow needs\n"
-    f"- `models/diffusion_models/{weights.SELF_FORCING.name}` (Self Forcing; `self-forcing download` fetches "
-    f"[{weights.SELF_FORCING.repo_path}]({weights.SELF_FORCING.url}) and converts it, or tick "
-    "*download_if_missing* on the loader)\n"
-    f"- `models/vae/{weights.WAN_VAE.name}` ([download]({weights.WAN_VAE.url}))\n"
-    f"- `models/text_encoders/{weights.UMT5.name}` ([download]({weights.UMT5.url}))\n"
-)
+def files_note(text_encoder: bool = True, extra: str = "") -> str:
+    """The 'Read me' note of a UI workflow: which files it needs and where they come from."""
+    lines = [
+        "## Files this workflow needs",
+        f"- `models/diffusion_models/{weights.SELF_FORCING.name}`: Self Forcing ([{weights.SELF_FORCING.repo_path}]"
+        f"({weights.SELF_FORCING.url})); `self-forcing download` fetches and converts it, or tick "
+        "*download_if_missing* on the loader",
+        f"- `models/vae/{weights.WAN_VAE.name}` ([download]({weights.WAN_VAE.url}))",
+    ]
+    if text_encoder:
+        lines.append(f"- `models/text_encoders/{weights.UMT5.name}` ([download]({weights.UMT5.url}))")
+    return "\n".join(lines) + "\n" + extra
 
 
 def _loader(g: Graph) -> Link:
@@ -103,7 +107,7 @@ def _sampling(**over) -> dict:
 # -- the workflows ---------------------------------------------------------------------------------
 def t2v_stream() -> Graph:
     g = Graph("self_forcing_t2v_stream_81f", "Text to video, streamed chunk by chunk: 81 frames (5 s) at 832x480.",
-              note=FILES_NOTE)
+              note=files_note())
     model = _loader(g)
     positive = _prompt(g, PROMPT)
     vae = _vae(g)
@@ -116,7 +120,7 @@ def t2v_stream() -> Graph:
 def long_video() -> Graph:
     g = Graph("self_forcing_long_video_rolling_30s",
               "Long video with a rolling KV cache (window 21 latent frames + 3 sink frames): 477 frames, "
-              "about 30 s at 16 fps. Memory stays flat whatever the length.", note=FILES_NOTE)
+              "about 30 s at 16 fps. Memory stays flat whatever the length.", note=files_note())
     model = _loader(g)
     positive = _prompt(g, PROMPT)
     vae = _vae(g)
@@ -131,7 +135,7 @@ def extend() -> Graph:
     g = Graph("self_forcing_extend_video",
               "Extend a video by 80 frames: the input is VAE-encoded, its last 3 latent frames are resampled "
               "by the model (strength 0.3), then streaming continues. Put the video in ComfyUI's input folder.",
-              note=FILES_NOTE + "- a video in `input/` (pick it in Load Video)\n")
+              note=files_note(extra="- a video in `input/` (pick it in Load Video)\n"))
     model = _loader(g)
     positive = _prompt(g, EXTEND_PROMPT)
     vae = _vae(g)
@@ -152,7 +156,7 @@ def extend() -> Graph:
 def image_to_video() -> Graph:
     g = Graph("self_forcing_image_to_video",
               "Image to video: the image is VAE-encoded as a one-frame video and extended by 80 frames "
-              "(81 in total).", note=FILES_NOTE + "- an image in `input/` (pick it in Load Image)\n")
+              "(81 in total).", note=files_note(extra="- an image in `input/` (pick it in Load Image)\n"))
     model = _loader(g)
     positive = _prompt(g, I2V_PROMPT)
     vae = _vae(g)
@@ -169,7 +173,7 @@ def image_to_video() -> Graph:
 def save_embeds() -> Graph:
     g = Graph("self_forcing_save_text_embeds",
               "Encode a prompt once with umT5 and save it (models/text_embeds), so later runs need not load "
-              "the 11 GB text encoder.", note=FILES_NOTE)
+              "the 11 GB text encoder.", note=files_note())
     positive = _prompt(g, PROMPT)
     g.add("SelfForcingSaveTextEmbeds", conditioning=positive, filename_prefix="fox_in_snow", folder="text_embeds")
     return g
@@ -179,9 +183,8 @@ def t2v_from_embeds() -> Graph:
     g = Graph("self_forcing_t2v_from_saved_embeds",
               "Text to video from saved text embeddings (no text encoder loaded): for batch jobs and low-VRAM "
               "GPUs. Create the embeddings with the save_text_embeds workflow first.",
-              note=FILES_NOTE.replace(f"- `models/text_encoders/{weights.UMT5.name}`",
-                                      "- (no text encoder needed) was: `models/text_encoders/" + weights.UMT5.name + "`")
-              + "- `models/text_embeds/fox_in_snow_00001.safetensors` (from the save_text_embeds workflow)\n")
+              note=files_note(text_encoder=False, extra="- `models/text_embeds/fox_in_snow_00001.safetensors` "
+                              "(made by the save_text_embeds workflow; no text encoder is loaded here)\n"))
     model = _loader(g)
     positive = g.add("SelfForcingLoadTextEmbeds", embeds_name="fox_in_snow_00001.safetensors")
     vae = _vae(g)
