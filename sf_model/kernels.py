@@ -69,7 +69,7 @@ def qk_norm_rope_ref(qkv, wq, wk, cos, sin, tokens: int, heads: int, eps: float)
 if triton is not None:
 
     @triton.jit
-    def _residual_norm_kernel(X, Y, GATE, SCALE, SHIFT, W, B, OUT, D, rows_per_frame, mod_stride, eps,
+    def _residual_norm_kernel(X, Y, GATE, SCALE, SHIFT, W, B, OUT, D, rows_per_frame, gate_stride, mod_stride, eps,
                               HAS_Y: tl.constexpr, HAS_GATE: tl.constexpr, MODULATE: tl.constexpr,
                               AFFINE: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
@@ -80,7 +80,7 @@ if triton is not None:
         if HAS_Y:
             y = tl.load(Y + row * D + cols, mask=mask, other=0.0).to(tl.float32)
             if HAS_GATE:
-                y = y * tl.load(GATE + frame * mod_stride + cols, mask=mask, other=0.0)
+                y = y * tl.load(GATE + frame * gate_stride + cols, mask=mask, other=0.0)
             x = x + y
             tl.store(X + row * D + cols, x, mask=mask)
         if NORM:
@@ -139,16 +139,19 @@ def residual_norm(x, y=None, *, gate=None, scale=None, shift=None, weight=None, 
                                  normalize)
     rows, d = x.shape
     out = torch.empty((rows, d), device=x.device, dtype=out_dtype)
-    mods = [m for m in (gate, scale, shift) if m is not None]
-    stride = mods[0].stride(0) if mods else 0
-    if any(m.stride(0) != stride or m.stride(1) != 1 for m in mods):
-        raise ValueError("modulation terms must share one row stride and be contiguous along D")
+    for m in (gate, scale, shift):
+        if m is not None and (m.stride(1) != 1 or m.dtype != torch.float32):
+            raise ValueError("modulation terms must be float32 and contiguous along D")
+    if scale is not None and (shift is None or shift.stride(0) != scale.stride(0)):
+        raise ValueError("scale and shift must be given together with one row stride")
+    gate_stride = gate.stride(0) if gate is not None else 0
+    mod_stride = scale.stride(0) if scale is not None else 0
     dummy = x
     _residual_norm_kernel[(rows,)](
         x, y if y is not None else dummy, gate if gate is not None else dummy,
         scale if scale is not None else dummy, shift if shift is not None else dummy,
         weight if weight is not None else dummy, bias if bias is not None else dummy, out,
-        d, rows_per_frame, stride, eps,
+        d, rows_per_frame, gate_stride, mod_stride, eps,
         HAS_Y=y is not None, HAS_GATE=gate is not None, MODULATE=scale is not None,
         AFFINE=weight is not None, NORM=normalize, BLOCK=_block(d), num_warps=8 if d >= 2048 else 4)
     return out
