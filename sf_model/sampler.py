@@ -3,7 +3,8 @@
 Per block: start from noise; for each step predict x0 (flow -> x0) and, unless it is the last step,
 re-noise x0 with fresh noise to the next step's level; then run one forward on the final x0 at
 ``context_noise`` to write the block's clean K/V into the cache, and move on. ``stream`` is a Python
-generator that yields every finished chunk as soon as it exists. The same ``denoise_block`` /
+generator that yields every finished chunk as soon as it exists (right after its last denoising pass;
+the clean cache pass follows when the next chunk is requested). The same ``denoise_block`` /
 ``commit_block`` functions drive the trainer's rollouts (with an exit step and gradient at that step).
 
 Noise is drawn on the CPU from a generator seeded per chunk (``chunk_seed``), so a seed gives the same
@@ -229,11 +230,14 @@ def stream(model, context, *, num_frames: int, height: int, width: int, seed: in
             with torch.no_grad():
                 x0 = denoise_block(model, text, cache, start, noise, steps, opts, on_pass=on_pass,
                                    check_cancel=check_cancel)
-                if ci < len(plan) - 1 or opts.final_context_pass:
-                    if check_cancel is not None:
-                        check_cancel()
-                    commit_block(model, text, cache, start, x0, opts)
-            yield Chunk(ci, start, x0)
+            # The chunk is final after its last denoising pass: hand it out before the clean context
+            # pass, which runs when the consumer asks for the next chunk (lower first-chunk latency,
+            # and a decoder can start on it meanwhile). The consumer gets its own copy.
+            yield Chunk(ci, start, x0.clone())
+            if ci < len(plan) - 1 or opts.final_context_pass:
+                if check_cancel is not None:
+                    check_cancel()
+                commit_block(model, text, cache, start, x0, opts)
     finally:
         if own:
             cache.release()
