@@ -1,0 +1,273 @@
+"""Training configuration: TOML files (stdlib ``tomllib``) mapped onto small dataclasses.
+
+A config file has one table per concern::
+
+    [run]       out_dir, seed, device, precision, log_every, checkpoint_every
+    [model]     WanConfig fields of the DiT (teacher, critic and student share the architecture)
+    [sampling]  frames_per_block, steps, shift, warp, context_noise (the student's few-step sampler)
+    [world]     kind = "toy" (procedural videos, bundled text encoder/codec) or "wan" (precomputed embeddings)
+    [teacher] [ode_pairs] [ode_init] [dmd] [export] [eval]   one table per stage
+
+Unknown keys are refused (a typo must not silently fall back to a default). ``--set table.key=value`` on
+the command line overrides any value (parsed as a TOML value).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ..sf_model.config import WanConfig
+from ..sf_model.sampler import StreamOptions
+
+STAGES = ("teacher", "ode_pairs", "ode_init", "dmd", "eval", "export")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    out_dir: str = "runs/toy"
+    seed: int = 0
+    device: str = "auto"          # auto | cpu | cuda | cuda:N (torchrun: cuda:LOCAL_RANK)
+    precision: str = "fp32"       # fp32 | bf16 (autocast; master weights and optimiser state stay fp32)
+    log_every: int = 10
+    checkpoint_every: int = 100
+    progress: bool = True         # tqdm bars on rank 0
+
+    def __post_init__(self):
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"run.precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.checkpoint_every < 1 or self.log_every < 1:
+            raise ValueError("run.checkpoint_every and run.log_every must be >= 1")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    frames_per_block: int = 3
+    steps: tuple[int, ...] = (1000, 750, 500, 250)
+    shift: float = 5.0
+    warp: bool = True
+    context_noise: float = 0.0
+
+    def stream_options(self, **changes) -> StreamOptions:
+        return StreamOptions(frames_per_block=self.frames_per_block, steps=tuple(self.steps), warp=self.warp,
+                             shift=self.shift, context_noise=self.context_noise, **changes)
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    kind: str = "toy"
+    # toy: pixel size of the square videos, latent frames of a training clip, toy text encoder width
+    size: int = 64
+    frames: int = 12
+    max_objects: int | None = None
+    # wan: precomputed text embeddings (files written by the nodes' 'Save Text Embeddings')
+    prompts_dir: str = ""
+    negative: str = ""            # embeddings of the negative prompt (CFG); empty = zeros
+    latent_height: int = 60
+    latent_width: int = 104
+    teacher_path: str = ""        # the released bidirectional Wan2.1 weights (real score)
+    generator_path: str = ""      # optional starting weights of the student (e.g. a released ode_init)
+
+    def __post_init__(self):
+        if self.kind not in ("toy", "wan"):
+            raise ValueError(f"world.kind must be 'toy' or 'wan', got {self.kind!r}")
+        if self.frames < 1:
+            raise ValueError(f"world.frames must be >= 1, got {self.frames}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """One optimisation stage (teacher, ODE init): AdamW, clipping, EMA, accumulation."""
+
+    steps: int = 100
+    batch_size: int = 4           # per process and micro-step
+    grad_accum: int = 1
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    warmup: int = 0
+    ema_decay: float = 0.999
+    ema_start: int = 0
+
+    def __post_init__(self):
+        if self.steps < 0 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("steps must be >= 0, batch_size and grad_accum >= 1")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclass(frozen=True)
+class TeacherConfig(OptimConfig):
+    shift: float = 3.0            # training noise levels: shifted uniform sigmas
+    cfg_dropout: float = 0.1      # probability of the empty prompt (for classifier-free guidance)
+
+
+@dataclass(frozen=True)
+class OdePairsConfig:
+    count: int = 64
+    batch_size: int = 16
+    substeps: int = 8             # Euler steps between two of the student's noise levels (x2 for the last)
+    guidance: float = 4.0         # CFG, uncond + g (cond - uncond)
+
+
+@dataclass(frozen=True)
+class OdeInitConfig(OptimConfig):
+    pass
+
+
+@dataclass(frozen=True)
+class DmdConfig(OptimConfig):
+    """Self Forcing with DMD. ``steps`` counts critic updates; the generator updates every ``critic_ratio``."""
+
+    lr: float = 2e-6
+    lr_critic: float = 4e-7
+    betas: tuple[float, float] = (0.0, 0.999)
+    weight_decay: float = 0.01
+    grad_clip: float = 10.0
+    ema_decay: float = 0.99
+    critic_ratio: int = 5
+    guidance: float = 3.0         # official form: cond + g (cond - uncond)
+    min_t: float = 0.02
+    max_t: float = 0.98
+    score_shift: float = 5.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.critic_ratio < 1:
+            raise ValueError(f"dmd.critic_ratio must be >= 1, got {self.critic_ratio}")
+        if not 0.0 <= self.min_t < self.max_t <= 1.0:
+            raise ValueError(f"need 0 <= dmd.min_t < dmd.max_t <= 1, got {self.min_t}, {self.max_t}")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    path: str = ""                # default: <out_dir>/self_forcing_toy.safetensors
+    dtype: str = "fp16"
+    hub_repo: str = ""            # publish to this Hugging Face repo (needs a token) when set
+    hub_private: bool = False
+
+    def __post_init__(self):
+        if self.dtype not in ("fp32", "fp16", "bf16"):
+            raise ValueError(f"export.dtype must be fp32, fp16 or bf16, got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    prompts: int = 4
+    seed: int = 1234
+    length_factor: int = 6        # generate length_factor x the training clip length
+    window: int | None = None     # rolling cache window (latent frames); None = the training clip length
+    batch_size: int = 4
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: WanConfig = field(default_factory=WanConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    ode_pairs: OdePairsConfig = field(default_factory=OdePairsConfig)
+    ode_init: OdeInitConfig = field(default_factory=OdeInitConfig)
+    dmd: DmdConfig = field(default_factory=DmdConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        fpb = self.sampling.frames_per_block
+        if self.world.frames % fpb:
+            raise ValueError(f"world.frames ({self.world.frames}) must be a multiple of "
+                             f"sampling.frames_per_block ({fpb})")
+
+    def to_dict(self) -> dict:
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.to_dict() if isinstance(v, WanConfig) else dataclasses.asdict(v)
+        return out
+
+    def summary(self) -> dict:
+        """The parts of the config a model card should state."""
+        d = self.to_dict()
+        return {k: d[k] for k in ("model", "sampling", "world", "teacher", "ode_pairs", "ode_init", "dmd")}
+
+
+def _tuple_fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls) if str(f.type).startswith("tuple")}
+
+
+def _build(cls, table: Mapping[str, Any], name: str):
+    if not isinstance(table, Mapping):
+        raise ValueError(f"[{name}] must be a table")
+    if cls is WanConfig:
+        base = WanConfig().to_dict()
+        unknown = set(table) - set(base)
+        if unknown:
+            raise ValueError(f"unknown keys in [model]: {sorted(unknown)}; WanConfig fields are {sorted(base)}")
+        return WanConfig.from_dict({**base, **table})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(table) - names
+    if unknown:
+        raise ValueError(f"unknown keys in [{name}]: {sorted(unknown)}; allowed: {sorted(names)}")
+    tuples = _tuple_fields(cls)
+    return cls(**{k: (tuple(v) if k in tuples and v is not None else v) for k, v in table.items()})
+
+
+def from_dict(d: Mapping[str, Any]) -> TrainConfig:
+    kinds = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    unknown = set(d) - set(kinds)
+    if unknown:
+        raise ValueError(f"unknown tables in the config: {sorted(unknown)}; allowed: {sorted(kinds)}")
+    parts = {}
+    for name, f in kinds.items():
+        cls = f.default_factory().__class__
+        parts[name] = _build(cls, d.get(name, {}), name)
+    return TrainConfig(**parts)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'dmd.steps=10' -> (['dmd', 'steps'], 10); the value is read as TOML (strings need quotes or are kept raw)."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like table.key=value, e.g. dmd.steps=10")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if len(path) != 2:
+        raise ValueError(f"override key {key!r} must be table.key, e.g. run.out_dir")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # a bare string such as run.out_dir=/tmp/x
+    return path, value
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = (),
+                data: Mapping | None = None) -> TrainConfig:
+    """Read a TOML file (or a dict), apply ``table.key=value`` overrides, and validate."""
+    d: dict = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                d = tomllib.load(fh)
+        except FileNotFoundError as e:
+            raise ValueError(f"config file not found: {path}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path} is not valid TOML: {e}") from e
+    if data is not None:
+        d = _merge(d, data)
+    for text in overrides:
+        (table, key), value = parse_override(text)
+        d.setdefault(table, {})[key] = value
+    return from_dict(d)
+
+
+def _merge(a: Mapping, b: Mapping) -> dict:
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in a.items()}
+    for k, v in b.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k].update(v)
+        else:
+            out[k] = dict(v) if isinstance(v, Mapping) else v
+    return out

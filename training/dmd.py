@@ -1,0 +1,228 @@
+"""Stage 3: Self Forcing with Distribution Matching Distillation.
+
+Generator update (every ``critic_ratio`` steps)
+    The student rolls out a whole clip block by block through a KV cache by calling the sampler's own
+    ``denoise_block`` (with ``exit_index`` and ``grad_at_exit=True``) and ``commit_block``: steps before the
+    exit run without gradient, the exit step's forward records gradient, and the block's clean K/V are
+    written by a no-grad pass. The cache only ever stores detached K/V (``forward_block`` writes
+    ``k.detach()``), so a block's gradient flows through its own exit-step forward only -- unlike the
+    official code's in-place writes, which leak gradient into earlier blocks. One exit step per rollout
+    (the same for every block), drawn from the run's seed and broadcast from rank 0.
+
+    DMD gradient on the rolled-out video x: noise it to a random shifted level (clamped to
+    [min_t, max_t]); grad = x0_fake - x0_real, with the real score = the frozen teacher under CFG
+    (official form cond + g (cond - uncond)) and the fake score = the critic; normalised per sample by
+    mean |x - x0_real|; loss = 0.5 * MSE(x, x - grad) in float64, whose gradient w.r.t. x is grad / N.
+
+Critic update (every step)
+    A fresh no-grad rollout; the critic (initialised from the teacher) learns the flow of the student's
+    samples (flow-matching MSE).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..sf_model.cache import KVCache
+from ..sf_model.sampler import StreamOptions, block_plan, commit_block, denoise_block
+from ..sf_model.schedule import Step, add_noise, make_steps, shift_sigma
+from .config import TrainConfig
+from .engine import (Runtime, Trainable, accumulate, broadcast_int, generator, run_loop, sample_indices,
+                     seeded_randn)
+from .models import frozen_copy, load_dit, save_dit
+from .ode_init import sampling_meta
+
+STAGE = "dmd"
+
+
+# -- rollout through the sampler ---------------------------------------------------------------------
+def rollout(model, text, *, batch: int, clip_shape: Sequence[int], steps: Sequence[Step], opts: StreamOptions,
+            exit_index: int, noise_for: Callable[[int, int, int], list[torch.Tensor]], grad: bool,
+            cache_dtype: torch.dtype, cache: KVCache | None = None) -> torch.Tensor:
+    """Generate a clip [B, C, F, H, W] block by block with the sampler's ``denoise_block``/``commit_block``.
+
+    ``model``: a CausalWanModel or an ``engine.Wrapped``; ``text``: its ``encode_text`` output (carrying
+    gradient when the text path should train); ``noise_for(block, frames, count)`` -> ``count`` noise
+    tensors [B, C, frames, H, W]; ``grad``: record gradient at each block's exit step.
+    """
+    c, f, h, w = clip_shape
+    cfg = model.config
+    ph, pw = cfg.patch_size[1:]
+    if not 0 <= exit_index < len(steps):
+        raise ValueError(f"exit_index {exit_index} outside the {len(steps)} denoising steps")
+    if cache is None:
+        cache = KVCache(cfg.num_layers, batch, (h // ph) * (w // pw), cfg.num_heads, cfg.head_dim, window=f,
+                        dtype=cache_dtype, device=model.device)
+    plan = block_plan(0, f, opts.frames_per_block)
+    outs = []
+    for bi, (start, n) in enumerate(plan):
+        noise = noise_for(bi, n, exit_index + 1)
+        x0 = denoise_block(model, text, cache, start, noise, steps, opts, exit_index=exit_index,
+                           grad_at_exit=grad)
+        outs.append(x0)
+        if bi < len(plan) - 1:
+            commit_block(model, text, cache, start, x0, opts)
+    return torch.cat(outs, dim=2)
+
+
+# -- losses ------------------------------------------------------------------------------------------
+def predict_x0(model, x_t: torch.Tensor, sigma: torch.Tensor, context) -> torch.Tensor:
+    """Bidirectional x0 prediction at per-sample noise levels ``sigma`` [B]."""
+    b, f = x_t.shape[0], x_t.shape[2]
+    t = (sigma * 1000.0)[:, None].expand(b, f)
+    flow = model(x_t, t, context).float()
+    return x_t.float() - sigma[:, None, None, None, None] * flow
+
+
+@torch.no_grad()
+def dmd_gradient(video: torch.Tensor, fake_score, real_score, cond: torch.Tensor, uncond: torch.Tensor,
+                 sigma: torch.Tensor, noise: torch.Tensor, guidance: float) -> tuple[torch.Tensor, dict]:
+    """The normalised DMD gradient (fake - real) on ``video`` [B, C, F, H, W] (float32, no graph)."""
+    x = video.detach().float()
+    x_t = add_noise(x, noise, sigma[:, None, None, None, None])
+    fake = predict_x0(fake_score, x_t, sigma, cond)
+    both = predict_x0(real_score, torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), torch.cat([cond, uncond]))
+    c, u = both.chunk(2)
+    real = c + guidance * (c - u)
+    grad = fake - real
+    norm = (x - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
+    grad = torch.nan_to_num(grad / norm)
+    return grad, {"dmd_grad_abs": float(grad.abs().mean()), "fake_real_gap": float((fake - real).abs().mean())}
+
+
+def dmd_loss(video: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """0.5 * MSE(x, x - grad) in float64: d loss / d x = grad / numel."""
+    v = video.double()
+    return 0.5 * F.mse_loss(v, (v - grad.double()).detach())
+
+
+def critic_loss(critic, video: torch.Tensor, cond: torch.Tensor, sigma: torch.Tensor,
+                noise: torch.Tensor) -> torch.Tensor:
+    """Flow-matching loss of the fake score on the student's samples."""
+    x = video.detach().float()
+    b, f = x.shape[0], x.shape[2]
+    x_t = add_noise(x, noise, sigma[:, None, None, None, None])
+    flow = critic(x_t, (sigma * 1000.0)[:, None].expand(b, f), cond).float()
+    return F.mse_loss(flow, noise - x)
+
+
+# -- randomness ------------------------------------------------------------------------------------
+def score_sigmas(indices, dc, *key) -> torch.Tensor:
+    """Per-sample score noise levels: u ~ U(0, 1), shifted, clamped to [min_t, max_t]."""
+    u = torch.stack([torch.rand((), generator=generator(*key, i)) for i in indices])
+    return shift_sigma(u, dc.score_shift).clamp(dc.min_t, dc.max_t)
+
+
+def draw_exit(num_steps: int, rt: Runtime, *key) -> int:
+    """The rollout's exit step: drawn from the run's seed on rank 0 and broadcast to every rank."""
+    value = int(torch.randint(0, num_steps, (), generator=generator(*key))) if rt.is_main else 0
+    return broadcast_int(value, rt)
+
+
+# -- the stage ---------------------------------------------------------------------------------------
+def self_forcing_path(cfg: TrainConfig) -> str:
+    return os.path.join(cfg.run.out_dir, "self_forcing.safetensors")
+
+
+class DmdTrainer:
+    """Holds the generator, critic and real score; ``step(step)`` is one iteration of the official loop."""
+
+    def __init__(self, cfg: TrainConfig, rt: Runtime, world, generator_path: str, teacher_path: str):
+        self.cfg, self.rt, self.world = cfg, rt, world
+        dc = self.dc = cfg.dmd
+        gen, _ = load_dit(generator_path, rt.device, trainable=True)
+        teacher, _ = load_dit(teacher_path, rt.device)
+        self.real = frozen_copy(teacher)
+        critic = teacher.train().requires_grad_(True)
+        common = dict(betas=dc.betas, weight_decay=dc.weight_decay, grad_clip=dc.grad_clip, warmup=dc.warmup)
+        self.gen = Trainable("generator", gen, rt, lr=dc.lr, ema_decay=dc.ema_decay, ema_start=dc.ema_start,
+                             **common)
+        self.critic = Trainable("critic", critic, rt, lr=dc.lr_critic, **common)
+        self.opts = cfg.sampling.stream_options()
+        self.steps = make_steps(cfg.sampling.steps, cfg.sampling.shift, cfg.sampling.warp)
+        self.clip_shape = tuple(world.clip_shape)
+
+    def parts(self) -> dict:
+        return {"generator": self.gen, "critic": self.critic}
+
+    def _noise_for(self, indices, *key):
+        c, _, h, w = self.clip_shape
+        dev = self.rt.device
+
+        def noise_for(block: int, frames: int, count: int) -> list[torch.Tensor]:
+            return [torch.stack([seeded_randn((c, frames, h, w), *key, i, block, s) for i in indices]).to(dev)
+                    for s in range(count)]
+        return noise_for
+
+    def _rollout(self, model, text, indices, exit_index: int, grad: bool, *key) -> torch.Tensor:
+        return rollout(model, text, batch=len(indices), clip_shape=self.clip_shape, steps=self.steps,
+                       opts=self.opts, exit_index=exit_index, noise_for=self._noise_for(indices, *key),
+                       grad=grad, cache_dtype=self.rt.compute_dtype)
+
+    def generator_step(self, step: int) -> dict:
+        dc, rt, seed = self.dc, self.rt, self.cfg.run.seed
+        exit_index = draw_exit(len(self.steps), rt, seed, STAGE, "gen-exit", step)
+
+        def micro(m: int):
+            idx = sample_indices(step, m, rt, dc.batch_size, dc.grad_accum)
+            cond = self.world.contexts(idx, rt.device, stream="dmd")
+            uncond = self.world.uncond(len(idx), rt.device)
+            text = self.gen.wrapped.encode_text(cond)
+            video = self._rollout(self.gen.wrapped, text, idx, exit_index, True, seed, STAGE, "gen-noise", step)
+            sigma = score_sigmas(idx, dc, seed, STAGE, "gen-t", step).to(rt.device)
+            noise = torch.stack([seeded_randn(video.shape[1:], seed, STAGE, "gen-score", step, i)
+                                 for i in idx]).to(rt.device)
+            grad, info = dmd_gradient(video, self.critic.model, self.real, cond, uncond, sigma, noise, dc.guidance)
+            loss = dmd_loss(video, grad)
+            return loss, {"generator_loss": loss.item(), **info}
+
+        metrics = accumulate(rt, self.gen, dc.grad_accum, micro)
+        metrics["generator_grad_norm"] = self.gen.step()
+        metrics["exit_index"] = exit_index
+        return metrics
+
+    def critic_step(self, step: int) -> dict:
+        dc, rt, seed = self.dc, self.rt, self.cfg.run.seed
+        exit_index = draw_exit(len(self.steps), rt, seed, STAGE, "critic-exit", step)
+
+        def micro(m: int):
+            idx = sample_indices(step, m, rt, dc.batch_size, dc.grad_accum)
+            cond = self.world.contexts(idx, rt.device, stream="dmd-critic")
+            with torch.no_grad():
+                text = self.gen.model.encode_text(cond)
+                video = self._rollout(self.gen.model, text, idx, exit_index, False, seed, STAGE, "critic-noise", step)
+            sigma = score_sigmas(idx, dc, seed, STAGE, "critic-t", step).to(rt.device)
+            noise = torch.stack([seeded_randn(video.shape[1:], seed, STAGE, "critic-score", step, i)
+                                 for i in idx]).to(rt.device)
+            loss = critic_loss(self.critic.wrapped, video, cond, sigma, noise)
+            return loss, {"critic_loss": loss.item()}
+
+        metrics = accumulate(rt, self.critic, dc.grad_accum, micro)
+        metrics["critic_grad_norm"] = self.critic.step()
+        return metrics
+
+    def step(self, step: int) -> dict:
+        metrics = {}
+        if step % self.dc.critic_ratio == 0:
+            metrics.update(self.generator_step(step))
+        metrics.update(self.critic_step(step))
+        return metrics
+
+
+def train_dmd(cfg: TrainConfig, rt: Runtime, world, generator_path: str, teacher_path: str, *,
+              stop_after: int | None = None) -> str:
+    trainer = DmdTrainer(cfg, rt, world, generator_path, teacher_path)
+    directory = os.path.join(cfg.run.out_dir, STAGE)
+    end = run_loop(STAGE, cfg.dmd.steps, trainer.step, trainer.parts(), directory, rt,
+                   log_every=cfg.run.log_every, checkpoint_every=cfg.run.checkpoint_every,
+                   progress=cfg.run.progress, stop_after=stop_after)
+    path = self_forcing_path(cfg)
+    if end >= cfg.dmd.steps and rt.is_main:
+        save_dit(path, trainer.gen.ema_model(), cfg.model, "self_forcing",
+                 {**sampling_meta(cfg), "steps_trained": cfg.dmd.steps})
+    rt.barrier()
+    return path

@@ -1,0 +1,107 @@
+"""Export: the EMA generator to one safetensors file our loader, nodes, CLI and ComfyUI core read.
+
+The file holds bare Wan keys, ``config = {"transformer": {"causal_ar": true}}`` (what core reads), and our
+metadata: the architecture, frames per block, the step list and shift, and -- for the toy -- everything
+needed to rebuild its text encoder and codec, whose weights are bundled (``extras``). The training config
+summary and the measured drift (if the eval stage ran) go into the metadata and the model card.
+``--push-to-hub REPO`` (``export.hub_repo``) uploads the file and a README model card with
+``huggingface_hub``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .config import TrainConfig
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def default_export_path(cfg: TrainConfig) -> str:
+    return cfg.export.path or os.path.join(cfg.run.out_dir, f"self_forcing_{cfg.world.kind}.safetensors")
+
+
+def eval_summary(cfg: TrainConfig) -> dict | None:
+    path = os.path.join(cfg.run.out_dir, "eval.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as fh:
+        data = json.load(fh)
+    return data.get("summary")
+
+
+def export_model(cfg: TrainConfig, world, source: str, path: str | None = None) -> str:
+    """Write the export of ``source`` (a stage output) to ``path`` (default from the config)."""
+    from .bundle import bundle_extras, bundle_meta
+    from .models import load_dit, save_dit
+    from .ode_init import sampling_meta
+
+    path = path or default_export_path(cfg)
+    model, src_meta = load_dit(source, torch.device("cpu"))
+    drift = eval_summary(cfg)
+    meta = {
+        **sampling_meta(cfg),
+        "name": f"self-forcing-{cfg.world.kind}",
+        "training": {"summary": cfg.summary(), "steps": {k: src_meta.get("steps_trained") for k in ("dmd",)}},
+    }
+    if drift is not None:
+        meta["drift"] = drift
+    extras = None
+    if world.kind == "toy":
+        meta["toy"] = bundle_meta(cfg, world)
+        extras = bundle_extras(world)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_dit(path, model, cfg.model, "self_forcing", meta, dtype=DTYPES[cfg.export.dtype], extras=extras)
+    if cfg.export.hub_repo:
+        push_to_hub(path, cfg.export.hub_repo, model_card(cfg, meta), private=cfg.export.hub_private)
+    return path
+
+
+def model_card(cfg: TrainConfig, meta: dict) -> str:
+    """A README for the Hub: what the model is, how it was trained, and the drift that was measured."""
+    s = cfg.sampling
+    mc = cfg.model
+    lines = [
+        "---", "library_name: self-forcing-stream", "tags: [video-generation, self-forcing, causal, wan]", "---", "",
+        f"# {meta.get('name', 'self-forcing')}", "",
+        "A block-causal Wan-architecture video DiT trained with Self Forcing (DMD) by "
+        "[self-forcing-stream](https://github.com/self-forcing-stream/self-forcing-stream).", "",
+        "## Architecture", "",
+        f"dim {mc.dim}, {mc.num_layers} layers, {mc.num_heads} heads, ffn {mc.ffn_dim}, text {mc.text_len}x{mc.text_dim}; "
+        f"{s.frames_per_block} latent frames per block; steps {list(s.steps)} (shift {s.shift}, warped: {s.warp}).", "",
+        "## Training", "",
+        "| stage | steps | batch x accum | lr |", "|---|---|---|---|",
+    ]
+    if cfg.world.kind == "toy":
+        lines.append(f"| teacher (flow matching) | {cfg.teacher.steps} | {cfg.teacher.batch_size} x "
+                     f"{cfg.teacher.grad_accum} | {cfg.teacher.lr} |")
+    lines += [
+        f"| ODE pairs | {cfg.ode_pairs.count} pairs | {cfg.ode_pairs.batch_size} | CFG {cfg.ode_pairs.guidance} |",
+        f"| ODE init | {cfg.ode_init.steps} | {cfg.ode_init.batch_size} x {cfg.ode_init.grad_accum} | {cfg.ode_init.lr} |",
+        f"| Self Forcing DMD | {cfg.dmd.steps} (critic ratio {cfg.dmd.critic_ratio}) | {cfg.dmd.batch_size} x "
+        f"{cfg.dmd.grad_accum} | {cfg.dmd.lr} / critic {cfg.dmd.lr_critic} |", "",
+        f"World: {cfg.world.kind}, training clips of {cfg.world.frames} latent frames.", "",
+    ]
+    drift = meta.get("drift")
+    if drift:
+        lines += ["## Measured drift", "", "```json", json.dumps(drift, indent=1, sort_keys=True), "```", ""]
+    lines += ["## Training config", "", "```json", json.dumps(cfg.summary(), indent=1, sort_keys=True), "```", ""]
+    return "\n".join(lines)
+
+
+def push_to_hub(path: str, repo: str, card: str, private: bool = False, token: str | None = None) -> str:
+    """Upload the export and its model card; returns the repo URL."""
+    try:
+        from huggingface_hub import HfApi
+    except ImportError as e:
+        raise ValueError("publishing needs huggingface-hub: pip install 'self-forcing-stream[hub]'") from e
+    api = HfApi(token=token)
+    url = api.create_repo(repo, private=private, exist_ok=True)
+    api.upload_file(path_or_fileobj=path, path_in_repo=os.path.basename(path), repo_id=repo,
+                    commit_message="Upload Self Forcing export")
+    api.upload_file(path_or_fileobj=card.encode(), path_in_repo="README.md", repo_id=repo,
+                    commit_message="Model card")
+    return str(url)
