@@ -123,6 +123,72 @@ def short_run(model, context, args, opts, device):
     }
 
 
+def build_vae(args, dtype, device):
+    from self_forcing.sf_model.vae import TINY_VAE, WAN21_VAE, WanVAE, WanVAEConfig
+
+    cfg = WanVAEConfig(dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1) if args.tiny else WAN21_VAE
+    with torch.device("meta"):
+        vae = WanVAE(cfg)
+    vae = vae.to_empty(device=device)
+    g = torch.Generator(device).manual_seed(2)
+    with torch.no_grad():
+        for name, p in vae.named_parameters():
+            if "gamma" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    vae = vae.to(dtype).eval().requires_grad_(False)
+    if device.type == "cuda" and hasattr(vae, "to_channels_last"):
+        vae.to_channels_last()
+    return vae
+
+
+def end_to_end(model, vae, context, args, opts, device, overlap=True):
+    """Text context -> last pixel frame on the host (uint8), decode overlapped with generation."""
+    from self_forcing.sf_model.pipeline import stream_video
+
+    frames = (args.frames - 1) // 4 + 1
+
+    def once():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        marks, count = [], 0
+        for fc in stream_video(model, vae, context, num_frames=frames, height=args.height // 8,
+                               width=args.width // 8, seed=args.seed, options=opts, overlap=overlap):
+            marks.append(time.perf_counter() - t0)  # frames are on the host when yielded
+            count += fc.frames.shape[1]
+        return marks, count
+
+    once()
+    runs = [once() for _ in range(args.repeats)]
+    totals = [m[-1] for m, _ in runs]
+    med = statistics.median(totals)
+    return {"e2e_s": med, "e2e_fps": runs[0][1] / med, "first_pixels_s": statistics.median(m[0] for m, _ in runs),
+            "pixel_frames": runs[0][1], "overlap": overlap}
+
+
+def decode_only(vae, args, device):
+    """Whole-video streamed decode of random latents in chunks of --fpb (no generator running)."""
+    frames = (args.frames - 1) // 4 + 1
+    z = torch.randn(1, 16, frames, args.height // 8, args.width // 8, device=device, dtype=vae.dtype)
+    timer = Timer(device)
+
+    def once():
+        dec = vae.stream_decoder()
+        timer.start()
+        with torch.no_grad():
+            for s in range(0, frames, args.fpb):
+                dec.push(z[:, :, s:s + args.fpb])
+                timer.mark()
+        return timer.elapsed()
+
+    once()
+    runs = [once() for _ in range(args.repeats)]
+    return {"decode_s": statistics.median(r[-1] for r in runs) / 1000,
+            "decode_first_chunk_s": statistics.median(r[0] for r in runs) / 1000}
+
+
 def long_run(model, context, args, device):
     opts = StreamOptions(frames_per_block=args.fpb, window=args.window or 21, sink=args.sink,
                          extend_positions=True)
@@ -236,6 +302,7 @@ def main(argv=None):
     p.add_argument("--long-every", type=int, default=100)
     p.add_argument("--check", action="store_true", help="compare with the eager fp32 path")
     p.add_argument("--profile", action="store_true", help="kernel time by category for one video (CUDA)")
+    p.add_argument("--vae", action="store_true", help="also time the streaming VAE decode and end to end")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     if args.tiny:
@@ -270,6 +337,18 @@ def main(argv=None):
         rel_norm, rel_max = check_accuracy(args, device, context)
         info["check_rel_norm"], info["check_rel_max"] = rel_norm, rel_max
         print(f"  optimised {args.dtype} vs eager fp32: relative error {rel_norm:.2e} (norm), {rel_max:.2e} (max)")
+    if args.vae:
+        vae = build_vae(args, dtype, device)
+        info.update(decode_only(vae, args, device))
+        print(f"VAE decode of {res['latent_frames']} latents in chunks of {args.fpb}: {info['decode_s']:.3f} s "
+              f"(first chunk {info['decode_first_chunk_s']:.3f} s)")
+        for overlap in ((True, False) if device.type == "cuda" else (False,)):
+            e2e = end_to_end(model, vae, context, args, opts, device, overlap)
+            key = "e2e" if overlap or device.type != "cuda" else "e2e_serial"
+            info[key] = e2e
+            print(f"end to end ({'decode overlapped on a side stream' if overlap else 'decode in line'}): "
+                  f"{e2e['e2e_s']:.3f} s for {e2e['pixel_frames']} frames = {e2e['e2e_fps']:.1f} FPS, "
+                  f"first pixels on the host at {e2e['first_pixels_s']:.3f} s")
     if args.long:
         rows, total_s = long_run(model, context, args, device)
         info["long"] = rows
