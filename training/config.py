@@ -91,6 +91,7 @@ class OptimConfig:
     warmup: int = 0
     ema_decay: float = 0.999
     ema_start: int = 0
+    time_budget_s: float = 0.0    # > 0: stop cleanly after this many seconds (time-boxed runs)
 
     def __post_init__(self):
         if self.steps < 0 or self.batch_size < 1 or self.grad_accum < 1:

@@ -219,10 +219,11 @@ def train_dmd(cfg: TrainConfig, rt: Runtime, world, generator_path: str, teacher
     directory = os.path.join(cfg.run.out_dir, STAGE)
     end = run_loop(STAGE, cfg.dmd.steps, trainer.step, trainer.parts(), directory, rt,
                    log_every=cfg.run.log_every, checkpoint_every=cfg.run.checkpoint_every,
-                   progress=cfg.run.progress, stop_after=stop_after)
+                   progress=cfg.run.progress, stop_after=stop_after,
+                   time_budget_s=cfg.dmd.time_budget_s)
     path = self_forcing_path(cfg)
-    if end >= cfg.dmd.steps and rt.is_main:
+    if end.completed and rt.is_main:
         save_dit(path, trainer.gen.ema_model(), cfg.model, "self_forcing",
-                 {**sampling_meta(cfg), "steps_trained": cfg.dmd.steps})
+                 {**sampling_meta(cfg), "steps_trained": end.steps})
     rt.barrier()
     return path

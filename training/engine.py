@@ -385,13 +385,21 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 # -- the loop ----------------------------------------------------------------------------------------
+@dataclass
+class LoopResult:
+    steps: int          # steps done in total (resumed ones included)
+    completed: bool     # reached the configured steps or the time budget (the stage may write its output)
+
+
 def run_loop(stage: str, total_steps: int, step_fn: Callable[[int], Mapping[str, float]],
              parts: Mapping[str, object], directory: str, rt: Runtime, *, log_every: int = 10,
-             checkpoint_every: int = 100, progress: bool = True, stop_after: int | None = None) -> int:
-    """Run ``step_fn(step)`` for step = resumed..total-1, logging and checkpointing; returns the last step.
+             checkpoint_every: int = 100, progress: bool = True, stop_after: int | None = None,
+             time_budget_s: float = 0.0) -> LoopResult:
+    """Run ``step_fn(step)`` for step = resumed..total-1, logging and checkpointing.
 
-    ``stop_after`` ends the loop early after that many steps of *this* call without a final checkpoint
-    (what a kill does; used by tests and for time-boxed runs).
+    ``stop_after`` ends the loop after that many steps of *this* call without a final checkpoint (what a
+    kill does; used by tests). ``time_budget_s`` > 0 ends it cleanly (checkpoint, completed) once this call
+    has run that long -- for time-boxed runs; the decision is taken on rank 0 and broadcast.
     """
     ckpt = Checkpointer(directory, rt)
     log = JsonlLog(os.path.join(directory, "log.jsonl"), rt)
@@ -418,13 +426,18 @@ def run_loop(stage: str, total_steps: int, step_fn: Callable[[int], Mapping[str,
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in list(metrics.items())[:3]}, refresh=False)
             if stop_after is not None and done >= stop_after and not last:
-                return step + 1
-            if (step + 1) % checkpoint_every == 0 or last:
+                return LoopResult(step + 1, False)
+            out_of_time = bool(broadcast_int(int(time_budget_s > 0 and time.time() - t0 > time_budget_s), rt))
+            if (step + 1) % checkpoint_every == 0 or last or out_of_time:
                 ckpt.save(step + 1, parts)
+            if out_of_time and not last:
+                log.write({"stage": stage, "step": step + 1, "time": round(time.time() - t0, 3),
+                           "note": f"time budget of {time_budget_s:.0f} s reached"})
+                return LoopResult(step + 1, True)
     finally:
         if bar is not None:
             bar.close()
-    return total_steps
+    return LoopResult(max(total_steps, start), True)
 
 
 def param_count(model: nn.Module) -> int:

@@ -77,10 +77,11 @@ def train_ode_init(cfg: TrainConfig, rt: Runtime, world, teacher_path: str, *,
 
     directory = os.path.join(cfg.run.out_dir, STAGE)
     end = run_loop(STAGE, oc.steps, step_fn, {"student": tr}, directory, rt, log_every=cfg.run.log_every,
-                   checkpoint_every=cfg.run.checkpoint_every, progress=cfg.run.progress, stop_after=stop_after)
+                   checkpoint_every=cfg.run.checkpoint_every, progress=cfg.run.progress, stop_after=stop_after,
+                   time_budget_s=oc.time_budget_s)
     path = ode_init_path(cfg)
-    if end >= oc.steps and rt.is_main:
-        save_dit(path, tr.ema_model(), cfg.model, "ode_init", {**sampling_meta(cfg), "steps_trained": oc.steps})
+    if end.completed and rt.is_main:
+        save_dit(path, tr.ema_model(), cfg.model, "ode_init", {**sampling_meta(cfg), "steps_trained": end.steps})
     rt.barrier()
     return path
 

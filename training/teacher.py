@@ -67,9 +67,10 @@ def train_teacher(cfg: TrainConfig, rt: Runtime, world, *, stop_after: int | Non
 
     directory = os.path.join(cfg.run.out_dir, STAGE)
     end = run_loop(STAGE, tc.steps, step_fn, {"teacher": tr}, directory, rt, log_every=cfg.run.log_every,
-                   checkpoint_every=cfg.run.checkpoint_every, progress=cfg.run.progress, stop_after=stop_after)
+                   checkpoint_every=cfg.run.checkpoint_every, progress=cfg.run.progress, stop_after=stop_after,
+                   time_budget_s=tc.time_budget_s)
     path = teacher_path(cfg)
-    if end >= tc.steps and rt.is_main:
-        save_dit(path, tr.ema_model(), cfg.model, "teacher", {"bidirectional": True, "steps_trained": tc.steps})
+    if end.completed and rt.is_main:
+        save_dit(path, tr.ema_model(), cfg.model, "teacher", {"bidirectional": True, "steps_trained": end.steps})
     rt.barrier()
     return path
