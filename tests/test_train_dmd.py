@@ -101,7 +101,7 @@ def test_critic_learns_the_flow_of_the_students_samples():
         video = roll(gen, cond, grad=False)
     opt = torch.optim.AdamW(critic.parameters(), lr=3e-3)
     losses = []
-    for _ in range(10):
+    for _ in range(15):
         loss = critic_loss(critic, video, cond, sigma, noise)
         opt.zero_grad()
         loss.backward()
