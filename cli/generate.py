@@ -183,11 +183,9 @@ def _run(args) -> int:
                          window=window, sink=args.sink, extend_positions=window is not None,
                          partial_last_block=True)
     chunks = -(-num_frames // fpb)
-    bar = None
-    if not args.no_progress:
-        from tqdm.auto import tqdm
+    from ..training.progress import progress_bar
 
-        bar = tqdm(total=chunks, unit="chunk", desc="generating", dynamic_ncols=True)
+    bar = progress_bar(chunks, "generating", "chunk", enabled=not args.no_progress)
 
     def on_step(event):
         if bar is not None:

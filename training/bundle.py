@@ -23,33 +23,59 @@ DEFAULT_FPS = 8
 
 
 # -- building the parts --------------------------------------------------------------------------------
+# (module in this package, class): the shared toy parts first, the minimal local ones as a fallback.
+TEXT_CLASSES = (("toy_text", "ToyTextEncoder"), ("toy_parts_local", "LocalToyText"))
+CODEC_CLASSES = (("codec", "ToyCodec"), ("toy_parts_local", "LocalToyCodec"))
+
+
 def text_encoder_args(cfg) -> dict:
     return {"text_dim": cfg.model.text_dim, "text_len": cfg.model.text_len, "seed": cfg.run.seed}
 
 
 def codec_args(cfg) -> dict:
-    return {}
+    return {"channels": cfg.model.in_dim}
+
+
+def _class(module: str, name: str, allowed):
+    import importlib
+
+    if (module, name) not in allowed:
+        raise ValueError(f"unknown toy part {module}.{name}; known: {allowed}")
+    return getattr(importlib.import_module(f".{module}", __package__), name)
+
+
+def _first_available(choices):
+    for module, name in choices:
+        try:
+            return module, name, _class(module, name, TEXT_CLASSES + CODEC_CLASSES)
+        except (ImportError, AttributeError):
+            continue
+    raise ValueError(f"none of the toy parts {choices} can be imported")
 
 
 def _construct(cls, args: dict):
-    """cls(**args) keeping only the arguments its constructor takes."""
+    """cls(**args) keeping only the arguments its constructor takes; returns (object, args used)."""
     params = inspect.signature(cls).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return cls(**args)
-    return cls(**{k: v for k, v in args.items() if k in params})
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        args = {k: v for k, v in args.items() if k in params}
+    return cls(**args), args
 
 
 def build_toy_parts(cfg):
-    """(ToyTextEncoder, ToyCodec) for a config, on the CPU in float32."""
-    from .codec import ToyCodec
-    from .toy_text import ToyTextEncoder
-
-    return _construct(ToyTextEncoder, text_encoder_args(cfg)).eval(), _construct(ToyCodec, codec_args(cfg)).eval()
+    """(text encoder, codec) for a config, on the CPU in float32; each remembers how it was built."""
+    parts = []
+    pick = {"auto": slice(None), "shared": slice(0, 1), "local": slice(1, 2)}[cfg.world.parts]
+    for choices, args in ((TEXT_CLASSES, text_encoder_args(cfg)), (CODEC_CLASSES, codec_args(cfg))):
+        module, name, cls = _first_available(choices[pick])
+        obj, used = _construct(cls, args)
+        obj.toy_spec = {"module": module, "class": name, "args": used}
+        parts.append(obj.eval())
+    return tuple(parts)
 
 
 def bundle_meta(cfg, world) -> dict:
     c, f, h, w = world.clip_shape
-    return {"text_encoder": text_encoder_args(cfg), "codec": codec_args(cfg), "size": cfg.world.size,
+    return {"text_encoder": world.text_encoder.toy_spec, "codec": world.codec.toy_spec, "size": cfg.world.size,
             "latent_size": [h, w], "train_frames": f, "fps": DEFAULT_FPS}
 
 
@@ -70,12 +96,10 @@ def toy_parts(loaded):
     if not is_toy_bundle(loaded):
         raise ValueError("this checkpoint is not a self-contained toy model (no bundled text encoder/codec); "
                          "for Wan models encode prompts with umT5 and decode with the Wan VAE")
-    from .codec import ToyCodec
-    from .toy_text import ToyTextEncoder
-
     toy = loaded.meta["toy"]
-    enc = _construct(ToyTextEncoder, dict(toy["text_encoder"]))
-    codec = _construct(ToyCodec, dict(toy["codec"]))
+    te, cs = toy["text_encoder"], toy["codec"]
+    enc, _ = _construct(_class(te["module"], te["class"], TEXT_CLASSES), dict(te["args"]))
+    codec, _ = _construct(_class(cs["module"], cs["class"], CODEC_CLASSES), dict(cs["args"]))
     enc.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in loaded.extras[TEXT_PART].items()})
     codec.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in loaded.extras[CODEC_PART].items()})
     parts = (enc.eval(), codec.eval())

@@ -62,6 +62,7 @@ class WorldConfig:
     size: int = 64
     frames: int = 12
     max_objects: int | None = None
+    parts: str = "auto"           # toy text encoder/codec: auto (shared toy_text/codec, else local) | shared | local
     # wan: precomputed text embeddings (files written by the nodes' 'Save Text Embeddings')
     prompts_dir: str = ""
     negative: str = ""            # embeddings of the negative prompt (CFG); empty = zeros
@@ -75,6 +76,8 @@ class WorldConfig:
             raise ValueError(f"world.kind must be 'toy' or 'wan', got {self.kind!r}")
         if self.frames < 1:
             raise ValueError(f"world.frames must be >= 1, got {self.frames}")
+        if self.parts not in ("auto", "shared", "local"):
+            raise ValueError(f"world.parts must be auto, shared or local, got {self.parts!r}")
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,7 @@ class OdePairsConfig:
     batch_size: int = 16
     substeps: int = 8             # Euler steps between two of the student's noise levels (x2 for the last)
     guidance: float = 4.0         # CFG, uncond + g (cond - uncond)
+    time_budget_s: float = 0.0    # > 0: stop after this many seconds with the pairs made so far
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,7 @@ class ExportConfig:
     dtype: str = "fp16"
     hub_repo: str = ""            # publish to this Hugging Face repo (needs a token) when set
     hub_private: bool = False
+    causal_init: bool = False     # also export the ODE-initialised student (for side-by-side comparisons)
 
     def __post_init__(self):
         if self.dtype not in ("fp32", "fp16", "bf16"):

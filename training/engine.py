@@ -407,11 +407,9 @@ def run_loop(stage: str, total_steps: int, step_fn: Callable[[int], Mapping[str,
     if ckpt.exists():
         start, _ = ckpt.load(parts)
         log.trim(start)
-    bar = None
-    if rt.is_main and progress and total_steps > start:
-        from tqdm.auto import tqdm
+    from .progress import progress_bar
 
-        bar = tqdm(total=total_steps, initial=start, desc=stage, dynamic_ncols=True, leave=True)
+    bar = progress_bar(total_steps, stage, "step", start, enabled=rt.is_main and progress and total_steps > start)
     t0 = time.time()
     done = 0
     step = start

@@ -33,8 +33,26 @@ def eval_summary(cfg: TrainConfig) -> dict | None:
     return data.get("summary")
 
 
-def export_model(cfg: TrainConfig, world, source: str, path: str | None = None) -> str:
-    """Write the export of ``source`` (a stage output) to ``path`` (default from the config)."""
+def trained_steps(cfg: TrainConfig) -> dict:
+    """Steps each stage actually ran (time-boxed stages may stop early), read from the stage outputs."""
+    from ..sf_model.checkpoint import FORMAT_KEY, read_file
+    from .dmd import self_forcing_path
+    from .ode_init import ode_init_path
+    from .teacher import teacher_path
+
+    out = {}
+    for stage, path in (("teacher", teacher_path(cfg)), ("ode_init", ode_init_path(cfg)),
+                        ("dmd", self_forcing_path(cfg))):
+        if os.path.isfile(path):
+            _, meta = read_file(path)
+            out[stage] = json.loads(meta.get(FORMAT_KEY, "{}")).get("steps_trained")
+    return out
+
+
+def export_model(cfg: TrainConfig, world, source: str, path: str | None = None, *, role: str = "self_forcing",
+                 publish: bool = True) -> str:
+    """Write the export of ``source`` (a stage output) to ``path`` (default from the config); ``role`` names
+    the model (``self_forcing`` or ``causal_init``); ``publish`` allows the Hub upload when configured."""
     from .bundle import bundle_extras, bundle_meta
     from .models import load_dit, save_dit
     from .ode_init import sampling_meta
@@ -44,8 +62,9 @@ def export_model(cfg: TrainConfig, world, source: str, path: str | None = None) 
     drift = eval_summary(cfg)
     meta = {
         **sampling_meta(cfg),
-        "name": f"self-forcing-{cfg.world.kind}",
-        "training": {"summary": cfg.summary(), "steps": {k: src_meta.get("steps_trained") for k in ("dmd",)}},
+        "steps_trained": trained_steps(cfg),
+        "name": f"{role.replace('_', '-')}-{cfg.world.kind}",
+        "training": {"summary": cfg.summary(), "steps_trained": src_meta.get("steps_trained")},
     }
     if drift is not None:
         meta["drift"] = drift
@@ -54,8 +73,8 @@ def export_model(cfg: TrainConfig, world, source: str, path: str | None = None) 
         meta["toy"] = bundle_meta(cfg, world)
         extras = bundle_extras(world)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_dit(path, model, cfg.model, "self_forcing", meta, dtype=DTYPES[cfg.export.dtype], extras=extras)
-    if cfg.export.hub_repo:
+    save_dit(path, model, cfg.model, role, meta, dtype=DTYPES[cfg.export.dtype], extras=extras)
+    if cfg.export.hub_repo and publish:
         push_to_hub(path, cfg.export.hub_repo, model_card(cfg, meta), private=cfg.export.hub_private)
     return path
 

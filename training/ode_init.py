@@ -51,6 +51,8 @@ def train_ode_init(cfg: TrainConfig, rt: Runtime, world, teacher_path: str, *,
     oc, fpb = cfg.ode_init, cfg.sampling.frames_per_block
     pairs = load_pairs(os.path.join(cfg.run.out_dir, "ode_pairs"))
     traj_all, pair_idx = pairs["trajectories"], pairs["indices"].tolist()
+    if rt.device.type == "cuda":
+        traj_all = traj_all.to(rt.device)  # float16; a few hundred MB for the toy
     sigmas, timesteps = pairs["sigmas"].to(rt.device), pairs["timesteps"].to(rt.device)
     k = len(sigmas)
     model, _ = load_dit(teacher_path, rt.device, trainable=True)

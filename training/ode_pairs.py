@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import glob
 import os
+import time
 
 import torch
 
 from ..sf_model.schedule import make_steps
 from .config import TrainConfig
-from .engine import Runtime, atomic_torch_save, seeded_randn
+from .engine import Runtime, atomic_torch_save, broadcast_int, seeded_randn
 
 STAGE = "ode_pairs"
 
@@ -89,19 +90,27 @@ def generate_pairs(cfg: TrainConfig, rt: Runtime, world, teacher) -> str:
     mine = [i for i in range(pc.count) if i % rt.world_size == rt.rank]
     c, f, h, w = world.clip_shape
     trajs, indices = [], []
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
-    bar = tqdm(total=len(mine), desc=STAGE, disable=not (rt.is_main and cfg.run.progress), dynamic_ncols=True)
-    for k in range(0, len(mine), pc.batch_size):
+    bar = progress_bar(len(mine), STAGE, "pair", enabled=rt.is_main and cfg.run.progress)
+    t0 = time.time()
+    per_rank = -(-pc.count // rt.world_size)
+    for k in range(0, per_rank, pc.batch_size):  # the same number of rounds on every rank
+        if pc.time_budget_s > 0 and broadcast_int(int(time.time() - t0 > pc.time_budget_s), rt):
+            break
         idx = mine[k:k + pc.batch_size]
+        if not idx:
+            continue
         cond = world.contexts(idx, rt.device, stream=STAGE)
         uncond = world.uncond(len(idx), rt.device)
         noise = torch.stack([seeded_randn((c, f, h, w), cfg.run.seed, STAGE, i) for i in idx]).to(rt.device)
         traj = teacher_trajectory(teacher, noise, cond, uncond, sigmas, pc.substeps, pc.guidance, rt.autocast)
         trajs.append(traj.to(torch.float16).cpu())
         indices += idx
-        bar.update(len(idx))
-    bar.close()
+        if bar is not None:
+            bar.update(len(idx))
+    if bar is not None:
+        bar.close()
     out = shard_dir(cfg)
     os.makedirs(out, exist_ok=True)
     data = {"trajectories": torch.cat(trajs) if trajs else torch.zeros(0, len(sigmas) + 1, c, f, h, w),
