@@ -44,8 +44,8 @@ def long_videos(model, world, contexts: torch.Tensor, num_frames: int, window: i
     out = []
     for b, start in enumerate(range(0, contexts.shape[0], batch_size)):
         ctx = contexts[start:start + batch_size].to(rt.device)
-        with rt.autocast():
-            lat = generate(model, ctx, num_frames=num_frames, height=h, width=w, seed=seed + b, options=opts)
+        # float32 (TF32 matmuls on GPUs): the sampler's cache is in the model's dtype
+        lat = generate(model, ctx, num_frames=num_frames, height=h, width=w, seed=seed + b, options=opts)
         out.append(world.codec.decode(lat.float().cpu()).clamp(-1, 1))
     return torch.cat(out)
 
