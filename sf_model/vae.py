@@ -12,6 +12,10 @@ to 1 + k latent frames. Latents are RAW (no Wan mean/std normalisation).
 
 All temporal operations are causal, so a chunked run equals a one-pass run. The per-layer
 causal state lives in the stream objects as a plain list of tensors; the modules hold none.
+Each call processes all frames of a chunk in one call per layer.
+
+Speed (benchmarks/bench_vae.py, 21 latents -> 81 frames of 832x480, bf16, one H200): about
+0.9 s eager and 0.68 s with ``vae.decoder.compile()`` (whole or streamed in chunks of 3).
 """
 
 from __future__ import annotations
@@ -73,7 +77,7 @@ class WanVAEConfig:
 
 
 WAN21_VAE = WanVAEConfig()
-# Small enough for CPU tests (~60k parameters) yet with every block type of the real model.
+# Small enough for fast CPU tests (~0.2M parameters) yet with every block type of the real model.
 TINY_VAE = WanVAEConfig(dim=8, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1)
 
 
@@ -285,7 +289,8 @@ class WanVAE(nn.Module):
         The result does not depend on it; smaller chunks need less memory.
         """
         _check_tensor("latents", latents, self.config.z_dim, self)
-        return torch.cat(self._push_all(self.stream_decoder(clamp=clamp), latents, _sizes(latents.shape[2], chunk)), 2)
+        outs = self._push_all(self.stream_decoder(clamp=clamp), latents, _sizes(latents.shape[2], chunk))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor, *, chunk: Optional[int] = None) -> torch.Tensor:
@@ -299,7 +304,8 @@ class WanVAE(nn.Module):
         n = self.latent_frames(video.shape[2])
         video = video[:, :, : self.pixel_frames(n)]
         sizes = [1 + f * (k - 1) if i == 0 else f * k for i, k in enumerate(_sizes(n, chunk))]
-        return torch.cat(self._push_all(self.stream_encoder(), video, sizes), 2)
+        outs = self._push_all(self.stream_encoder(), video, sizes)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
 
     @staticmethod
     def _push_all(stream, x: torch.Tensor, sizes: Sequence[int]) -> List[torch.Tensor]:

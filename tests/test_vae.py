@@ -68,6 +68,35 @@ def test_streamed_decode_equals_whole(vae, sizes):
     torch.testing.assert_close(torch.cat(outs, 2), whole, rtol=0, atol=1e-5)
 
 
+def test_interleaved_streams_share_no_hidden_state(vae):
+    za, zb = torch.randn(1, TINY_VAE.z_dim, 4, 2, 3), torch.randn(1, TINY_VAE.z_dim, 4, 2, 3)
+    want_a, want_b = vae.decode(za, clamp=False), vae.decode(zb, clamp=False)
+    da, db = vae.stream_decoder(clamp=False), vae.stream_decoder(clamp=False)
+    outs_a, outs_b = [], []
+    for s in range(0, 4, 2):  # alternate between two videos: all causal state is in the streams
+        outs_a.append(da.push(za[:, :, s : s + 2]))
+        outs_b.append(db.push(zb[:, :, s : s + 2]))
+    torch.testing.assert_close(torch.cat(outs_a, 2), want_a, rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.cat(outs_b, 2), want_b, rtol=0, atol=1e-5)
+    assert isinstance(da.cache, list) and len(da.cache) == vae.decoder.num_slots
+    assert all(isinstance(t, torch.Tensor) for t in da.cache)
+    assert not list(vae.buffers())
+
+
+def test_upsample_conv_equals_interpolate_then_conv():
+    from self_forcing.sf_model.vae_layers import upsample2x_conv3x3
+
+    torch.manual_seed(5)
+    for n, c, co, h, w in [(3, 8, 4, 5, 7), (2, 6, 3, 1, 1)]:
+        x = torch.randn(n, c, h, w)
+        weight, bias = torch.randn(co, c, 3, 3), torch.randn(co)
+        want = torch.nn.functional.conv2d(
+            torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest-exact"), weight, bias, padding=1
+        )
+        got = upsample2x_conv3x3(x.contiguous(memory_format=torch.channels_last), weight, bias)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_decode_chunk_option_and_clamp(vae):
     z = torch.randn(1, TINY_VAE.z_dim, 5, 2, 3) * 3
     raw = vae.decode(z, clamp=False)
