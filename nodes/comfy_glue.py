@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from contextlib import contextmanager
 
 import comfy.model_management as mm
 import comfy.utils
@@ -15,6 +16,8 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
+from .logic_decode import StreamDecode, VaeViews, check_wan21_state_dict
+from .logic_live import EVENT, LiveFrameOptions, LiveFrameSender
 from .logic_paths import register_text_embeds_folder
 from .logic_sampling import RunHooks
 from .specs import InputSpec, NodeSpec, OutputSpec
@@ -28,7 +31,7 @@ _CUSTOM = {}
 def socket(io_type: str):
     """The io class of a socket type: core types where core has one, ``io.Custom`` otherwise."""
     core = {"LATENT": io.Latent, "CONDITIONING": io.Conditioning, "STRING": io.String, "INT": io.Int,
-            "FLOAT": io.Float, "BOOLEAN": io.Boolean, "IMAGE": io.Image, "VIDEO": io.Video}
+            "FLOAT": io.Float, "BOOLEAN": io.Boolean, "IMAGE": io.Image, "VIDEO": io.Video, "VAE": io.Vae}
     if io_type in core:
         return core[io_type]
     if io_type not in _CUSTOM:
@@ -101,3 +104,86 @@ def run_hooks(total_hint: int = 1) -> RunHooks:
 
     return RunHooks(progress=progress, check_cancel=mm.throw_exception_if_processing_interrupted,
                     free_memory=free_memory, empty_cache=mm.soft_empty_cache)
+
+
+# -- decode as you go ---------------------------------------------------------------------------------
+_VAE_VIEWS = VaeViews()  # our WanVAE per core VAE object (weak keys), bound to its weights for each run
+
+
+def _vae_state_dict(vae) -> dict:
+    """The core VAE's weights: ``VAE.get_sd()`` (ComfyUI 0.3.64 and later), else its first_stage_model."""
+    get_sd = getattr(vae, "get_sd", None)
+    if callable(get_sd):
+        return get_sd()
+    model = getattr(vae, "first_stage_model", None)
+    if model is None:
+        raise ValueError("the 'vae' input is not a loaded VAE; connect VAELoader with wan_2.1_vae.safetensors")
+    return model.state_dict()
+
+
+def _executing(node_id: str | None) -> tuple[str | None, str | None]:
+    """(prompt id, node id) of the node being executed."""
+    try:
+        from comfy_execution.utils import get_executing_context
+
+        ctx = get_executing_context()
+        if ctx is not None:
+            return ctx.prompt_id, ctx.node_id
+    except ImportError:  # cores before the execution context existed
+        pass
+    import server
+
+    return getattr(server.PromptServer.instance, "last_prompt_id", None), node_id
+
+
+def live_sender(options: LiveFrameOptions | None, node_id: str | None = None) -> LiveFrameSender | None:
+    """Sends each decoded chunk to the client that queued the prompt (never broadcast: no client id, no
+    events)."""
+    options = (options or LiveFrameOptions()).check()
+    if not options.send:
+        return None
+    import server
+
+    instance = server.PromptServer.instance
+    sid = instance.client_id
+    if sid is None:
+        return None
+    prompt_id, node = _executing(node_id)
+    return LiveFrameSender(lambda data: instance.send_sync(EVENT, data, sid), options, prompt_id=prompt_id,
+                           node=node)
+
+
+def stream_decode(vae, *, batch: int, frames_per_block: int, latent_height: int, latent_width: int,
+                  live: LiveFrameOptions | None) -> StreamDecode:
+    """Decode-as-you-go settings for a core VAE (checked to be a Wan 2.1 VAE before anything runs)."""
+    if hasattr(vae, "throw_exception_if_invalid"):
+        vae.throw_exception_if_invalid()
+    check_wan21_state_dict(_vae_state_dict(vae))
+    shape = (batch, 16, frames_per_block, latent_height, latent_width)
+    try:  # core's estimate is for one latent frame at a time; a chunk decodes frames_per_block at once
+        reserve = int(vae.memory_used_decode(shape, vae.vae_dtype)) * frames_per_block
+    except Exception:  # noqa: BLE001 - an estimate only
+        reserve = 0
+
+    @contextmanager
+    def open_vae(device: torch.device):
+        same = torch.device(vae.device) == device
+        if same and device.type != "cpu":  # let ComfyUI load it (and account for it) like VAEDecode does
+            mm.load_models_gpu([vae.patcher], memory_required=reserve,
+                               force_full_load=getattr(vae, "disable_offload", False))
+        dtype = torch.float32 if device.type == "cpu" else vae.vae_dtype
+        with _VAE_VIEWS.bind(vae, _vae_state_dict(vae), device, dtype) as ours:
+            yield ours
+
+    return StreamDecode(open_vae, reserve_bytes=reserve, sender=live_sender(live))
+
+
+def image_output_blocked(node_name: str):
+    """What the IMAGE output holds without a VAE: any node using it stops with this message."""
+    try:
+        from comfy_execution.graph_utils import ExecutionBlocker
+    except ImportError:  # older cores
+        from comfy_execution.graph import ExecutionBlocker
+    return ExecutionBlocker(f"the IMAGE output of '{node_name}' is filled only when a VAE is connected to its "
+                            "'vae' input (decode as it goes); connect VAELoader (wan_2.1_vae.safetensors) there, "
+                            "or decode its LATENT output with VAE Decode")

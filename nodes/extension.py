@@ -6,7 +6,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .comfy_glue import ensure_folders
 from .nodes_model import SelfForcingLongVideoOptions, SelfForcingModelLoader
-from .nodes_sampling import SelfForcingExtendVideo, SelfForcingSampler
+from .nodes_sampling import SelfForcingExtendVideo, SelfForcingLiveFrames, SelfForcingSampler
 from .nodes_text import SelfForcingLoadTextEmbeds, SelfForcingSaveTextEmbeds
 
 NODES: list[type[io.ComfyNode]] = [
@@ -14,6 +14,7 @@ NODES: list[type[io.ComfyNode]] = [
     SelfForcingSampler,
     SelfForcingExtendVideo,
     SelfForcingLongVideoOptions,
+    SelfForcingLiveFrames,
     SelfForcingSaveTextEmbeds,
     SelfForcingLoadTextEmbeds,
 ]

@@ -18,6 +18,7 @@ import torch
 from ..sf_model.latent_format import preview_strip, to_model_space, to_raw
 from ..sf_model.resample import resample_history
 from ..sf_model.sampler import StreamOptions, stream
+from .logic_decode import StreamDecode, decode_latents, run_decoded_stream
 from .logic_model import ModelHandle
 from .logic_text import context_from_conditioning
 from .logic_validate import (SPATIAL_STRIDE, TEMPORAL_STRIDE, check_extend_frames, check_length, check_size,
@@ -158,6 +159,32 @@ def _run_stream(model, context, *, num_frames, height, width, seed, opts, prefix
         del gen
 
 
+def _run_decoded(model, vae, context, *, num_frames, height, width, seed, opts, prefix, hooks: RunHooks,
+                 decode: StreamDecode, image_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like ``_run_stream``, decoding as it goes: (model-space latents, frames [B, N, H, W, 3]); the progress
+    preview is the newest decoded frame and live frames go to ``decode.sender`` (flushed before returning,
+    dropped on any error)."""
+    chunks = -(-num_frames // opts.frames_per_block)
+    progress = _Progress(hooks, chunks * len(opts.steps))
+    ok = False
+    try:
+        out = run_decoded_stream(model, vae, context, num_frames=num_frames, height=height, width=width, seed=seed,
+                                 opts=opts, prefix=prefix, image_offset=image_offset, on_step=progress.on_step,
+                                 check_cancel=hooks.check_cancel,
+                                 preview=progress.report if hooks.progress is not None else None,
+                                 sender=decode.sender)
+        ok = True
+    finally:
+        if decode.sender is not None:
+            decode.sender.close(cancel=not ok)
+    return out
+
+
+def as_image_batch(frames: torch.Tensor) -> torch.Tensor:
+    """[B, N, H, W, 3] -> core's IMAGE [B*N, H, W, 3] (batch items one after the other, as VAEDecode)."""
+    return frames.reshape(-1, *frames.shape[2:])
+
+
 def _release(hooks: RunHooks) -> None:
     gc.collect()
     if hooks.empty_cache is not None:
@@ -200,8 +227,11 @@ def _guarded(work, hooks: RunHooks):
 def sample_video(handle: ModelHandle, conditioning, *, width: int, height: int, length: int, seed: int,
                  frames_per_block: int = 3, steps: str = "1000, 750, 500, 250", shift: float = 5.0,
                  context_noise: float = 0.0, long_video: LongVideoOptions | None = None,
-                 hooks: RunHooks | None = None) -> torch.Tensor:
-    """Text-to-video: raw Wan 2.1 latents [B, 16, (length-1)/4+1, height/8, width/8] (float32, CPU)."""
+                 hooks: RunHooks | None = None, decode: StreamDecode | None = None):
+    """Text-to-video: raw Wan 2.1 latents [B, 16, (length-1)/4+1, height/8, width/8] (float32, CPU).
+
+    With ``decode`` the chunks are also decoded as they come: returns (latents, IMAGE [B*length, H, W, 3]).
+    """
     hooks = hooks or RunHooks()
     cfg = handle.config
     check_video_request(width, height, length, cfg.patch_size)
@@ -214,11 +244,18 @@ def sample_video(handle: ModelHandle, conditioning, *, width: int, height: int, 
         context = context_from_conditioning(conditioning, cfg.text_dim, cfg.text_len)
         extra = run_bytes(cfg, opts, frames, height // SPATIAL_STRIDE, width // SPATIAL_STRIDE, context.shape[0],
                           handle.model.dtype)
+        if decode is not None:
+            extra += decode.reserve_bytes
         with model_on_device(handle, hooks, extra) as model:
-            latents = _run_stream(model, context.to(model.device), num_frames=frames,
-                                  height=height // SPATIAL_STRIDE, width=width // SPATIAL_STRIDE, seed=seed,
-                                  opts=opts, prefix=None, hooks=hooks)
-        return to_raw(latents)
+            kw = dict(num_frames=frames, height=height // SPATIAL_STRIDE, width=width // SPATIAL_STRIDE, seed=seed,
+                      opts=opts, prefix=None, hooks=hooks)
+            if decode is None:
+                latents = _run_stream(model, context.to(model.device), **kw)
+                return to_raw(latents)
+            with decode.open_vae(model.device) as vae:
+                latents, images = _run_decoded(model, vae, context.to(model.device), decode=decode, image_offset=0,
+                                               **kw)
+        return to_raw(latents), as_image_batch(images)
 
     return _guarded(work, hooks)
 
@@ -242,7 +279,7 @@ def extend_video(handle: ModelHandle, conditioning, latent, *, extend_frames: in
                  resample_strength: float, seed: int, frames_per_block: int = 3,
                  steps: str = "1000, 750, 500, 250", shift: float = 5.0, context_noise: float = 0.0,
                  output: str = "joined", long_video: LongVideoOptions | None = None,
-                 hooks: RunHooks | None = None) -> torch.Tensor:
+                 hooks: RunHooks | None = None, decode: StreamDecode | None = None):
     """Continue a raw Wan 2.1 latent by ``extend_frames`` video frames; returns raw latents (CPU).
 
     The last ``history_frames`` latent frames of the input are resampled (noised to ``resample_strength``
@@ -250,6 +287,11 @@ def extend_video(handle: ModelHandle, conditioning, latent, *, extend_frames: in
     prefilled into the KV cache, and ``extend_frames / 4`` new latent frames are streamed after it.
     ``output``: 'joined' = input frames bit-identical + new frames; 'new frames only'; 'joined, resampled
     history' = input with its last frames replaced by their resampled version + new frames.
+
+    With ``decode`` the new chunks are decoded as they come, continuing the decoder over the history the
+    model continued from; returns (latents, IMAGE). The IMAGE holds the decoded LATENT output: for the joined
+    outputs the input part is decoded on its own (as VAEDecode would), for 'new frames only' it is the
+    ``extend_frames`` new frames.
     """
     hooks = hooks or RunHooks()
     cfg = handle.config
@@ -274,9 +316,19 @@ def extend_video(handle: ModelHandle, conditioning, latent, *, extend_frames: in
     h, w = samples.shape[3:]
     resampled = bool(resampled_count and resample_strength > 0)
 
+    def head(resampled_tail: torch.Tensor) -> torch.Tensor | None:
+        """The raw latents that come before the new ones in the output."""
+        if output == "new frames only":
+            return None
+        if output == "joined" or not resampled:  # the input as it is (bit-identical)
+            return samples.cpu()
+        return torch.cat([samples[:, :, :prefix_len - resampled_count].cpu(), resampled_tail], dim=2)
+
     def work():
         ctx = context_from_conditioning(conditioning, cfg.text_dim, cfg.text_len).expand(batch, -1, -1)
         extra = run_bytes(cfg, opts, prefix_len + new_frames, h, w, batch, handle.model.dtype)
+        if decode is not None:
+            extra += decode.reserve_bytes
         with model_on_device(handle, hooks, extra) as model:
             ctx = ctx.to(model.device)
             history = to_model_space(samples).to(model.device)
@@ -285,12 +337,27 @@ def extend_video(handle: ModelHandle, conditioning, latent, *, extend_frames: in
                                            seed=seed, options=opts, check_cancel=hooks.check_cancel)
                 if hooks.progress is not None:
                     hooks.progress(0, 1, preview_strip(history[:, :, prefix_len - resampled_count:].cpu()))
-            new = _run_stream(model, ctx, num_frames=new_frames, height=h, width=w, seed=seed, opts=opts,
-                              prefix=history, hooks=hooks)
-            tail = history[:, :, prefix_len - resampled_count:].to("cpu", torch.float32)
-        return to_raw(new).to(samples.dtype), to_raw(tail).to(samples.dtype)
+            if decode is None:
+                new = _run_stream(model, ctx, num_frames=new_frames, height=h, width=w, seed=seed, opts=opts,
+                                  prefix=history, hooks=hooks)
+                tail = history[:, :, prefix_len - resampled_count:].to("cpu", torch.float32)
+                return to_raw(new).to(samples.dtype), to_raw(tail).to(samples.dtype), None
+            kw = dict(num_frames=new_frames, height=h, width=w, seed=seed, opts=opts, prefix=history, hooks=hooks)
+            tail = to_raw(history[:, :, prefix_len - resampled_count:].to("cpu", torch.float32)).to(samples.dtype)
+            first = head(tail)
+            offset = 0 if first is None else TEMPORAL_STRIDE * (prefix_len - 1) + 1
+            with decode.open_vae(model.device) as vae:
+                new, images = _run_decoded(model, vae, ctx, decode=decode, image_offset=offset, **kw)
+                del history, kw
+                if first is not None:  # the input part, decoded on its own as VAEDecode would
+                    decode_latents(vae, first, opts.frames_per_block, out=images[:, :offset])
+            return to_raw(new).to(samples.dtype), tail, images
 
-    new_raw, resampled_tail = _guarded(work, hooks)
+    new_raw, resampled_tail, images = _guarded(work, hooks)
+    if decode is not None:
+        first = head(resampled_tail)
+        latent = new_raw if first is None else torch.cat([first, new_raw], dim=2)
+        return latent, as_image_batch(images)
     if output == "new frames only":
         return new_raw
     if output == "joined" or not resampled:  # the input as it is (bit-identical), then the new frames

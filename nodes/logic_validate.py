@@ -165,3 +165,14 @@ def validate_long_video(cache=None, window=None, sink=None, routing_topk=None) -
         return (f"routing_topk {routing_topk} is not smaller than the window {window}: routing would keep "
                 f"every frame; use a routing_topk below {window}, or 0 to switch routing off")
     return True
+
+
+def validate_live_frames(every_nth=None, max_size=None, format=None, quality=None) -> bool | str:
+    if format is not None and format not in ("jpeg", "png"):
+        return f"format '{format}' is not one of: jpeg, png"
+    err = first_error(
+        check_range("every_nth", every_nth, 1, 64),
+        check_range("max_size", max_size, 0, 4096),
+        check_range("quality", quality, 1, 100),
+    )
+    return err or True

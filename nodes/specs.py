@@ -18,6 +18,7 @@ CAT_CONDITIONING = f"{ROOT}/conditioning"
 # Custom socket types: our model is not a core MODEL (ModelPatcher), and the options bundle has no core twin.
 MODEL_TYPE = "SELF_FORCING_MODEL"
 OPTIONS_TYPE = "SELF_FORCING_OPTIONS"
+LIVE_TYPE = "SELF_FORCING_LIVE_FRAMES"
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
@@ -27,6 +28,7 @@ ATTENTION = ("auto", "sdpa", "flash3", "flash2")
 CACHE_POLICIES = ("fixed", "rolling")
 EXTEND_OUTPUTS = ("joined", "new frames only", "joined, resampled history")
 EMBED_FOLDERS = ("text_embeds", "output")
+LIVE_FORMATS = ("jpeg", "png")
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,28 @@ def _options_input() -> InputSpec:
                      optional=True)
 
 
+def _decode_inputs() -> tuple[InputSpec, ...]:
+    return (
+        InputSpec("vae", "VAE",
+                  "Optional: the Wan 2.1 VAE (VAELoader with wan_2.1_vae.safetensors). Connected: every chunk is "
+                  "decoded as soon as it is generated (overlapped with sampling on a GPU), the IMAGE output holds "
+                  "the video for CreateVideo, the progress bar shows the newest decoded frame and each chunk's "
+                  "frames are sent to the client live (websocket event 'self_forcing.frames'). Not connected: "
+                  "nothing is decoded and the IMAGE output must stay unconnected (decode the LATENT with VAE "
+                  "Decode instead).", optional=True),
+        InputSpec("live_frames", LIVE_TYPE,
+                  "Optional settings for the frames sent to the client while decoding, from 'Self Forcing Live "
+                  "Frames' (every n-th frame, size, JPEG/PNG, or off). Not connected: every frame, at most 512 "
+                  "px, JPEG quality 85. Only used when a VAE is connected.", optional=True),
+    )
+
+
+def _image_output(what: str) -> OutputSpec:
+    return OutputSpec("IMAGE", "images", f"{what} [frames, height, width, 3] in 0-1 for core CreateVideo, decoded "
+                      "while sampling. Only filled when the 'vae' input is connected; without it any node using "
+                      "this output stops with an error saying so.")
+
+
 LOADER = NodeSpec(
     node_id="SelfForcingModelLoader",
     display_name="Load Self Forcing Model",
@@ -209,9 +233,11 @@ SAMPLER = NodeSpec(
         _seed_input(),
         *_block_inputs(),
         _options_input(),
+        *_decode_inputs(),
     ),
     outputs=(OutputSpec("LATENT", "latent", "Wan 2.1 video latent [1, 16, (length-1)/4+1, height/8, width/8] "
-                        "for core VAEDecode."),),
+                        "for core VAEDecode."),
+             _image_output("The decoded video, length frames")),
     search_aliases=("self forcing", "stream", "autoregressive video", "causal video"),
 )
 
@@ -245,9 +271,35 @@ EXTEND = NodeSpec(
                   "new frames only: just the continuation. joined, resampled history: the last history "
                   "frames replaced by their resampled version.", default="joined", options=EXTEND_OUTPUTS),
         _options_input(),
+        *_decode_inputs(),
     ),
-    outputs=(OutputSpec("LATENT", "latent", "The joined (or new-only) Wan 2.1 video latent."),),
+    outputs=(OutputSpec("LATENT", "latent", "The joined (or new-only) Wan 2.1 video latent."),
+             _image_output("The decoded LATENT output (for 'new frames only': the extend_frames new frames, "
+                           "decoded as the continuation of the input),")),
     search_aliases=("continue video", "image to video", "i2v", "video extension"),
+)
+
+LIVE = NodeSpec(
+    node_id="SelfForcingLiveFrames",
+    display_name="Self Forcing Live Frames",
+    category=CAT_SAMPLING,
+    description="How the sampler sends decoded frames to the client while it runs (when its 'vae' input is "
+                "connected): on/off, every n-th frame, image size and format. Connect to the sampler's or extend "
+                "node's live_frames input.",
+    inputs=(
+        InputSpec("send", "BOOLEAN", "Send each decoded chunk's frames to the client that queued the prompt "
+                  "(websocket event 'self_forcing.frames'). Off: decode as it goes without sending frames (the "
+                  "progress preview still shows the newest frame).", default=True),
+        InputSpec("every_nth", "INT", "Send only frames whose index in the video is a multiple of this (1 = "
+                  "every frame, 4 = one frame per latent frame). Range 1-64.", default=1, min=1, max=64),
+        InputSpec("max_size", "INT", "Longest side of the sent images in pixels; larger frames are scaled "
+                  "down, never up. 0 = full size. Range 0-4096.", default=512, min=0, max=4096, step=8),
+        InputSpec("format", "COMBO", "jpeg: small, lossy. png: lossless, several times larger.",
+                  default="jpeg", options=LIVE_FORMATS),
+        InputSpec("quality", "INT", "JPEG quality (ignored for png). Range 1-100.", default=85, min=1, max=100),
+    ),
+    outputs=(OutputSpec(LIVE_TYPE, "live_frames", "Live frame settings for the sampler / extend node."),),
+    search_aliases=("live preview", "stream frames", "websocket frames"),
 )
 
 SAVE_EMBEDS = NodeSpec(
@@ -280,7 +332,7 @@ LOAD_EMBEDS = NodeSpec(
     outputs=(OutputSpec("CONDITIONING", "conditioning", "The saved prompt embedding [1, tokens, 4096]."),),
 )
 
-ALL_NODES: tuple[NodeSpec, ...] = (LOADER, OPTIONS, SAMPLER, EXTEND, SAVE_EMBEDS, LOAD_EMBEDS)
+ALL_NODES: tuple[NodeSpec, ...] = (LOADER, OPTIONS, SAMPLER, EXTEND, LIVE, SAVE_EMBEDS, LOAD_EMBEDS)
 NODES_BY_ID = {n.node_id: n for n in ALL_NODES}
 
 

@@ -18,6 +18,7 @@ FROZEN = {
     "SelfForcingExtendVideo": (["model", "positive", "latent", "extend_frames", "history_frames",
                                 "resample_strength", "seed", "frames_per_block", "steps", "shift", "context_noise",
                                 "output", "options"], ["LATENT"]),
+    "SelfForcingLiveFrames": (["send", "every_nth", "max_size", "format", "quality"], ["SELF_FORCING_LIVE_FRAMES"]),
     "SelfForcingSaveTextEmbeds": (["conditioning", "filename_prefix", "folder"], ["STRING"]),
     "SelfForcingLoadTextEmbeds": (["embeds_name"], ["CONDITIONING"]),
 }
@@ -39,8 +40,23 @@ def test_one_category_root_and_core_types_where_core_has_them():
         assert spec.node_id.startswith("SelfForcing") and spec.display_name and spec.description
     sockets = {i.type for s in specs.ALL_NODES for i in s.inputs if not i.is_widget}
     sockets |= {o.type for s in specs.ALL_NODES for o in s.outputs}
-    # Only the model handle and the options bundle are our own types; prompts and videos use core's.
-    assert sockets - {"LATENT", "CONDITIONING", "STRING"} == {specs.MODEL_TYPE, specs.OPTIONS_TYPE}
+    # Only the model handle and the two options bundles are our own types; prompts, VAEs, images use core's.
+    assert sockets - {"LATENT", "CONDITIONING", "STRING", "VAE", "IMAGE"} == {specs.MODEL_TYPE, specs.OPTIONS_TYPE,
+                                                                              specs.LIVE_TYPE}
+
+
+def test_decode_as_you_go_is_appended_to_both_samplers():
+    for spec in (specs.SAMPLER, specs.EXTEND):
+        names = [i.name for i in spec.inputs]
+        assert names[-3:] == ["options", "vae", "live_frames"], spec.node_id  # appended after the old last input
+        assert spec.input("vae").type == "VAE" and spec.input("vae").optional
+        assert spec.input("live_frames").type == specs.LIVE_TYPE and spec.input("live_frames").optional
+        assert [o.type for o in spec.outputs] == ["LATENT", "IMAGE"]
+        info = specs.object_info(spec)
+        assert info["input_order"]["optional"] == ["options", "vae", "live_frames"]
+        assert info["output_name"] == ["latent", "images"]
+        # widgets_values of saved UI workflows are positional: sockets take no slot, so nothing shifts
+        assert all(not i.is_widget for i in spec.inputs[len(FROZEN[spec.node_id][0]):])
 
 
 def test_every_input_has_a_tooltip_with_its_range():
@@ -66,6 +82,10 @@ def test_defaults_are_valid():
                                              d["frames_per_block"], d["steps"], d["shift"], d["context_noise"]) is True
     d = {i.name: i.default for i in specs.OPTIONS.inputs}
     assert logic_validate.validate_long_video(d["cache"], d["window"], d["sink"], d["routing_topk"]) is True
+    d = {i.name: i.default for i in specs.LIVE.inputs}
+    assert logic_validate.validate_live_frames(d["every_nth"], d["max_size"], d["format"], d["quality"]) is True
+    assert "format 'gif'" in logic_validate.validate_live_frames(format="gif")
+    assert "every_nth" in logic_validate.validate_live_frames(every_nth=0)
 
 
 def test_object_info_view_matches_the_spec():
@@ -73,7 +93,7 @@ def test_object_info_view_matches_the_spec():
     assert info["input_order"]["required"][:3] == ["model", "positive", "width"]
     assert info["input"]["optional"]["options"][0] == specs.OPTIONS_TYPE
     assert info["input"]["required"]["seed"][1]["control_after_generate"] is True
-    assert info["output"] == ["LATENT"]
+    assert info["output"] == ["LATENT", "IMAGE"]
     save = specs.object_info(specs.SAVE_EMBEDS)
     assert save["output_node"] and set(save["input"]["hidden"]) == {"prompt", "extra_pnginfo"}
     loader = specs.object_info(specs.LOADER, {"model_name": ["a.safetensors"]})

@@ -64,6 +64,19 @@ def test_the_required_workflows_are_shipped():
     assert {p.stem for p in UI} == set(prompts)
 
 
+def test_the_stream_decode_workflow_feeds_the_sampler_images_to_create_video():
+    prompt = load(REPO / "workflows" / "api" / "self_forcing_t2v_stream_decode.json")
+    sampler_id = node(prompt, "SelfForcingSampler")
+    sampler = prompt[sampler_id]["inputs"]
+    assert prompt[sampler["vae"][0]]["class_type"] == "VAELoader"
+    assert prompt[sampler["live_frames"][0]]["class_type"] == "SelfForcingLiveFrames"
+    assert by_class(prompt, "CreateVideo")[0]["inputs"]["images"] == [sampler_id, 1]  # the IMAGE output
+    assert not by_class(prompt, "VAEDecode")  # nothing is decoded twice
+    for name in ("self_forcing_t2v_stream_81f", "self_forcing_long_video_rolling_30s"):
+        plain = load(REPO / "workflows" / "api" / f"{name}.json")  # the plain graphs stay as they were
+        assert "vae" not in by_class(plain, "SelfForcingSampler")[0]["inputs"] and by_class(plain, "VAEDecode")
+
+
 @pytest.mark.parametrize("path", UI, ids=lambda p: p.stem)
 def test_ui_workflow_converts_to_its_api_twin(path):
     ui = load(path)
@@ -109,8 +122,10 @@ def node(prompt, class_type):
     (lambda p: p[node(p, "SelfForcingSampler")]["inputs"].update(positive=[node(p, "VAELoader"), 0]),
      "expects CONDITIONING but node"),
     (lambda p: p[node(p, "VAEDecode")]["inputs"].update(samples=["99", 0]), "missing node 99"),
+    (lambda p: p[node(p, "VAEDecode")]["inputs"].update(samples=[node(p, "SelfForcingSampler"), 2]),
+     "which has 2 outputs"),
     (lambda p: p[node(p, "VAEDecode")]["inputs"].update(samples=[node(p, "SelfForcingSampler"), 1]),
-     "which has 1 outputs"),
+     "expects LATENT but node"),
     (lambda p: p[node(p, "SaveVideo")]["inputs"].update(video=12), "must be linked"),
 ])
 def test_checker_reports_broken_workflows(mutate, expect):

@@ -117,6 +117,25 @@ def t2v_stream() -> Graph:
     return g
 
 
+def t2v_stream_decode() -> Graph:
+    g = Graph("self_forcing_t2v_stream_decode",
+              "Text to video, decoded as it goes: the sampler decodes every chunk with the VAE while it generates "
+              "the next one, shows the newest frame on its progress bar and sends each chunk's frames to the "
+              "client live (websocket event 'self_forcing.frames'; see examples/live_frames_client.py). Its IMAGE "
+              "output goes straight to Create Video: no VAE Decode at the end.",
+              note=files_note())
+    model = _loader(g)
+    positive = _prompt(g, PROMPT)
+    vae = _vae(g)
+    live = g.add("SelfForcingLiveFrames", send=True, every_nth=1, max_size=512, format="jpeg", quality=85)
+    sampler = g.add("SelfForcingSampler", model=model, positive=positive, width=832, height=480, length=81,
+                    **_sampling(), vae=vae, live_frames=live)
+    video = g.add("CreateVideo", images=Link(sampler.node, 1), fps=FPS)
+    g.add("SaveVideo", video=video, filename_prefix="video/self_forcing_t2v_live", format="auto", codec="auto",
+          **{"format.codec": "auto"})
+    return g
+
+
 def long_video() -> Graph:
     g = Graph("self_forcing_long_video_rolling_30s",
               "Long video with a rolling KV cache (window 21 latent frames + 3 sink frames): 477 frames, "
@@ -194,7 +213,7 @@ def t2v_from_embeds() -> Graph:
     return g
 
 
-WORKFLOWS = (t2v_stream, long_video, extend, image_to_video, save_embeds, t2v_from_embeds)
+WORKFLOWS = (t2v_stream, t2v_stream_decode, long_video, extend, image_to_video, save_embeds, t2v_from_embeds)
 
 
 # -- writers ---------------------------------------------------------------------------------------
