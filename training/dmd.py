@@ -154,7 +154,7 @@ class DmdTrainer:
         dev = self.rt.device
 
         def noise_for(block: int, frames: int, count: int) -> list[torch.Tensor]:
-            return [torch.stack([seeded_randn((c, frames, h, w), *key, i, block, s) for i in indices]).to(dev)
+            return [torch.stack([seeded_randn((c, frames, h, w), *key, i, block, s, device=dev) for i in indices])
                     for s in range(count)]
         return noise_for
 
@@ -174,8 +174,8 @@ class DmdTrainer:
             text = self.gen.wrapped.encode_text(cond)
             video = self._rollout(self.gen.wrapped, text, idx, exit_index, True, seed, STAGE, "gen-noise", step)
             sigma = score_sigmas(idx, dc, seed, STAGE, "gen-t", step).to(rt.device)
-            noise = torch.stack([seeded_randn(video.shape[1:], seed, STAGE, "gen-score", step, i)
-                                 for i in idx]).to(rt.device)
+            noise = torch.stack([seeded_randn(video.shape[1:], seed, STAGE, "gen-score", step, i, device=rt.device)
+                                 for i in idx])
             grad, info = dmd_gradient(video, self.critic.model, self.real, cond, uncond, sigma, noise, dc.guidance)
             loss = dmd_loss(video, grad)
             return loss, {"generator_loss": loss.item(), **info}
@@ -196,8 +196,8 @@ class DmdTrainer:
                 text = self.gen.model.encode_text(cond)
                 video = self._rollout(self.gen.model, text, idx, exit_index, False, seed, STAGE, "critic-noise", step)
             sigma = score_sigmas(idx, dc, seed, STAGE, "critic-t", step).to(rt.device)
-            noise = torch.stack([seeded_randn(video.shape[1:], seed, STAGE, "critic-score", step, i)
-                                 for i in idx]).to(rt.device)
+            noise = torch.stack([seeded_randn(video.shape[1:], seed, STAGE, "critic-score", step, i,
+                                              device=rt.device) for i in idx])
             loss = critic_loss(self.critic.wrapped, video, cond, sigma, noise)
             return loss, {"critic_loss": loss.item()}
 

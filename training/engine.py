@@ -125,9 +125,14 @@ def generator(*parts) -> torch.Generator:
 
 
 def seeded_randn(shape, *parts, device=None) -> torch.Tensor:
-    """Standard normal noise keyed by ``parts`` (drawn on the CPU, then moved)."""
+    """Standard normal noise keyed by ``parts``: drawn on the CPU (then moved), or on the GPU itself when
+    ``device`` is CUDA (the same key gives the same noise on every process of a run)."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda":
+        g = torch.Generator(dev).manual_seed(key_seed(*parts))
+        return torch.randn(tuple(shape), generator=g, dtype=torch.float32, device=dev)
     out = torch.randn(tuple(shape), generator=generator(*parts), dtype=torch.float32)
-    return out.to(device) if device is not None else out
+    return out.to(dev) if device is not None else out
 
 
 def seeded_rand(*parts) -> float:
@@ -413,13 +418,20 @@ def run_loop(stage: str, total_steps: int, step_fn: Callable[[int], Mapping[str,
     t0 = time.time()
     done = 0
     step = start
+    window: dict[str, list[float]] = {}
     try:
         for step in range(start, total_steps):
             metrics = mean_across_ranks(step_fn(step), rt)
             done += 1
             last = step + 1 == total_steps
+            for k, v in metrics.items():
+                window.setdefault(k, []).append(float(v))
             if (step + 1) % log_every == 0 or last or step == start:
-                log.write({"stage": stage, "step": step + 1, "time": round(time.time() - t0, 3), **metrics})
+                # each metric averaged over the steps since the last line (sparse ones, e.g. generator
+                # updates every critic_ratio steps, over the steps that had them)
+                means = {k: sum(v) / len(v) for k, v in window.items()}
+                log.write({"stage": stage, "step": step + 1, "time": round(time.time() - t0, 3), **means})
+                window = {}
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in list(metrics.items())[:3]}, refresh=False)

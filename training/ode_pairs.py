@@ -103,7 +103,7 @@ def generate_pairs(cfg: TrainConfig, rt: Runtime, world, teacher) -> str:
             continue
         cond = world.contexts(idx, rt.device, stream=STAGE)
         uncond = world.uncond(len(idx), rt.device)
-        noise = torch.stack([seeded_randn((c, f, h, w), cfg.run.seed, STAGE, i) for i in idx]).to(rt.device)
+        noise = torch.stack([seeded_randn((c, f, h, w), cfg.run.seed, STAGE, i, device=rt.device) for i in idx])
         traj = teacher_trajectory(teacher, noise, cond, uncond, sigmas, pc.substeps, pc.guidance, rt.autocast)
         trajs.append(traj.to(torch.float16).cpu())
         indices += idx

@@ -56,7 +56,7 @@ def train_teacher(cfg: TrainConfig, rt: Runtime, world, *, stop_after: int | Non
             ctx = torch.where(drop[:, None, None], world.uncond(len(idx), rt.device), ctx)
             u = torch.stack([torch.rand((), generator=generator(seed, STAGE, "t", i)) for i in idx]).to(rt.device)
             sigma = shift_sigma(u, tc.shift)
-            noise = torch.stack([seeded_randn(x0.shape[1:], seed, STAGE, "noise", i) for i in idx]).to(rt.device)
+            noise = torch.stack([seeded_randn(x0.shape[1:], seed, STAGE, "noise", i, device=rt.device) for i in idx])
             loss = flow_matching_loss(tr.wrapped, x0, ctx, sigma, noise)
             return loss, {"loss": loss.item()}
 
