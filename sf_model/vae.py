@@ -184,8 +184,9 @@ class StreamDecoder:
             raise ValueError(
                 f"this stream decodes batch/height/width {self._shape}, got {shape}; call reset() for a new video"
             )
-        out = self.vae._decode_chunk(z, self.cache)
-        self._shape = shape
+        cache = list(self.cache)  # commit the new state only if the chunk succeeds
+        out = self.vae._decode_chunk(z, cache)
+        self.cache, self._shape = cache, shape
         self.latent_frames += z.shape[2]
         return out.clamp_(-1.0, 1.0) if self.clamp else out
 
@@ -223,8 +224,9 @@ class StreamEncoder:
             raise ValueError(
                 f"this stream encodes batch/height/width {self._shape}, got {shape}; call reset() for a new video"
             )
-        out = self.vae._encode_chunk(x, self.cache)
-        self._shape = shape
+        cache = list(self.cache)  # commit the new state only if the chunk succeeds
+        out = self.vae._encode_chunk(x, cache)
+        self.cache, self._shape = cache, shape
         self.pixel_frames += t
         return out
 
@@ -316,10 +318,8 @@ class WanVAE(nn.Module):
         return outs
 
     def to_channels_last(self) -> "WanVAE":
-        """Store conv weights channels-last (NDHWC / NHWC); pass channels-last-3d inputs to match.
-
-        Often faster on GPUs with cuDNN; results are the same up to rounding.
-        """
+        """Store conv weights channels-last (NDHWC / NHWC) like the activations, which saves a
+        small weight re-layout per convolution call on CUDA. Results are unchanged."""
         for m in self.modules():
             if isinstance(m, (nn.Conv3d, nn.Conv2d)):
                 fmt = torch.channels_last_3d if m.weight.dim() == 5 else torch.channels_last

@@ -83,6 +83,21 @@ def test_interleaved_streams_share_no_hidden_state(vae):
     assert not list(vae.buffers())
 
 
+def test_failed_push_leaves_stream_state_unchanged(vae, monkeypatch):
+    z = torch.randn(1, TINY_VAE.z_dim, 4, 2, 3)
+    want = vae.decode(z, clamp=False)
+    dec = vae.stream_decoder(clamp=False)
+    first = dec.push(z[:, :, :2])
+    before = list(dec.cache)
+    head = vae.decoder.head[2]
+    monkeypatch.setattr(head, "forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        dec.push(z[:, :, 2:])  # fails after most layers already updated their cache slots
+    monkeypatch.undo()
+    assert all(a is b for a, b in zip(dec.cache, before)) and dec.latent_frames == 2
+    torch.testing.assert_close(torch.cat([first, dec.push(z[:, :, 2:])], 2), want, rtol=0, atol=1e-5)
+
+
 def test_upsample_conv_equals_interpolate_then_conv():
     from self_forcing.sf_model.vae_layers import upsample2x_conv3x3
 
