@@ -124,7 +124,7 @@ def short_run(model, context, args, opts, device):
 
 
 def build_vae(args, dtype, device):
-    from self_forcing.sf_model.vae import TINY_VAE, WAN21_VAE, WanVAE, WanVAEConfig
+    from self_forcing.sf_model.vae import WAN21_VAE, WanVAE, WanVAEConfig
 
     cfg = WanVAEConfig(dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1) if args.tiny else WAN21_VAE
     with torch.device("meta"):
@@ -138,8 +138,10 @@ def build_vae(args, dtype, device):
             else:
                 p.normal_(0.0, 0.02, generator=g)
     vae = vae.to(dtype).eval().requires_grad_(False)
-    if device.type == "cuda" and hasattr(vae, "to_channels_last"):
+    if device.type == "cuda":
         vae.to_channels_last()
+    if args.compile_vae:
+        vae.decoder.compile()
     return vae
 
 
@@ -303,6 +305,7 @@ def main(argv=None):
     p.add_argument("--check", action="store_true", help="compare with the eager fp32 path")
     p.add_argument("--profile", action="store_true", help="kernel time by category for one video (CUDA)")
     p.add_argument("--vae", action="store_true", help="also time the streaming VAE decode and end to end")
+    p.add_argument("--compile-vae", action="store_true", help="torch.compile the VAE decoder")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     if args.tiny:
