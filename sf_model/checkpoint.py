@@ -52,12 +52,30 @@ class LoadedModel:
 
 
 # -- reading files ------------------------------------------------------------------------------
+class CheckpointNotFound(CheckpointError, FileNotFoundError):
+    """The file does not exist."""
+
+
+def is_safetensors(path: str) -> bool:
+    """Detect safetensors by content (8-byte header length, then a JSON object), not by extension."""
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
 def read_file(path: str) -> tuple[dict, dict]:
-    """Tensors and string metadata of a checkpoint file (nested dicts are kept as they are)."""
+    """Tensors and string metadata of a checkpoint file (nested dicts are kept as they are).
+
+    The one file reader of the package (the DiT and the VAE loaders both use it): safetensors, or a
+    PyTorch pickle read with ``weights_only=True`` -- a pickle that would build other objects (and could
+    run code) is refused.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
+        raise CheckpointNotFound(f"checkpoint not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path} is empty (an interrupted download?)")
+    if is_safetensors(path):
         from safetensors import safe_open
 
         try:
@@ -70,12 +88,16 @@ def read_file(path: str) -> tuple[dict, dict]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"refusing to load {path}: it contains Python objects that are not plain tensors and could run "
-            f"code when unpickled (torch.load weights_only=True rejected it: {str(e).splitlines()[0]}). "
-            "Convert it to .safetensors from a trusted environment.") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"{path} could not be read as a PyTorch checkpoint (truncated or corrupt?): {e}") from e
+        msg = str(e).lower()
+        if "weights only load failed" in msg or "unsupported global" in msg:
+            raise CheckpointError(
+                f"refused to load {path}: it contains Python objects that are not plain tensors and could "
+                f"run code when unpickled (torch.load weights_only=True rejected it: {str(e).splitlines()[0]}). "
+                "Use a .safetensors file, or convert this one in a trusted environment.") from e
+        raise CheckpointError(f"{path} could not be read: truncated or corrupt pickle ({e})") from e
+    except Exception as e:  # zip and pickle readers raise many types for garbage input
+        raise CheckpointError(f"{path} could not be read as safetensors or a PyTorch checkpoint "
+                              f"(truncated or corrupt?): {e}") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
     return obj, {}

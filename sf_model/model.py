@@ -68,7 +68,9 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
 
 
-class SelfAttention(nn.Module):
+class Attention(nn.Module):
+    """q, k, v, o projections with Wan's RMSNorm over the full width on q and k."""
+
     def __init__(self, cfg: WanConfig):
         super().__init__()
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
@@ -78,6 +80,11 @@ class SelfAttention(nn.Module):
         self.o = nn.Linear(cfg.dim, cfg.dim)
         self.norm_q = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
         self.norm_k = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+
+
+class SelfAttention(Attention):
+    def __init__(self, cfg: WanConfig):
+        super().__init__(cfg)
         self.fused: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -100,17 +107,7 @@ class SelfAttention(nn.Module):
         self.fused = (w, b)
 
 
-class CrossAttention(nn.Module):
-    def __init__(self, cfg: WanConfig):
-        super().__init__()
-        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.q = nn.Linear(cfg.dim, cfg.dim)
-        self.k = nn.Linear(cfg.dim, cfg.dim)
-        self.v = nn.Linear(cfg.dim, cfg.dim)
-        self.o = nn.Linear(cfg.dim, cfg.dim)
-        self.norm_q = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
-
+class CrossAttention(Attention):
     def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         heads = (self.num_heads, self.head_dim)
         return self.norm_k(self.k(context)).unflatten(-1, heads), self.v(context).unflatten(-1, heads)

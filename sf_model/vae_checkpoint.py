@@ -13,14 +13,13 @@ strict: every mismatch is reported in one ``VAECheckpointError`` (a ``ValueError
 from __future__ import annotations
 
 import os
-import pickle
 import re
 from typing import Dict, Iterable, List, Mapping, Optional
 
 import torch
-from safetensors.torch import load_file as _st_load_file
 from safetensors.torch import save_file as _st_save_file
 
+from .checkpoint import CheckpointError, CheckpointNotFound, read_file
 from .vae import WanVAE, WanVAEConfig
 
 StateDict = Dict[str, torch.Tensor]
@@ -29,49 +28,22 @@ _WRAPPER_KEYS = ("state_dict", "model", "module", "vae")
 _PREFIXES = ("first_stage_model.", "vae.", "model.", "module.")
 
 
-class VAECheckpointError(ValueError):
+class VAECheckpointError(CheckpointError):
     """A file that is not a loadable Wan2.1 VAE checkpoint (corrupt, unsafe, or mismatched)."""
 
 
 # ---------------------------------------------------------------------------------------------
 # reading files
 # ---------------------------------------------------------------------------------------------
-def _is_safetensors(path: str) -> bool:
-    with open(path, "rb") as fh:
-        head = fh.read(9)
-    return len(head) == 9 and head[8:9] == b"{"
-
-
 def read_state_dict(path: str | os.PathLike) -> StateDict:
-    """Read a flat ``{name: tensor}`` dict (CPU) from a safetensors or torch pickle file."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"VAE checkpoint not found: {path}")
-    if os.path.getsize(path) == 0:
-        raise VAECheckpointError(f"{path} is empty")
-    if _is_safetensors(path):
-        try:
-            return _st_load_file(path, device="cpu")
-        except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise VAECheckpointError(
-                f"cannot read {path} as safetensors (truncated or corrupt download?): {e}"
-            ) from e
+    """Read a flat ``{name: tensor}`` dict (CPU) through the package's one file reader."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights only load failed" in str(e).lower() or "unsupported global" in str(e).lower():
-            raise VAECheckpointError(
-                f"refused to load {path}: the pickle contains objects other than tensors and plain "
-                "containers, so loading it could execute code. Use a .safetensors file, or convert "
-                f"this file in a trusted environment. Details: {str(e).splitlines()[0]}"
-            ) from e
-        raise VAECheckpointError(f"cannot read {path}: corrupt or truncated pickle ({e})") from e
-    except Exception as e:  # zip/pickle readers raise many types for garbage input
-        raise VAECheckpointError(
-            f"cannot read {path}: neither a safetensors file nor a readable torch checkpoint "
-            f"(truncated or corrupt download?): {e}"
-        ) from e
-    return _flatten_checkpoint(obj, path)
+        obj, _ = read_file(path)
+    except CheckpointNotFound:
+        raise
+    except CheckpointError as e:
+        raise VAECheckpointError(str(e)) from e
+    return _flatten_checkpoint(obj, os.fspath(path))
 
 
 def _flatten_checkpoint(obj, path: str) -> StateDict:

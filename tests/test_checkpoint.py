@@ -91,7 +91,7 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
     Evil.marker = str(tmp_path / "pwned")
     path = tmp_path / "evil.pt"
     torch.save({"generator": {"model.x": torch.zeros(1)}, "payload": Evil()}, path)
-    with pytest.raises(CheckpointError, match="refusing to load"):
+    with pytest.raises(CheckpointError, match="refused to load"):
         load_model(path)
     assert not os.path.exists(Evil.marker)
 
