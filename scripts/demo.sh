@@ -16,7 +16,10 @@ fi
 . .venv/bin/activate
 if ! python -c "import self_forcing.cli, av, tqdm" 2>/dev/null; then
     python -m pip install -q --upgrade pip
-    python -c "import torch" 2>/dev/null || python -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+    # A CPU build is enough. TORCH_SPEC defaults to the CPU build this project is tested with; elsewhere
+    # set e.g. TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu" (an unpinned torch from
+    # PyPI pulls several GB of CUDA packages).
+    python -c "import torch" 2>/dev/null || python -m pip install -q ${TORCH_SPEC:-torch==2.13.0}
     python -m pip install -q -e ".[video]"
 fi
 self-forcing generate --prompt "$PROMPT" --frames "$FRAMES" --out "$OUT"
