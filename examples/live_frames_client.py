@@ -137,11 +137,12 @@ def queue_prompt(server: str, prompt: dict, client_id: str) -> str:
 
 def watch(server: str, prompt: dict, out_dir: str, timeout: float = 3600.0) -> dict:
     """Queue ``prompt`` and save live frames until it finishes. Returns what arrived when (seconds after
-    the prompt was queued): {"prompt_id", "chunks": [{"chunk", "t", "frames", ...}], "done_t", "status"}."""
+    the prompt was queued): {"prompt_id", "chunks": [{"chunk", "t", ...}], "executing": [{"node", "t"}],
+    "done_t", "status"}."""
     client_id = uuid.uuid4().hex
     ws_url = server.replace("http://", "ws://").replace("https://", "wss://").rstrip("/")
     ws = WebSocket(f"{ws_url}/ws?clientId={client_id}")
-    record: dict = {"chunks": [], "status": None}
+    record: dict = {"chunks": [], "executing": [], "status": None}
     try:
         t0 = time.monotonic()
         prompt_id = record["prompt_id"] = queue_prompt(server, prompt, client_id)
@@ -174,7 +175,9 @@ def watch(server: str, prompt: dict, out_dir: str, timeout: float = 3600.0) -> d
                 record["error"] = f"{data.get('node_type')}: {data.get('exception_message')}"
             elif kind == "execution_interrupted":
                 record["status"], record["done_t"] = "interrupted", t
-            elif kind == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
+            elif kind == "executing" and data.get("node") is not None:
+                record["executing"].append({"node": data["node"], "t": t})  # a node starts
+            elif kind == "executing" and data.get("prompt_id") == prompt_id:
                 record["status"], record["done_t"] = "success", t  # cores without execution_success
     finally:
         ws.close()

@@ -160,8 +160,8 @@ def stream_decode(vae, *, batch: int, frames_per_block: int, latent_height: int,
         vae.throw_exception_if_invalid()
     check_wan21_state_dict(_vae_state_dict(vae))
     shape = (batch, 16, frames_per_block, latent_height, latent_width)
-    try:  # core's estimate is for one latent frame at a time; a chunk decodes frames_per_block at once
-        reserve = int(vae.memory_used_decode(shape, vae.vae_dtype)) * frames_per_block
+    try:  # core's Wan 2.1 estimate (generous: it covers about 3 latent frames at once), per started 3 frames
+        reserve = int(vae.memory_used_decode(shape, vae.vae_dtype)) * -(-frames_per_block // 3)
     except Exception:  # noqa: BLE001 - an estimate only
         reserve = 0
 

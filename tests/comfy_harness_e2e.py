@@ -290,6 +290,100 @@ def check_runs(work: Path, comfy_state: Path, tiny: dict, result: dict) -> None:
     assert stats["roundtrip_identical"], stats
 
 
+def live_client():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("live_frames_client", REPO / "examples" / "live_frames_client.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def output_images(prompt_id: str, comfy_state: Path) -> dict[str, list[Path]]:
+    """Saved image files of a finished prompt, per node id."""
+    entry = wait_done(prompt_id)  # the history entry is written just after the last websocket message
+    return {node: [comfy_state / i["type"] / i["subfolder"] / i["filename"] for i in out.get("images", [])]
+            for node, out in entry["outputs"].items()}
+
+
+def check_stream_decode(work: Path, comfy_state: Path, result: dict) -> None:
+    """Decode as you go in the real server: the shipped workflow runs to a video, a websocket client gets every
+    chunk's frames before the prompt finishes, the IMAGE equals core's VAEDecode of the LATENT, and an IMAGE
+    output used without a VAE stops its user with a clear message."""
+    import numpy as np
+    from PIL import Image
+
+    client = live_client()
+    out: dict = {}
+    # a) the shipped graph (Live Frames -> sampler with vae -> IMAGE -> CreateVideo -> SaveVideo), watched live:
+    #    45 frames = 12 latent frames = 4 chunks
+    p = small(use_saved_embeds(api("self_forcing_t2v_stream_decode")))
+    sampler = node_of(p, "SelfForcingSampler")
+    p[sampler]["inputs"].update(length=45, seed=11)
+    t0 = time.time()
+    record = client.watch(SERVER, p, str(work / "live" / "t2v_stream_decode"), timeout=900)
+    record["wall_s"] = round(time.time() - t0, 2)
+    entry = wait_done(record["prompt_id"])
+    videos = [comfy_state / v["type"] / v["subfolder"] / v["filename"] for o in entry["outputs"].values()
+              for v in o.get("images", []) + o.get("videos", []) if v["filename"].endswith(".mp4")]
+    record["video"] = video_info(str(videos[0])) if videos else None
+    record["frames_saved_live"] = len(list((work / "live" / "t2v_stream_decode").glob("frame_*.jpg")))
+    out["t2v_stream_decode"] = record
+    chunk_times = [c["t"] for c in record["chunks"]]
+    assert record["status"] == "success", record
+    assert [c["chunk"] for c in record["chunks"]] == [0, 1, 2, 3], record["chunks"]
+    assert all(t < record["done_t"] for t in chunk_times), record  # every chunk before the prompt finished
+    assert record["frames_saved_live"] == 45 and record["video"]["frames"] == 45, record
+    # b) one graph, both decoders: sampler IMAGE -> SaveImage and sampler LATENT -> VAEDecode -> SaveImage (PNG)
+    p = small(use_saved_embeds(api("self_forcing_t2v_stream_decode")))
+    sampler = node_of(p, "SelfForcingSampler")
+    p[sampler]["inputs"].update(length=21, seed=12)
+    vae = p[sampler]["inputs"]["vae"]
+    for k in [node_of(p, "CreateVideo"), node_of(p, "SaveVideo")]:
+        del p[k]
+    p["90"] = {"class_type": "SaveImage", "inputs": {"images": [sampler, 1], "filename_prefix": "sd/stream"}}
+    p["91"] = {"class_type": "VAEDecode", "inputs": {"samples": [sampler, 0], "vae": vae}}
+    p["92"] = {"class_type": "SaveImage", "inputs": {"images": ["91", 0], "filename_prefix": "sd/core"}}
+    record = client.watch(SERVER, p, str(work / "live" / "stream_vs_core"), timeout=900)
+    files = output_images(record["prompt_id"], comfy_state)
+    ours = np.stack([np.asarray(Image.open(f), dtype=np.int16) for f in files["90"]])
+    core = np.stack([np.asarray(Image.open(f), dtype=np.int16) for f in files["92"]])
+    diff = np.abs(ours - core)
+    out["stream_vs_core_vaedecode"] = {"status": record["status"], "frames": [len(ours), len(core)],
+                                       "shape": list(ours.shape[1:]), "max_abs_diff_8bit": int(diff.max()),
+                                       "mean_abs_diff_8bit": round(float(diff.mean()), 4),
+                                       "chunk_events": len(record["chunks"])}
+    assert record["status"] == "success" and ours.shape == core.shape == (21, 64, 64, 3), out
+    assert diff.max() <= 2, out["stream_vs_core_vaedecode"]
+    # c) extend the video of a) with the VAE on the extend node (joined: 45 + 8 frames), its IMAGE to the video
+    shutil.copy(videos[0], comfy_state / "input" / "input_video.mp4")
+    p = small(use_saved_embeds(api("self_forcing_extend_video")))
+    ext = node_of(p, "SelfForcingExtendVideo")
+    p[ext]["inputs"].update(extend_frames=8, vae=[node_of(p, "VAELoader"), 0])
+    p[node_of(p, "CreateVideo")]["inputs"]["images"] = [ext, 1]
+    del p[node_of(p, "VAEDecode")]
+    record = client.watch(SERVER, p, str(work / "live" / "extend_decode"), timeout=900)
+    entry = wait_done(record["prompt_id"])
+    videos = [comfy_state / v["type"] / v["subfolder"] / v["filename"] for o in entry["outputs"].values()
+              for v in o.get("images", []) + o.get("videos", []) if v["filename"].endswith(".mp4")]
+    record["video"] = video_info(str(videos[0])) if videos else None
+    out["extend_decode"] = record
+    assert record["status"] == "success" and record["video"]["frames"] == 53, record
+    assert [(c["start_frame"], c["frame_count"]) for c in record["chunks"]] == [(45, 8)], record["chunks"]
+    # d) IMAGE used without a VAE: the user of the output stops with our message (the LATENT path still runs)
+    p = small(use_saved_embeds(api("self_forcing_t2v_stream_81f")))
+    sampler = node_of(p, "SelfForcingSampler")
+    p[sampler]["inputs"].update(length=9, seed=13)
+    p[node_of(p, "CreateVideo")]["inputs"]["images"] = [sampler, 1]
+    record = client.watch(SERVER, p, str(work / "live" / "no_vae"), timeout=900)
+    history = wait_done(record["prompt_id"])
+    out["image_without_vae"] = {"status": record["status"], "error": record.get("error"),
+                                "chunk_events": len(record["chunks"]),
+                                "history_status": history["status"]["status_str"] if history else None}
+    assert record["status"] == "error" and "filled only when a VAE is connected" in record["error"], record
+    result["stream_decode"] = out
+
+
 def check_interrupt(work: Path, result: dict) -> None:
     """Interrupt the sampler mid-run (after its 8th denoising pass) and check the server keeps working."""
     p = small(use_saved_embeds(api("self_forcing_t2v_stream_81f")))
@@ -333,6 +427,7 @@ def main() -> int:
     ap.add_argument("--work", default="/tmp/sf_e2e")
     ap.add_argument("--comfy-dir", default=os.environ.get("COMFY_DIR", "/work/comfyui-src"))
     ap.add_argument("--keep-server", action="store_true")
+    ap.add_argument("--only", choices=["stream_decode"], help="run only these checks (after import/object_info)")
     args = ap.parse_args()
     work = Path(args.work)
     if work.exists():
@@ -353,10 +448,13 @@ def main() -> int:
     assert "IMPORT FAILED" not in log_text, "the pack failed to import"
     try:
         check_object_info(result)
-        check_ui_conversion(result)
-        check_runs(work, state, tiny, result)  # also places the input video and image the workflows name
-        check_validation(result)
-        check_interrupt(work, result)
+        if args.only is None:
+            check_ui_conversion(result)
+            check_runs(work, state, tiny, result)  # also places the input video and image the workflows name
+            check_validation(result)
+        check_stream_decode(work, state, result)
+        if args.only is None:
+            check_interrupt(work, result)
         result["vae_keys_missing_in_core"] = "Missing VAE keys" in Path(result["server_log"]).read_text()
         result["ok"] = True
     finally:
