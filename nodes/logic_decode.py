@@ -155,7 +155,7 @@ def decode_latents(vae: WanVAE, raw: torch.Tensor, chunk: int, out: torch.Tensor
     decoder, pos = vae.stream_decoder(), 0
     with torch.no_grad():
         for s in range(0, raw.shape[2], chunk):
-            out = decoder.push(raw[:, :, s:s + chunk].to(device=vae.device, dtype=vae.dtype))
-            write_frames(images, pos, out.float().cpu())
-            pos += out.shape[2]
+            decoded = decoder.push(raw[:, :, s:s + chunk].to(device=vae.device, dtype=vae.dtype))
+            write_frames(images, pos, decoded.float().cpu())
+            pos += decoded.shape[2]
     return images
