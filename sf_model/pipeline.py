@@ -4,7 +4,8 @@
 stream as soon as the sampler hands the chunk out, so it runs while the generator already works on
 the next chunk; decoded frames are copied to pinned host memory on that side stream, and a chunk is
 handed to the caller one chunk later, when its frames are (or are about to be) ready -- the caller's
-wait then never stalls the generator's queue. On the CPU the same code decodes in line.
+wait then never stalls the generator's queue. On the CPU each chunk is decoded in line and handed out
+at once.
 
 Frame counts follow Wan: the first latent frame decodes to 1 pixel frame, every later one to 4.
 """
@@ -45,12 +46,12 @@ def stream_video(model, vae, context, *, num_frames: int, height: int, width: in
                  options: StreamOptions | None = None, prefix: torch.Tensor | None = None,
                  on_step: Callable[[StepEvent], None] | None = None,
                  check_cancel: Callable[[], None] | None = None, as_uint8: bool = True,
-                 overlap: bool = True) -> Iterator[FrameChunk]:
+                 overlap: bool = True, include_prefix: bool = False) -> Iterator[FrameChunk]:
     """Generate ``num_frames`` latent frames and yield their decoded pixels chunk by chunk.
 
     ``vae``: a ``WanVAE`` (raw latents; the conversion from model space is done here). With a
-    ``prefix``, the decoder is first run over the prefix so the new frames continue it seamlessly
-    (the prefix frames themselves are not yielded).
+    ``prefix``, the decoder is first run over the prefix so the new frames continue it seamlessly;
+    its pixels are yielded first (as chunk index -1) when ``include_prefix`` is set.
     """
     decoder = vae.stream_decoder()
     cuda = overlap and model.device.type == "cuda" and vae.device.type == "cuda"
@@ -58,7 +59,10 @@ def stream_video(model, vae, context, *, num_frames: int, height: int, width: in
     pixel = 0
     if prefix is not None:
         with torch.no_grad():
-            pixel = decoder.push(to_raw(prefix).to(vae.dtype)).shape[2]
+            out = decoder.push(to_raw(prefix).to(vae.dtype))
+        pixel = out.shape[2]
+        if include_prefix:
+            yield FrameChunk(-1, 0, frames_to_uint8(out).cpu() if as_uint8 else out.float().cpu(), prefix)
 
     def launch(chunk):
         nonlocal pixel
@@ -87,6 +91,9 @@ def stream_video(model, vae, context, *, num_frames: int, height: int, width: in
         for chunk in stream(model, context, num_frames=num_frames, height=height, width=width, seed=seed,
                             options=options, prefix=prefix, on_step=on_step, check_cancel=check_cancel):
             current = launch(chunk)
+            if side is None:  # decoded in line: nothing to overlap, hand it out at once
+                yield current
+                continue
             if pending is not None:
                 yield pending.wait()
             pending = current

@@ -46,3 +46,20 @@ def test_prefix_continues_the_decoder_seamlessly(tiny_model):
         whole = vae.decode(to_raw(torch.cat([prefix, new], 2)))
     assert chunks[0].start_frame == 9
     assert torch.allclose(chunks[0].frames, whole[:, :, 9:], atol=1e-5)
+
+
+def test_cpu_chunks_are_handed_out_at_once_and_prefix_pixels_on_request(tiny_model):
+    vae = tiny_vae()
+    ctx = torch.randn(1, 10, 32, generator=torch.Generator().manual_seed(0))
+    gen = stream_video(tiny_model, vae, ctx, num_frames=6, height=4, width=6, seed=0)
+    first = next(gen)
+    assert first.index == 0 and first.ready is None  # no look-ahead without a side stream
+    assert gen.gi_frame.f_locals["pending"] is None
+    gen.close()
+    prefix = torch.randn(1, 16, 2, 4, 6)
+    chunks = list(stream_video(tiny_model, vae, ctx, num_frames=3, height=4, width=6, seed=0, prefix=prefix,
+                               include_prefix=True, as_uint8=False))
+    assert [c.index for c in chunks] == [-1, 0]
+    with torch.no_grad():
+        assert torch.allclose(chunks[0].frames, vae.decode(to_raw(prefix)), atol=1e-5)
+    assert chunks[1].start_frame == chunks[0].frames.shape[2] == 5
