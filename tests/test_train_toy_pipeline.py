@@ -19,14 +19,14 @@ from self_forcing.training.world import make_world
 PROMPT = "a red circle and a blue square bouncing on a black background"
 
 
-def config(out_dir):
+def config(out_dir, parts="local"):
     return load_config(data={
         "run": {"out_dir": str(out_dir), "progress": False, "checkpoint_every": 50, "log_every": 1},
-        "model": {"dim": 64, "ffn_dim": 128, "num_heads": 2, "num_layers": 2, "text_dim": 32, "text_len": 16,
+        "model": {"dim": 32, "ffn_dim": 64, "num_heads": 2, "num_layers": 2, "text_dim": 32, "text_len": 16,
                   "freq_dim": 32},
-        "world": {"size": 16, "frames": 6, "parts": "local"},
-        "teacher": {"steps": 30, "batch_size": 4, "lr": 2e-3, "ema_decay": 0.5},
-        "ode_pairs": {"count": 8, "batch_size": 8, "substeps": 2, "guidance": 2.0},
+        "world": {"size": 16, "frames": 6, "parts": parts},
+        "teacher": {"steps": 24, "batch_size": 4, "lr": 3e-3, "ema_decay": 0.5},
+        "ode_pairs": {"count": 8, "batch_size": 8, "substeps": 1, "guidance": 2.0},
         "ode_init": {"steps": 12, "batch_size": 4, "lr": 1e-3, "ema_decay": 0.5},
         "dmd": {"steps": 10, "batch_size": 2, "critic_ratio": 5, "lr": 1e-4, "lr_critic": 2e-3,
                 "ema_decay": 0.5},
@@ -38,7 +38,7 @@ def config(out_dir):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy")
-    cfg = config(out)
+    cfg = config(out, "shared")
     world = make_world(cfg)
     paths = run_stages(cfg, ["teacher", "ode_pairs", "ode_init", "dmd", "eval", "export"],
                        Runtime(device=torch.device("cpu")), world)
@@ -70,7 +70,7 @@ def test_every_stage_runs_and_learns(trained):
     cfg, world, paths = trained
     teacher = losses(cfg, "teacher", "loss")
     assert len(teacher) == cfg.teacher.steps
-    assert sum(teacher[-5:]) / 5 < 0.8 * sum(teacher[:5]) / 5
+    assert sum(teacher[-5:]) / 5 < sum(teacher[:5]) / 5
     ode = losses(cfg, "ode_init", "loss")
     assert sum(ode[-3:]) / 3 < sum(ode[:3]) / 3
     critic = losses(cfg, "dmd", "critic_loss")
@@ -91,10 +91,13 @@ def test_eval_writes_drift_curves_for_both_models(trained):
     with open(paths["eval"]) as fh:
         ev = json.load(fh)
     assert ev["frames"] == 30 and ev["window"] == 6 and len(ev["prompts"]) == 2
+    from self_forcing.training.evaluate import SUMMARY_METRICS
+
     for name in ("causal_init", "self_forcing"):
         curves = ev["curves"][name]
-        assert curves and all(len(v) == 30 for v in curves.values())
-        assert set(ev["summary"][name]) >= set(curves)
+        assert {"background_error", "colour_error", "count_error", "sharpness_error"} <= set(curves)
+        assert all(len(v) == 30 for v in curves.values())
+        assert set(ev["summary"][name]) >= set(SUMMARY_METRICS)
     assert os.path.isfile(os.path.join(cfg.run.out_dir, "eval_samples.npz"))
 
 
@@ -105,7 +108,7 @@ def test_export_round_trip_through_our_loader(trained):
     meta = loaded.meta
     assert meta["frames_per_block"] == 3 and meta["steps"] == [1000, 750, 500, 250] and meta["shift"] == 5.0
     assert meta["role"] == "self_forcing" and meta["toy"]["train_frames"] == 6
-    assert meta["steps_trained"] == {"teacher": 30, "ode_init": 12, "dmd": 10}
+    assert meta["steps_trained"] == {"teacher": 24, "ode_init": 12, "dmd": 10}
     assert "drift" in meta and meta["training"]["summary"]["dmd"]["critic_ratio"] == 5
     # the export carries the EMA weights of the DMD stage
     sf = load_model(paths["dmd"]).model.state_dict()
@@ -114,7 +117,7 @@ def test_export_round_trip_through_our_loader(trained):
     # generate from a prompt and decode to ComfyUI IMAGE frames
     model = load_model(paths["export"], dtype=torch.float32).model
     ctx = encode_prompt(loaded, PROMPT, "cpu")
-    assert ctx.shape == (1, 16, 32)
+    assert ctx.shape == (1, 16, 32) and ctx[0, 12:].abs().sum() == 0  # 12 words, zero padding rows
     lat = generate(model, ctx, num_frames=12, height=8, width=8, seed=0, options=StreamOptions(window=6))
     frames = latents_to_frames(loaded, lat)
     assert frames.shape == (12, 16, 16, 3) and frames.min() >= 0 and frames.max() <= 1
@@ -147,3 +150,22 @@ def test_cli_reports_bad_input(trained, tmp_path, capsys):
     assert main(["generate", "--model", paths["export"], "--window", "soon", "--frames", "30",
                  "--out", str(tmp_path / "y.mp4")]) == 2
     assert "--window" in capsys.readouterr().err
+
+
+def test_the_committed_demo_checkpoint_generates():
+    """assets/self_forcing_toy.safetensors: Wan-shaped for ComfyUI core, bundled parts, a few chunks on the CPU."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
+                        "self_forcing_toy.safetensors")
+    loaded = load_model(path, dtype=torch.float32)
+    cfg = loaded.config
+    assert cfg.dim // cfg.num_heads == 128 and cfg.text_dim == 4096 and cfg.freq_dim == 256
+    assert cfg.patch_size == (1, 2, 2) and cfg.in_dim == cfg.out_dim == 16
+    assert is_toy_bundle(loaded) and loaded.meta["role"] == "self_forcing"
+    assert os.path.getsize(path) < 15e6
+    ctx = encode_prompt(loaded, PROMPT, "cpu")
+    h, w = loaded.meta["toy"]["latent_size"]
+    lat = generate(loaded.model, ctx, num_frames=6, height=h, width=w, seed=0)
+    frames = latents_to_frames(loaded, lat)
+    assert frames.shape == (6, 64, 64, 3) and 0 <= float(frames.min()) and float(frames.max()) <= 1
+    # a trained model: frames are mostly the prompt's black background, not noise
+    assert float((frames.max(-1).values < 0.15).float().mean()) > 0.5

@@ -7,7 +7,8 @@ Plain functions for the CLI and the ComfyUI nodes (no ComfyUI import)::
     ctx = encode_prompt(loaded, "a red circle bouncing on a black background")   # [1, L, text_dim] float32
     frames = latents_to_frames(loaded, latents)   # latents [B, 16, F, H, W] -> IMAGE [B*F, H', W', 3] in [0, 1]
 
-The metadata's ``toy`` entry holds the constructor arguments of ``ToyTextEncoder`` and ``ToyCodec``, the
+The metadata's ``toy`` entry names the text encoder and codec classes (``toy_text.ToyTextEncoder`` and
+``codec.ToyCodec``, or the minimal ``toy_parts_local`` ones) with their constructor arguments, plus the
 frame size, the frame rate and the training clip length; their weights are the bundle parts ``toy_text``
 and ``toy_codec``.
 """
@@ -29,7 +30,9 @@ CODEC_CLASSES = (("codec", "ToyCodec"), ("toy_parts_local", "LocalToyCodec"))
 
 
 def text_encoder_args(cfg) -> dict:
-    return {"text_dim": cfg.model.text_dim, "text_len": cfg.model.text_len, "seed": cfg.run.seed}
+    """Offered to the encoder's constructor; each class keeps the names it takes (max_len / text_len)."""
+    return {"text_dim": cfg.model.text_dim, "text_len": cfg.model.text_len, "max_len": cfg.model.text_len,
+            "seed": cfg.run.seed}
 
 
 def codec_args(cfg) -> dict:
@@ -110,10 +113,11 @@ def toy_parts(loaded):
 @torch.no_grad()
 def encode_prompt(loaded, prompt, device: torch.device | str | None = None) -> torch.Tensor:
     """Text states [B, text_len, text_dim] (float32) of a prompt (or a list of prompts)."""
+    from .world import encode_text
+
     enc, _ = toy_parts(loaded)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    ctx = enc(prompts).float()
-    return ctx.to(device if device is not None else loaded.model.device)
+    return encode_text(enc, prompts, device if device is not None else loaded.model.device)
 
 
 @torch.no_grad()

@@ -26,6 +26,15 @@ from .config import TrainConfig
 from .engine import key_seed
 
 
+def toy_scene(seed: int, stream: str, index: int, max_objects: int | None = None):
+    """(Scene, start frame) of sample ``index`` of a toy stream: a pure function of its arguments."""
+    from .toyworld import sample_scene
+
+    s = key_seed(seed, "toy", stream, int(index))
+    start = random.Random(s ^ 0x5EED).randint(0, 1000)
+    return sample_scene(s, max_objects), start
+
+
 class ToyWorld:
     kind = "toy"
 
@@ -40,32 +49,28 @@ class ToyWorld:
         if c != cfg.model.in_dim:
             raise ValueError(f"the toy codec makes {c} latent channels but model.in_dim is {cfg.model.in_dim}")
         self.clip_shape = (c, self.frames, h, w)
-        self._uncond = None
 
     # -- scenes ----------------------------------------------------------------------------------
     def scene(self, index: int, stream: str):
-        from .toyworld import sample_scene
-
-        s = key_seed(self.seed, "toy", stream, int(index))
-        start = random.Random(s ^ 0x5EED).randint(0, 1000)
-        return sample_scene(s, self.max_objects), start
+        return toy_scene(self.seed, stream, index, self.max_objects)
 
     def prompts(self, indices, stream: str) -> list[str]:
         return [self.scene(i, stream)[0].prompt for i in indices]
 
     # -- tensors ---------------------------------------------------------------------------------
-    @torch.no_grad()
     def encode_prompts(self, prompts: list[str], device) -> torch.Tensor:
-        ctx = self.text_encoder(prompts).float()
-        return ctx.to(device)
+        return encode_text(self.text_encoder, prompts, device)
 
     def contexts(self, indices, device, stream: str) -> torch.Tensor:
         return self.encode_prompts(self.prompts(indices, stream), device)
 
     def uncond(self, batch: int, device) -> torch.Tensor:
-        if self._uncond is None:
-            self._uncond = self.encode_prompts([""], "cpu")
-        return self._uncond.expand(batch, -1, -1).to(device)
+        """The empty prompt: all-zero context rows (how both toy encoders pad)."""
+        return torch.zeros(batch, self.cfg.model.text_len, self.cfg.model.text_dim, device=device)
+
+    def codec_on(self, device):
+        """The codec with its buffers on ``device`` (one copy per device)."""
+        return codec_on(self.codec, device)
 
     @torch.no_grad()
     def clips(self, indices, device, stream: str) -> torch.Tensor:
@@ -73,7 +78,12 @@ class ToyWorld:
 
         items = [self.scene(i, stream) for i in indices]
         video = render_batch([s for s, _ in items], [t for _, t in items], self.frames, self.size, device=device)
-        return self.codec.encode(video).float()
+        return self.codec_on(video.device).encode(video).float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> pixel video [B, 3, T, H, W] in [-1, 1] (float32, on the latents' device)."""
+        return self.codec_on(latents.device).decode(latents.float()).float().clamp(-1, 1)
 
     def videos(self, indices, device, stream: str, num_frames: int | None = None) -> torch.Tensor:
         """Ground-truth pixel videos [B, 3, T, H, W] in [-1, 1] of the same samples (for evaluation)."""
@@ -82,6 +92,34 @@ class ToyWorld:
         items = [self.scene(i, stream) for i in indices]
         return render_batch([s for s, _ in items], [t for _, t in items], num_frames or self.frames, self.size,
                             device=device)
+
+
+@torch.no_grad()
+def encode_text(text_encoder, prompts: list[str], device) -> torch.Tensor:
+    """Context [B, L, D] float32 on ``device`` from either toy encoder (``encode(prompts)`` or a call)."""
+    if hasattr(text_encoder, "encode"):
+        ctx = text_encoder.encode(list(prompts))
+    else:
+        ctx = text_encoder(list(prompts))
+    return ctx.float().to(device)
+
+
+_CODEC_COPIES: dict = {}
+
+
+def codec_on(codec, device):
+    """``codec`` itself when it already lives on ``device``, else a cached copy moved there."""
+    import copy
+
+    device = torch.device(device)
+    buffers = list(codec.buffers()) + list(codec.parameters())
+    here = buffers[0].device if buffers else torch.device("cpu")
+    if here == device or (here.type == device.type and device.index is None):
+        return codec
+    key = (id(codec), str(device))
+    if key not in _CODEC_COPIES:
+        _CODEC_COPIES[key] = copy.deepcopy(codec).to(device)
+    return _CODEC_COPIES[key]
 
 
 class WanWorld:
