@@ -169,3 +169,34 @@ def test_the_committed_demo_checkpoint_generates():
     assert frames.shape == (6, 64, 64, 3) and 0 <= float(frames.min()) and float(frames.max()) <= 1
     # a trained model: frames are mostly the prompt's black background, not noise
     assert float((frames.max(-1).values < 0.15).float().mean()) > 0.5
+
+
+def test_export_publishes_file_and_model_card_to_the_hub(trained, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from self_forcing.training.export import export_model
+
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo, private=False, exist_ok=False):
+            calls.append(("create", repo, private))
+            return f"https://huggingface.co/{repo}"
+
+        def upload_file(self, path_or_fileobj, path_in_repo, repo_id, commit_message):
+            data = path_or_fileobj if isinstance(path_or_fileobj, bytes) else open(path_or_fileobj, "rb").read()
+            calls.append(("upload", path_in_repo, repo_id, data))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    cfg, world, paths = trained
+    cfg = load_config(data={**cfg.to_dict(), "export": {"hub_repo": "someone/toy-sf", "dtype": "fp16"}})
+    path = export_model(cfg, world, paths["dmd"], str(tmp_path / "pub.safetensors"))
+    assert calls[0] == ("create", "someone/toy-sf", False)
+    names = [c[1] for c in calls[1:]]
+    assert names == ["pub.safetensors", "README.md"]
+    card = calls[2][3].decode()
+    assert "Measured drift" in card and "critic ratio 5" in card and '"count_error"' in card
+    assert load_model(path).meta["role"] == "self_forcing"
