@@ -178,12 +178,15 @@ def stream_decode(vae, *, batch: int, frames_per_block: int, latent_height: int,
     return StreamDecode(open_vae, reserve_bytes=reserve, sender=live_sender(live))
 
 
-def image_output_blocked(node_name: str):
+def image_output_blocked(node_name: str, toy: bool = False):
     """What the IMAGE output holds without a VAE: any node using it stops with this message."""
     try:
         from comfy_execution.graph_utils import ExecutionBlocker
     except ImportError:  # older cores
         from comfy_execution.graph import ExecutionBlocker
+    if toy:
+        return ExecutionBlocker(f"the IMAGE output of '{node_name}' stays empty for a self-contained toy model; "
+                                "decode its LATENT output with 'Self Forcing Toy Decode' (same model) instead")
     return ExecutionBlocker(f"the IMAGE output of '{node_name}' is filled only when a VAE is connected to its "
                             "'vae' input (decode as it goes); connect VAELoader (wan_2.1_vae.safetensors) there, "
                             "or decode its LATENT output with VAE Decode")

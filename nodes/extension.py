@@ -8,6 +8,7 @@ from .comfy_glue import ensure_folders
 from .nodes_model import SelfForcingLongVideoOptions, SelfForcingModelLoader
 from .nodes_sampling import SelfForcingExtendVideo, SelfForcingLiveFrames, SelfForcingSampler
 from .nodes_text import SelfForcingLoadTextEmbeds, SelfForcingSaveTextEmbeds
+from .nodes_toy import SelfForcingToyDecode, SelfForcingToyModelLoader, SelfForcingToyTextEncode
 
 NODES: list[type[io.ComfyNode]] = [
     SelfForcingModelLoader,
@@ -17,6 +18,9 @@ NODES: list[type[io.ComfyNode]] = [
     SelfForcingLiveFrames,
     SelfForcingSaveTextEmbeds,
     SelfForcingLoadTextEmbeds,
+    SelfForcingToyModelLoader,
+    SelfForcingToyTextEncode,
+    SelfForcingToyDecode,
 ]
 
 

@@ -1,8 +1,9 @@
 """What the sampler and extend nodes do, as plain functions over tensors (no ComfyUI import).
 
 ComfyUI specifics come in through ``RunHooks`` (progress bar, interrupt check, memory manager), so the
-same code runs in CI with tiny random models. Latents cross the node boundary in core's Wan 2.1 LATENT
-format (raw VAE latents) and are converted to the model's normalised space inside.
+same code runs in CI with tiny random models. Latents cross the node boundary in the model's LATENT format
+(``logic_latent``): core's Wan 2.1 format (raw VAE latents, converted to the model's normalised space
+inside) for Wan models, the model's own latents (unchanged, tagged) for self-contained toy models.
 """
 
 from __future__ import annotations
@@ -15,14 +16,13 @@ from typing import Callable
 
 import torch
 
-from ..sf_model.latent_format import preview_strip, to_model_space, to_raw
 from ..sf_model.resample import resample_history
 from ..sf_model.sampler import StreamOptions, stream
 from .logic_decode import StreamDecode, decode_latents, run_decoded_stream
+from .logic_latent import WAN21_SPACE, LatentSpace, latent_space
 from .logic_model import ModelHandle
 from .logic_text import context_from_conditioning
-from .logic_validate import (SPATIAL_STRIDE, TEMPORAL_STRIDE, check_extend_frames, check_length, check_size,
-                             first_error, latent_frames, parse_steps, validate_long_video)
+from .logic_validate import TEMPORAL_STRIDE, check_extend_frames, parse_steps, validate_long_video
 from .specs import EXTEND_OUTPUTS
 
 
@@ -124,8 +124,8 @@ def _check_fixed_cache(opts: StreamOptions, total_frames: int, limit: int, what:
 class _Progress:
     """Counts denoising passes across chunks and attaches a preview of every finished chunk."""
 
-    def __init__(self, hooks: RunHooks, total: int):
-        self.hooks, self.total, self.done = hooks, total, 0
+    def __init__(self, hooks: RunHooks, total: int, space: LatentSpace = WAN21_SPACE):
+        self.hooks, self.total, self.done, self.space = hooks, total, 0, space
         self.report(None)
 
     def report(self, preview):
@@ -137,14 +137,15 @@ class _Progress:
         self.report(None)
 
     def on_chunk(self, latents: torch.Tensor) -> None:
-        self.report(preview_strip(latents) if self.hooks.progress is not None else None)
+        self.report(self.space.preview(latents) if self.hooks.progress is not None else None)
 
 
-def _run_stream(model, context, *, num_frames, height, width, seed, opts, prefix, hooks: RunHooks) -> torch.Tensor:
+def _run_stream(model, context, *, num_frames, height, width, seed, opts, prefix, hooks: RunHooks,
+                space: LatentSpace = WAN21_SPACE) -> torch.Tensor:
     """Drain ``stream`` into a CPU tensor (model space, float32); previews per chunk; clean-up on any exit."""
     per_chunk = len(opts.steps)
     chunks = -(-num_frames // opts.frames_per_block)
-    progress = _Progress(hooks, chunks * per_chunk)
+    progress = _Progress(hooks, chunks * per_chunk, space)
     gen = stream(model, context, num_frames=num_frames, height=height, width=width, seed=seed, options=opts,
                  prefix=prefix, on_step=progress.on_step, check_cancel=hooks.check_cancel)
     out = []
@@ -204,12 +205,15 @@ def _drop_frames(exc: BaseException) -> None:
         exc = exc.__cause__ or exc.__context__
 
 
-def check_video_request(width: int, height: int, length: int, patch: tuple[int, int, int]) -> None:
-    multiple = SPATIAL_STRIDE * max(patch[1], patch[2])
-    err = first_error(check_size("width", width, multiple), check_size("height", height, multiple),
-                      check_length(length))
-    if err:
-        raise ValueError(err)
+def check_video_request(width: int, height: int, length: int, patch: tuple[int, int, int],
+                        space: LatentSpace = WAN21_SPACE) -> None:
+    space.check_request(width, height, length, patch)
+
+
+def _check_decode(space: LatentSpace, decode: StreamDecode | None) -> None:
+    if decode is not None and space.is_toy:
+        raise ValueError("a self-contained toy model decodes with its own bundled codec, not a VAE: disconnect the "
+                         "'vae' input and decode the LATENT with 'Self Forcing Toy Decode'")
 
 
 def _guarded(work, hooks: RunHooks):
@@ -228,50 +232,56 @@ def sample_video(handle: ModelHandle, conditioning, *, width: int, height: int, 
                  frames_per_block: int = 3, steps: str = "1000, 750, 500, 250", shift: float = 5.0,
                  context_noise: float = 0.0, long_video: LongVideoOptions | None = None,
                  hooks: RunHooks | None = None, decode: StreamDecode | None = None):
-    """Text-to-video: raw Wan 2.1 latents [B, 16, (length-1)/4+1, height/8, width/8] (float32, CPU).
+    """Text-to-video: LATENT samples (float32, CPU) in the model's format (``latent_space(handle)``).
 
-    With ``decode`` the chunks are also decoded as they come: returns (latents, IMAGE [B*length, H, W, 3]).
+    Wan models: raw Wan 2.1 latents [B, 16, (length-1)/4+1, height/8, width/8]. Self-contained toy models: the
+    model's own latents [B, 16, length, height/2, width/2] (one latent frame per video frame), not normalised.
+    With ``decode`` (Wan only) the chunks are also decoded as they come: returns (latents, IMAGE [B*length, H, W, 3]).
     """
     hooks = hooks or RunHooks()
     cfg = handle.config
-    check_video_request(width, height, length, cfg.patch_size)
+    space = latent_space(handle)
+    check_video_request(width, height, length, cfg.patch_size, space)
+    _check_decode(space, decode)
     opts = stream_options(frames_per_block, steps, shift, context_noise, long_video)
-    frames = latent_frames(length)
+    frames = space.latent_frames(length)
+    lat_h, lat_w = height // space.spatial, width // space.spatial
     _check_fixed_cache(opts, frames, cfg.rope_max_frames, f"length {length}")
     context_from_conditioning(conditioning, cfg.text_dim, cfg.text_len)  # fail early, before moving weights
+    space.check_prompt(conditioning)
 
     def work():
         context = context_from_conditioning(conditioning, cfg.text_dim, cfg.text_len)
-        extra = run_bytes(cfg, opts, frames, height // SPATIAL_STRIDE, width // SPATIAL_STRIDE, context.shape[0],
-                          handle.model.dtype)
+        extra = run_bytes(cfg, opts, frames, lat_h, lat_w, context.shape[0], handle.model.dtype)
         if decode is not None:
             extra += decode.reserve_bytes
         with model_on_device(handle, hooks, extra) as model:
-            kw = dict(num_frames=frames, height=height // SPATIAL_STRIDE, width=width // SPATIAL_STRIDE, seed=seed,
-                      opts=opts, prefix=None, hooks=hooks)
+            kw = dict(num_frames=frames, height=lat_h, width=lat_w, seed=seed, opts=opts, prefix=None, hooks=hooks)
             if decode is None:
-                latents = _run_stream(model, context.to(model.device), **kw)
-                return to_raw(latents)
+                latents = _run_stream(model, context.to(model.device), space=space, **kw)
+                return space.from_model(latents)
             with decode.open_vae(model.device) as vae:
                 latents, images = _run_decoded(model, vae, context.to(model.device), decode=decode, image_offset=0,
                                                **kw)
-        return to_raw(latents), as_image_batch(images)
+        return space.from_model(latents), as_image_batch(images)
 
     return _guarded(work, hooks)
 
 
-def _latent_samples(latent, cfg) -> torch.Tensor:
-    samples = latent.get("samples") if isinstance(latent, dict) else latent
+def _latent_samples(latent, cfg, space: LatentSpace = WAN21_SPACE) -> torch.Tensor:
+    samples = space.unwrap(latent)
     if not isinstance(samples, torch.Tensor) or samples.ndim != 5 or samples.shape[1] != cfg.in_dim:
         shape = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__
+        if space.is_toy:
+            raise ValueError(f"latent must be a toy LATENT [batch, {cfg.in_dim}, frames, height, width] (got {shape})")
         raise ValueError(f"latent must be a Wan 2.1 video LATENT [batch, {cfg.in_dim}, frames, height, width] "
                          f"(got {shape}); encode the video or image with the Wan 2.1 VAE (core VAEEncode)")
     ph, pw = cfg.patch_size[1:]
     h, w = samples.shape[3:]
+    s = space.spatial
     if h % ph or w % pw:
-        raise ValueError(f"latent size {h}x{w} (= {h * SPATIAL_STRIDE}x{w * SPATIAL_STRIDE} pixels) is not a "
-                         f"multiple of {ph}x{pw}; resize the input to a multiple of {SPATIAL_STRIDE * ph} pixels "
-                         "(e.g. ImageScale to 832x480) before VAEEncode")
+        raise ValueError(f"latent size {h}x{w} (= {h * s}x{w * s} pixels) is not a multiple of {ph}x{pw}; resize the "
+                         f"input to a multiple of {s * ph} pixels (e.g. ImageScale to 832x480) before VAEEncode")
     return samples
 
 
@@ -280,7 +290,8 @@ def extend_video(handle: ModelHandle, conditioning, latent, *, extend_frames: in
                  steps: str = "1000, 750, 500, 250", shift: float = 5.0, context_noise: float = 0.0,
                  output: str = "joined", long_video: LongVideoOptions | None = None,
                  hooks: RunHooks | None = None, decode: StreamDecode | None = None):
-    """Continue a raw Wan 2.1 latent by ``extend_frames`` video frames; returns raw latents (CPU).
+    """Continue a LATENT by ``extend_frames`` video frames; returns LATENT samples (CPU) in the model's format
+    (raw Wan 2.1 latents for Wan models; a toy model's own latents, one per video frame, for toy models).
 
     The last ``history_frames`` latent frames of the input are resampled (noised to ``resample_strength``
     and re-denoised by the model against the untouched earlier history), the whole (resampled) history is
@@ -302,13 +313,16 @@ def extend_video(handle: ModelHandle, conditioning, latent, *, extend_frames: in
         raise ValueError(f"output '{output}' is not one of: {', '.join(EXTEND_OUTPUTS)}")
     if history_frames < 0:
         raise ValueError(f"history_frames {history_frames} must be >= 0")
-    samples = _latent_samples(latent, cfg)
+    space = latent_space(handle)
+    _check_decode(space, decode)
+    samples = _latent_samples(latent, cfg, space)
     opts = stream_options(frames_per_block, steps, shift, context_noise, long_video)
-    new_frames = extend_frames // TEMPORAL_STRIDE
+    new_frames = extend_frames // space.temporal
     prefix_len = samples.shape[2]
     _check_fixed_cache(opts, prefix_len + new_frames, cfg.rope_max_frames, f"extending {prefix_len} latent frames by {new_frames}")
     resampled_count = min(history_frames, prefix_len)
     context = context_from_conditioning(conditioning, cfg.text_dim, cfg.text_len)
+    space.check_prompt(conditioning)
     batch = samples.shape[0]
     if context.shape[0] not in (1, batch):
         raise ValueError(f"positive has batch {context.shape[0]} but the latent has batch {batch}; use one prompt")
@@ -331,19 +345,19 @@ def extend_video(handle: ModelHandle, conditioning, latent, *, extend_frames: in
             extra += decode.reserve_bytes
         with model_on_device(handle, hooks, extra) as model:
             ctx = ctx.to(model.device)
-            history = to_model_space(samples).to(model.device)
+            history = space.to_model(samples).to(model.device)
             if resampled:
                 history = resample_history(model, ctx, history, frames=resampled_count, strength=resample_strength,
                                            seed=seed, options=opts, check_cancel=hooks.check_cancel)
                 if hooks.progress is not None:
-                    hooks.progress(0, 1, preview_strip(history[:, :, prefix_len - resampled_count:].cpu()))
+                    hooks.progress(0, 1, space.preview(history[:, :, prefix_len - resampled_count:].cpu()))
             if decode is None:
                 new = _run_stream(model, ctx, num_frames=new_frames, height=h, width=w, seed=seed, opts=opts,
-                                  prefix=history, hooks=hooks)
+                                  prefix=history, hooks=hooks, space=space)
                 tail = history[:, :, prefix_len - resampled_count:].to("cpu", torch.float32)
-                return to_raw(new).to(samples.dtype), to_raw(tail).to(samples.dtype), None
+                return space.from_model(new).to(samples.dtype), space.from_model(tail).to(samples.dtype), None
             kw = dict(num_frames=new_frames, height=h, width=w, seed=seed, opts=opts, prefix=history, hooks=hooks)
-            tail = to_raw(history[:, :, prefix_len - resampled_count:].to("cpu", torch.float32)).to(samples.dtype)
+            tail = space.from_model(history[:, :, prefix_len - resampled_count:].to("cpu", torch.float32)).to(samples.dtype)
             first = head(tail)
             offset = 0 if first is None else TEMPORAL_STRIDE * (prefix_len - 1) + 1
             with decode.open_vae(model.device) as vae:
@@ -351,7 +365,7 @@ def extend_video(handle: ModelHandle, conditioning, latent, *, extend_frames: in
                 del history, kw
                 if first is not None:  # the input part, decoded on its own as VAEDecode would
                     decode_latents(vae, first, opts.frames_per_block, out=images[:, :offset])
-            return to_raw(new).to(samples.dtype), tail, images
+            return space.from_model(new).to(samples.dtype), tail, images
 
     new_raw, resampled_tail, images = _guarded(work, hooks)
     if decode is not None:

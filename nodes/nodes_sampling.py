@@ -6,14 +6,16 @@ import comfy.model_management as mm
 from comfy_api.latest import io
 
 from .comfy_glue import build_schema, image_output_blocked, run_hooks, stream_decode
+from .logic_latent import latent_space
 from .logic_live import LiveFrameOptions
 from .logic_sampling import extend_video, sample_video
 from .logic_validate import SPATIAL_STRIDE, validate_extension, validate_generation, validate_live_frames
 from .specs import EXTEND, LIVE, SAMPLER
 
 
-def _latent(samples) -> dict:
-    return {"samples": samples.to(mm.intermediate_device())}
+def _latent(samples, model) -> dict:
+    """The LATENT dict in the model's format (toy latents are tagged as such)."""
+    return latent_space(model).wrap(samples.to(mm.intermediate_device()))
 
 
 def _batch_and_size(tensor, batch: int, size: tuple[int, int]) -> tuple[int, int, int]:
@@ -23,12 +25,12 @@ def _batch_and_size(tensor, batch: int, size: tuple[int, int]) -> tuple[int, int
     return batch, *size
 
 
-def _outputs(result, node_name: str) -> io.NodeOutput:
+def _outputs(result, node_name: str, model) -> io.NodeOutput:
     """(LATENT, IMAGE): the IMAGE is the decoded video, or blocks its users when nothing was decoded."""
     if isinstance(result, tuple):
         samples, images = result
-        return io.NodeOutput(_latent(samples), images.to(mm.intermediate_device()))
-    return io.NodeOutput(_latent(result), image_output_blocked(node_name))
+        return io.NodeOutput(_latent(samples, model), images.to(mm.intermediate_device()))
+    return io.NodeOutput(_latent(result, model), image_output_blocked(node_name, toy=latent_space(model).is_toy))
 
 
 class SelfForcingSampler(io.ComfyNode):
@@ -57,7 +59,7 @@ class SelfForcingSampler(io.ComfyNode):
         result = sample_video(model, positive, width=width, height=height, length=length, seed=seed,
                               frames_per_block=frames_per_block, steps=steps, shift=shift,
                               context_noise=context_noise, long_video=options, hooks=run_hooks(), decode=decode)
-        return _outputs(result, SAMPLER.display_name)
+        return _outputs(result, SAMPLER.display_name, model)
 
 
 class SelfForcingExtendVideo(io.ComfyNode):
@@ -86,7 +88,7 @@ class SelfForcingExtendVideo(io.ComfyNode):
                               resample_strength=resample_strength, seed=seed, frames_per_block=frames_per_block,
                               steps=steps, shift=shift, context_noise=context_noise, output=output,
                               long_video=options, hooks=run_hooks(), decode=decode)
-        return _outputs(result, EXTEND.display_name)
+        return _outputs(result, EXTEND.display_name, model)
 
 
 class SelfForcingLiveFrames(io.ComfyNode):

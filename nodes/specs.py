@@ -14,6 +14,7 @@ ROOT = "Self Forcing"
 CAT_LOADERS = f"{ROOT}/loaders"
 CAT_SAMPLING = f"{ROOT}/sampling"
 CAT_CONDITIONING = f"{ROOT}/conditioning"
+CAT_TOY = f"{ROOT}/toy"
 
 # Custom socket types: our model is not a core MODEL (ModelPatcher), and the options bundle has no core twin.
 MODEL_TYPE = "SELF_FORCING_MODEL"
@@ -29,6 +30,9 @@ CACHE_POLICIES = ("fixed", "rolling")
 EXTEND_OUTPUTS = ("joined", "new frames only", "joined, resampled history")
 EMBED_FOLDERS = ("text_embeds", "output")
 LIVE_FORMATS = ("jpeg", "png")
+# Self-contained toy checkpoints shipped in the pack's assets/ folder (the toy loader's choices).
+TOY_MODELS = ("self_forcing_toy.safetensors",)
+TOY_PROMPT = "a red circle and a blue square bouncing on a black background"
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,8 @@ class NodeSpec:
 
 # -- inputs shared by the sampler and the extend node ------------------------------------------------
 def _model_input() -> InputSpec:
-    return InputSpec("model", MODEL_TYPE, "The Self Forcing model from 'Load Self Forcing Model'.")
+    return InputSpec("model", MODEL_TYPE, "The Self Forcing model from 'Load Self Forcing Model' (or 'Load Self "
+                     "Forcing Toy Model' for the bundled toy model).")
 
 
 def _positive_input() -> InputSpec:
@@ -87,7 +92,8 @@ def _positive_input() -> InputSpec:
         "positive", "CONDITIONING",
         "The prompt: umT5-XXL hidden states [1, tokens, 4096] from core CLIPLoader (type 'wan') + "
         "CLIPTextEncode, or from 'Load Text Embeddings'. Self Forcing uses no negative prompt (CFG is "
-        "distilled into the model). Tokens beyond 512 are dropped, as in Wan.")
+        "distilled into the model). Tokens beyond 512 are dropped, as in Wan. A toy model takes only prompts from "
+        "'Self Forcing Toy Text Encode'.")
 
 
 def _seed_input() -> InputSpec:
@@ -229,14 +235,16 @@ SAMPLER = NodeSpec(
                   default=480, min=16, max=4096, step=16),
         InputSpec("length", "INT", "Number of video frames, of the form 4k+1 (Wan's VAE packs 4 frames "
                   "per latent frame plus the first): 81 = 5 s at 16 fps. More than 81 needs the long-video "
-                  "options (rolling cache). Range 1-4093.", default=81, min=1, max=4093, step=4),
+                  "options (rolling cache). With a toy model every video frame is one latent frame (45 frames = "
+                  "15 chunks of 3). Range 1-4093.", default=81, min=1, max=4093, step=4),
         _seed_input(),
         *_block_inputs(),
         _options_input(),
         *_decode_inputs(),
     ),
     outputs=(OutputSpec("LATENT", "latent", "Wan 2.1 video latent [1, 16, (length-1)/4+1, height/8, width/8] "
-                        "for core VAEDecode."),
+                        "for core VAEDecode (with a toy model: its own latents [1, 16, length, height/2, width/2] for "
+                        "'Self Forcing Toy Decode')."),
              _image_output("The decoded video, length frames")),
     search_aliases=("self forcing", "stream", "autoregressive video", "causal video"),
 )
@@ -332,7 +340,76 @@ LOAD_EMBEDS = NodeSpec(
     outputs=(OutputSpec("CONDITIONING", "conditioning", "The saved prompt embedding [1, tokens, 4096]."),),
 )
 
-ALL_NODES: tuple[NodeSpec, ...] = (LOADER, OPTIONS, SAMPLER, EXTEND, LIVE, SAVE_EMBEDS, LOAD_EMBEDS)
+# -- self-contained toy models (DiT + bundled text encoder + codec in one file) ---------------------------
+def _toy_model_input(what: str) -> InputSpec:
+    return InputSpec("model", MODEL_TYPE, f"A self-contained toy model (from 'Load Self Forcing Toy Model'), whose "
+                     f"bundled {what} is used. Use the same model as the Stream Sampler. Wan models are refused.")
+
+
+TOY_LOADER = NodeSpec(
+    node_id="SelfForcingToyModelLoader",
+    display_name="Load Self Forcing Toy Model",
+    category=CAT_TOY,
+    description="Loads a self-contained toy Self Forcing model shipped with the pack (a small causal Wan DiT with "
+                "its own text encoder and latent codec in one file; 64x64 videos, runs on a CPU in seconds). "
+                "Encode prompts with 'Self Forcing Toy Text Encode' and decode with 'Self Forcing Toy Decode'.",
+    inputs=(
+        InputSpec("model_name", "COMBO",
+                  "Toy checkpoint in the pack's assets/ folder (no download needed). Your own exported toy "
+                  "checkpoints load from models/diffusion_models with 'Load Self Forcing Model'.",
+                  default=TOY_MODELS[0], options=TOY_MODELS),
+        InputSpec("device", "COMBO",
+                  "Where the model runs. default: ComfyUI's main device (GPU); cpu: the CPU (fast enough for "
+                  "this small model). The weights stay loaded (about 12 MB).", default="default",
+                  options=("default", "cpu")),
+    ),
+    outputs=(
+        OutputSpec(MODEL_TYPE, "model", "The toy model with its bundled text encoder and codec."),
+        OutputSpec("STRING", "info", "What was loaded: size, frame size and rate, the words prompts may use."),
+    ),
+    search_aliases=("self forcing toy", "toy model", "demo model"),
+)
+
+TOY_ENCODE = NodeSpec(
+    node_id="SelfForcingToyTextEncode",
+    display_name="Self Forcing Toy Text Encode",
+    category=CAT_TOY,
+    description="Encodes a prompt with the text encoder bundled in a toy model, as the CONDITIONING the Stream "
+                "Sampler takes. The toy encoder knows a few words (shapes, colours, 'bouncing on a ... "
+                "background'); a prompt with any other word is refused with the list of known words.",
+    inputs=(
+        _toy_model_input("text encoder"),
+        InputSpec("text", "STRING",
+                  "The prompt, e.g. 'a red circle and a blue square bouncing on a black background'. Case, "
+                  "commas and full stops are ignored; only the model's vocabulary (listed on the loader's info "
+                  "output) is accepted, at most 16 words.", default=TOY_PROMPT, multiline=True),
+    ),
+    outputs=(OutputSpec("CONDITIONING", "conditioning", "The encoded prompt [1, 16, 4096] for the Stream Sampler's "
+                        "positive input (tagged so that only toy models accept it)."),),
+    search_aliases=("toy prompt", "toy text"),
+)
+
+TOY_DECODE = NodeSpec(
+    node_id="SelfForcingToyDecode",
+    display_name="Self Forcing Toy Decode",
+    category=CAT_TOY,
+    description="Decodes the Stream Sampler's LATENT of a toy model with the model's bundled codec into an IMAGE "
+                "batch (one image per frame) for core Create Video -> Save Video. Wan latents are refused (use "
+                "VAE Decode for those).",
+    inputs=(
+        _toy_model_input("codec"),
+        InputSpec("latent", "LATENT",
+                  "The LATENT output of 'Self Forcing Stream Sampler' (or Extend Video) running this toy model: the "
+                  "model's own latents, one per frame, tagged as toy latents. Connect it directly: core latent "
+                  "nodes may drop the tag."),
+    ),
+    outputs=(OutputSpec("IMAGE", "images", "The video frames [frames, height, width, 3] in 0-1 (batch items one "
+                        "after the other), for core CreateVideo."),),
+    search_aliases=("toy decode", "toy codec"),
+)
+
+ALL_NODES: tuple[NodeSpec, ...] = (LOADER, OPTIONS, SAMPLER, EXTEND, LIVE, SAVE_EMBEDS, LOAD_EMBEDS, TOY_LOADER,
+                                   TOY_ENCODE, TOY_DECODE)
 NODES_BY_ID = {n.node_id: n for n in ALL_NODES}
 
 

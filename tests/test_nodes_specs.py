@@ -21,6 +21,9 @@ FROZEN = {
     "SelfForcingLiveFrames": (["send", "every_nth", "max_size", "format", "quality"], ["SELF_FORCING_LIVE_FRAMES"]),
     "SelfForcingSaveTextEmbeds": (["conditioning", "filename_prefix", "folder"], ["STRING"]),
     "SelfForcingLoadTextEmbeds": (["embeds_name"], ["CONDITIONING"]),
+    "SelfForcingToyModelLoader": (["model_name", "device"], ["SELF_FORCING_MODEL", "STRING"]),
+    "SelfForcingToyTextEncode": (["model", "text"], ["CONDITIONING"]),
+    "SelfForcingToyDecode": (["model", "latent"], ["IMAGE"]),
 }
 
 
@@ -43,6 +46,16 @@ def test_one_category_root_and_core_types_where_core_has_them():
     # Only the model handle and the two options bundles are our own types; prompts, VAEs, images use core's.
     assert sockets - {"LATENT", "CONDITIONING", "STRING", "VAE", "IMAGE"} == {specs.MODEL_TYPE, specs.OPTIONS_TYPE,
                                                                               specs.LIVE_TYPE}
+
+
+def test_toy_nodes_sit_together_and_take_the_model_first():
+    toy = [specs.TOY_LOADER, specs.TOY_ENCODE, specs.TOY_DECODE]
+    assert all(s.category == specs.CAT_TOY for s in toy)
+    assert [i.type for i in specs.TOY_ENCODE.inputs] == [specs.MODEL_TYPE, "STRING"]
+    assert [i.type for i in specs.TOY_DECODE.inputs] == [specs.MODEL_TYPE, "LATENT"]
+    assert specs.TOY_ENCODE.input("text").multiline and specs.TOY_ENCODE.input("text").default == specs.TOY_PROMPT
+    assert specs.TOY_LOADER.input("model_name").options == specs.TOY_MODELS  # static: files shipped with the pack
+    assert not specs.TOY_LOADER.input("model_name").options_source
 
 
 def test_decode_as_you_go_is_appended_to_both_samplers():

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from self_forcing import weights
+from self_forcing.nodes.specs import TOY_MODELS
+from self_forcing.sf_model.checkpoint import load_model
 from self_forcing.workflows import build
 from self_forcing.workflows.check import check_api, ui_to_api
 from self_forcing.workflows.schemas import all_schemas, core_schemas
@@ -42,6 +44,8 @@ def test_api_workflow_uses_the_real_file_names_and_saves_something(path):
     prompt = load(path)
     for n in by_class(prompt, "SelfForcingModelLoader"):
         assert n["inputs"]["model_name"] == weights.SELF_FORCING.name
+    for n in by_class(prompt, "SelfForcingToyModelLoader"):
+        assert n["inputs"]["model_name"] in TOY_MODELS and (REPO / "assets" / n["inputs"]["model_name"]).is_file()
     for n in by_class(prompt, "VAELoader"):
         assert n["inputs"]["vae_name"] == "wan_2.1_vae.safetensors"
     for n in by_class(prompt, "CLIPLoader"):
@@ -62,6 +66,32 @@ def test_the_required_workflows_are_shipped():
     i2v = prompts["self_forcing_image_to_video"]
     assert by_class(i2v, "LoadImage") and by_class(i2v, "SelfForcingExtendVideo")[0]["inputs"]["history_frames"] == 1
     assert {p.stem for p in UI} == set(prompts)
+    assert "self_forcing_toy_demo" in prompts
+
+
+def test_the_toy_demo_runs_the_bundled_model_as_the_cli_does():
+    prompt = load(REPO / "workflows" / "api" / "self_forcing_toy_demo.json")
+    meta = load_model(str(REPO / "assets" / TOY_MODELS[0])).meta
+    model = node(prompt, "SelfForcingToyModelLoader")
+    encode, decode = by_class(prompt, "SelfForcingToyTextEncode")[0], by_class(prompt, "SelfForcingToyDecode")[0]
+    sampler_id = node(prompt, "SelfForcingSampler")
+    sampler = prompt[sampler_id]["inputs"]
+    assert encode["inputs"]["model"] == decode["inputs"]["model"] == sampler["model"] == [model, 0]
+    assert prompt[sampler["positive"][0]]["class_type"] == "SelfForcingToyTextEncode"
+    assert decode["inputs"]["latent"] == [sampler_id, 0]
+    size = meta["toy"]["size"]
+    assert (sampler["width"], sampler["height"], sampler["length"]) == (size, size, 45)
+    # the sampling settings the checkpoint's metadata carries (what self-forcing generate uses)
+    assert sampler["frames_per_block"] == meta["frames_per_block"] and sampler["shift"] == meta["shift"]
+    assert [int(s) for s in sampler["steps"].split(",")] == list(meta["steps"])
+    assert sampler["context_noise"] == meta["context_noise"]
+    # past the training clip the CLI uses a rolling cache of the training clip length, no sink
+    opts = prompt[sampler["options"][0]]["inputs"]
+    assert (opts["cache"], opts["window"], opts["sink"], opts["routing_topk"]) == (
+        "rolling", meta["toy"]["train_frames"], 0, 0)
+    video = by_class(prompt, "CreateVideo")[0]["inputs"]
+    assert video["fps"] == meta["toy"]["fps"] and prompt[video["images"][0]]["class_type"] == "SelfForcingToyDecode"
+    assert not by_class(prompt, "VAEDecode") and not by_class(prompt, "CLIPLoader")
 
 
 def test_the_stream_decode_workflow_feeds_the_sampler_images_to_create_video():

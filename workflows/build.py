@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import weights
-from ..nodes.specs import DEFAULT_STEPS
+from ..nodes.specs import DEFAULT_STEPS, TOY_MODELS, TOY_PROMPT
 from .schemas import REPO, all_schemas, ordered_inputs, widget_slots
 
 UI_DIR = REPO / "example_workflows"
@@ -213,7 +213,32 @@ def t2v_from_embeds() -> Graph:
     return g
 
 
-WORKFLOWS = (t2v_stream, t2v_stream_decode, long_video, extend, image_to_video, save_embeds, t2v_from_embeds)
+def toy_demo() -> Graph:
+    """The bundled toy model, as ``self-forcing generate`` runs it: its metadata's sampling settings (3 frames
+    per block, steps 1000/750/500/250 warped with shift 5, clean context) and, past the 12-frame training clip,
+    a rolling cache of 12 latent frames without a sink; 8 fps."""
+    g = Graph("self_forcing_toy_demo",
+              "The toy demo: the small self-contained model that ships with the pack (a causal Wan DiT plus its own "
+              "text encoder and codec) streams 45 frames of 64x64 shapes in 15 chunks through a rolling cache of "
+              "12 frames. Runs on a CPU in seconds; nothing to download.",
+              note="## Files this workflow needs\n- none: `assets/self_forcing_toy.safetensors` ships with the pack\n\n"
+                   "Prompts may use only the toy vocabulary (the loader's info output lists it): shapes "
+                   "(circle, square, triangle), colours and 'bouncing on a <colour> background'. With a toy "
+                   "model every frame is one latent frame.\n")
+    model = g.add("SelfForcingToyModelLoader", model_name=TOY_MODELS[0], device="default")
+    positive = g.add("SelfForcingToyTextEncode", model=model, text=TOY_PROMPT)
+    options = g.add("SelfForcingLongVideoOptions", cache="rolling", window=12, sink=0, routing_topk=0)
+    latent = g.add("SelfForcingSampler", model=model, positive=positive, width=64, height=64, length=45,
+                   **_sampling(seed=0), options=options)
+    images = g.add("SelfForcingToyDecode", model=model, latent=latent)
+    video = g.add("CreateVideo", images=images, fps=8.0)
+    g.add("SaveVideo", video=video, filename_prefix="video/self_forcing_toy", format="auto", codec="auto",
+          **{"format.codec": "auto"})
+    return g
+
+
+WORKFLOWS = (t2v_stream, t2v_stream_decode, long_video, extend, image_to_video, save_embeds, t2v_from_embeds,
+             toy_demo)
 
 
 # -- writers ---------------------------------------------------------------------------------------
