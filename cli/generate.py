@@ -1,4 +1,4 @@
-"""``self-forcing generate``: stream a video chunk by chunk from a prompt into an mp4.
+"""``self-forcing generate``: stream a video chunk by chunk from a prompt into an mp4 (or a pipe).
 
 With no ``--model`` it uses the bundled toy checkpoint (``assets/self_forcing_toy.safetensors``), which
 carries its own text encoder and codec and runs on a CPU in seconds::
@@ -7,17 +7,42 @@ carries its own text encoder and codec and runs on a CPU in seconds::
 
 Long videos: ``--frames 240 --window 12`` keeps a rolling KV cache of 12 latent frames, so memory and time per
 chunk stay flat (``--window auto``, the default, picks the training clip length once the video is longer).
-Wan checkpoints need prompt embeddings saved by the nodes (``--embeds``) and the Wan2.1 VAE (``--vae``).
+
+Wan checkpoints (any layout the loader reads: Self Forcing training files, ComfyUI/Wan or diffusers names)
+need the prompt as text embeddings saved by the nodes' 'Save Text Embeddings' (``--embeds``; the umT5
+encoder is not bundled) and the Wan2.1 VAE (``--vae``: wan_2.1_vae.safetensors or Wan2.1_VAE.pth)::
+
+    self-forcing generate --model self_forcing_dmd.pt --vae wan_2.1_vae.safetensors \\
+        --embeds prompt_00001.safetensors --device cuda --dtype bf16 --fused-kernels --stream --out live.mp4
+
+Streaming outputs:
+  --stream        the mp4 is a fragmented mp4 that grows by one fragment per chunk (flushed at once): a
+                  player can open it while it is being written; '--stream --out -' pipes it to stdout.
+  --raw -|PATH    raw video: rgb24 frames back to back, no header, rows top to bottom, 3 bytes (R, G, B)
+                  per pixel, width*height*3 bytes per frame (the size and rate are printed on stderr).
+                  PATH may be a FIFO (mkfifo). Without --out or --stream no mp4 is written.
+                  self-forcing generate --raw - | ffplay -f rawvideo -pixel_format rgb24 -video_size 64x64 \\
+                      -framerate 8 -i -
+When stdout carries video, every message and the progress bar go to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import stat
 import sys
 import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from .video_out import STDOUT, FragmentedMP4Writer, RawWriter, VideoWriter  # noqa: F401 (VideoWriter: API)
 
 DEFAULT_PROMPT = "a red circle and a blue square bouncing on a black background"
+DEFAULT_OUT = "self_forcing.mp4"
+WAN_SIZE = (832, 480)  # pixel width, height
+WAN_FRAMES, WAN_FPS = 21, 16
 
 
 def default_model_path() -> str:
@@ -28,15 +53,19 @@ def default_model_path() -> str:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("generate", help="generate a video (mp4) from a prompt, streaming chunk by chunk",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="checkpoint (default: the bundled toy model)")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="text prompt (toy models)")
-    p.add_argument("--embeds", default=None, help="text embeddings .safetensors from 'Save Text Embeddings' (Wan)")
-    p.add_argument("--vae", default=None, help="Wan2.1 VAE weights (Wan models)")
+    p.add_argument("--model", default=None,
+                   help="checkpoint: a toy bundle (default: the bundled toy model) or a Wan2.1 Self Forcing DiT")
+    p.add_argument("--prompt", default=None, help=f"text prompt (toy models; default {DEFAULT_PROMPT!r})")
+    p.add_argument("--embeds", default=None,
+                   help="text embeddings .safetensors from 'Save Text Embeddings' (Wan models)")
+    p.add_argument("--vae", default=None, help="Wan2.1 VAE: wan_2.1_vae.safetensors or Wan2.1_VAE.pth (Wan models)")
     p.add_argument("--frames", type=int, default=None,
-                   help="latent frames to generate (toy: 1 latent frame = 1 video frame; default 2x the training "
-                        "clip, Wan 21)")
-    p.add_argument("--height", type=int, default=None, help="latent height (Wan only; default 60)")
-    p.add_argument("--width", type=int, default=None, help="latent width (Wan only; default 104)")
+                   help="latent frames to generate (toy: 1 latent frame = 1 video frame, default 2x the training "
+                        f"clip; Wan: 1 + 4 (n-1) video frames, default {WAN_FRAMES})")
+    p.add_argument("--width", type=int, default=None,
+                   help=f"frame width in pixels (Wan default {WAN_SIZE[0]}; multiple of 16; toy: its trained size)")
+    p.add_argument("--height", type=int, default=None,
+                   help=f"frame height in pixels (Wan default {WAN_SIZE[1]}; multiple of 16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--window", default="auto",
                    help="rolling KV cache in latent frames for long videos: an int, 'none' (cache the whole "
@@ -44,66 +73,65 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--sink", type=int, default=0, help="frames kept in the cache forever (attention sink)")
     p.add_argument("--steps", default=None, help="denoising steps, e.g. '1000,750,500,250' (default: the model's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, or auto")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
-    p.add_argument("--fps", type=int, default=None, help="frame rate of the mp4 (default: the model's)")
-    p.add_argument("--out", default="self_forcing.mp4", help="output .mp4 (or .gif)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="model (and VAE) dtype")
+    p.add_argument("--fused-kernels", action="store_true",
+                   help="fused inference kernels (Triton on CUDA; elsewhere the same math in PyTorch, no faster)")
+    p.add_argument("--fps", type=int, default=None, help="frame rate of the video (default: the model's)")
+    p.add_argument("--out", default=None,
+                   help=f"output .mp4 (or .gif); '-' = stdout (with --stream). Default {DEFAULT_OUT}, or none "
+                        "when --raw is given without --stream")
+    p.add_argument("--stream", action="store_true",
+                   help="write a fragmented mp4, one fragment per chunk as it is generated (playable while it grows)")
+    p.add_argument("--raw", default=None, metavar="-|PATH",
+                   help="also write raw rgb24 frames (width*height*3 bytes each, no header) to stdout ('-'), "
+                        "a file or a FIFO")
+    p.add_argument("--crf", type=int, default=18, help="H.264 quality of the mp4 (0-51, lower is better)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
     return p
 
 
-class VideoWriter:
-    """Append uint8 frames [T, H, W, 3] to an mp4 (PyAV, H.264) or a GIF (Pillow) as they are produced."""
+# -- arguments --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Outputs:
+    video: str | None   # mp4/gif path, '-' (stdout), or None
+    stream: bool        # fragmented mp4, one fragment per chunk
+    raw: str | None     # raw rgb24 target: '-' (stdout), a path or a FIFO
 
-    def __init__(self, path: str, fps: int):
-        self.path, self.fps = path, int(fps)
-        self.kind = "gif" if path.lower().endswith(".gif") else "mp4"
-        self.container = self.stream = None
-        self.gif_frames = []
-
-    def __enter__(self):
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        if self.kind == "mp4":
-            try:
-                import av
-            except ImportError as e:
-                raise ValueError("writing mp4 needs PyAV: pip install av (or write a .gif with --out x.gif)") from e
-            self.container = av.open(self.path, mode="w")
-        return self
-
-    def write(self, frames) -> None:
-        arr = frames.cpu().numpy()
-        if self.kind == "gif":
-            from PIL import Image
-
-            self.gif_frames += [Image.fromarray(a) for a in arr]
-            return
-        import av
-
-        if self.stream is None:
-            self.stream = self.container.add_stream("libx264", rate=self.fps)
-            self.stream.height, self.stream.width = arr.shape[1], arr.shape[2]
-            self.stream.pix_fmt = "yuv420p"
-            self.stream.options = {"crf": "18"}
-        for a in arr:
-            for packet in self.stream.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
-                self.container.mux(packet)
-
-    def __exit__(self, *exc):
-        if self.kind == "gif":
-            if self.gif_frames:
-                self.gif_frames[0].save(self.path, save_all=True, append_images=self.gif_frames[1:],
-                                        duration=round(1000 / self.fps), loop=0)
-            return False
-        if self.stream is not None:
-            for packet in self.stream.encode():
-                self.container.mux(packet)
-        if self.container is not None:
-            self.container.close()
-        return False
+    @property
+    def uses_stdout(self) -> bool:
+        return STDOUT in (self.video, self.raw)
 
 
-def _device(name: str):
+def check_outputs(args) -> Outputs:
+    """Where the frames go; every bad combination is refused before anything is loaded."""
+    video = args.out
+    if video is None:
+        video = None if args.raw is not None and not args.stream else DEFAULT_OUT
+    if video == "":
+        raise ValueError("--out is empty; give a file name, or '-' with --stream for stdout")
+    if args.raw == "":
+        raise ValueError("--raw is empty; give '-' (stdout), a file name or a FIFO")
+    if video == STDOUT and args.raw == STDOUT:
+        raise ValueError("--out - and --raw - both want stdout; send one of them to a file or FIFO")
+    if video == STDOUT and not args.stream:
+        raise ValueError("a regular mp4 needs a seekable file; add --stream to pipe a fragmented mp4 to stdout "
+                         "(--stream --out -), or use --raw - for raw frames")
+    if args.stream and video is not None and video != STDOUT and not video.lower().endswith(".mp4"):
+        raise ValueError(f"--stream writes a fragmented mp4, so --out must end in .mp4 (got {video!r})")
+    if video is not None and video != STDOUT and args.raw is not None and \
+            os.path.abspath(video) == os.path.abspath(args.raw):
+        raise ValueError(f"--out and --raw name the same file ({video}); give them different names")
+    if not 0 <= args.crf <= 51:
+        raise ValueError(f"--crf must be in 0..51, got {args.crf}")
+    if args.frames is not None and args.frames < 1:
+        raise ValueError(f"--frames must be >= 1 latent frame, got {args.frames}")
+    if args.fps is not None and args.fps < 1:
+        raise ValueError(f"--fps must be >= 1, got {args.fps}")
+    return Outputs(video, args.stream, args.raw)
+
+
+def resolve_device(name: str):
     import torch
 
     if name == "auto":
@@ -112,7 +140,20 @@ def _device(name: str):
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"--device {name!r} is not a device: use cpu, cuda, cuda:1, mps or auto") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available here (torch.cuda.is_available() is False); "
+                             "use --device cpu, or install a CUDA build of PyTorch")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                     and torch.backends.mps.is_available()):
+        raise ValueError("--device mps: MPS is not available here; use --device cpu")
+    return device
 
 
 def resolve_window(text: str, num_frames: int, train_frames: int | None):
@@ -126,6 +167,185 @@ def resolve_window(text: str, num_frames: int, train_frames: int | None):
         raise ValueError(f"--window must be an integer, 'none' or 'auto', got {text!r}") from e
 
 
+def latent_size(args, factor: int, patch: tuple[int, int], default_px: tuple[int, int]) -> tuple[int, int]:
+    """(latent height, latent width) from --width/--height in pixels (or the defaults)."""
+    width = args.width if args.width is not None else default_px[0]
+    height = args.height if args.height is not None else default_px[1]
+    step_h, step_w = factor * patch[0], factor * patch[1]
+    for name, value, step in (("--width", width, step_w), ("--height", height, step_h)):
+        if value < step or value % step:
+            raise ValueError(f"{name} {value}: frame sizes must be positive multiples of {step} "
+                             f"(the codec's {factor}x times the model's patch), e.g. {max(step, value // step * step)}")
+    return height // factor, width // factor
+
+
+# -- what to generate -------------------------------------------------------------------------------
+@dataclass
+class Job:
+    """A prepared generation: where frames come from and what they look like."""
+
+    name: str
+    width: int                # pixel frame size
+    height: int
+    frames: int               # pixel frames in total
+    latent_frames: int
+    chunks: int
+    fps: int
+    describe: str             # one line for stderr
+    chunk_frames: Callable[[Callable], Iterator]  # on_step -> iterator of uint8 [T, H, W, 3] CPU tensors
+
+
+def stream_options(meta: dict, args, num_frames: int, train_frames: int):
+    from ..sf_model.sampler import StreamOptions
+    from ..sf_model.schedule import parse_steps
+
+    steps = parse_steps(args.steps) if args.steps else tuple(meta.get("steps", (1000, 750, 500, 250)))
+    window = resolve_window(args.window, num_frames, train_frames)
+    return StreamOptions(frames_per_block=int(meta.get("frames_per_block", 3)), steps=steps,
+                         shift=float(meta.get("shift", 5.0)), warp=bool(meta.get("warp", True)),
+                         context_noise=float(meta.get("context_noise", 0.0)), window=window, sink=args.sink,
+                         extend_positions=window is not None, partial_last_block=True)
+
+
+def _cache_note(opts) -> str:
+    return f"rolling window {opts.window}" if opts.window else "full cache"
+
+
+def prepare_toy(args, loaded, path: str, device) -> Job:
+    from ..sf_model.pipeline import frames_to_uint8
+    from ..sf_model.sampler import stream
+    from ..training.bundle import encode_prompt, latents_to_video
+
+    if args.embeds or args.vae:
+        raise ValueError("--embeds/--vae are for Wan checkpoints; this toy model has its own text encoder and codec "
+                         "(use --prompt)")
+    info = loaded.meta["toy"]
+    trained_h, trained_w = (int(v) for v in info["latent_size"])
+    factor = max(1, int(info.get("size", 2 * trained_h)) // trained_h)
+    patch = tuple(loaded.config.patch_size[1:])
+    h, w = latent_size(args, factor, patch, (trained_w * factor, trained_h * factor))
+    train_frames = int(info["train_frames"])
+    num_frames = args.frames or 2 * train_frames
+    opts = stream_options(loaded.meta, args, num_frames, train_frames)
+    context = encode_prompt(loaded, args.prompt if args.prompt is not None else DEFAULT_PROMPT, device)
+    note = "" if (h, w) == (trained_h, trained_w) else f", trained at {trained_w * factor}x{trained_h * factor}"
+
+    def chunk_frames(on_step):
+        for chunk in stream(loaded.model, context, num_frames=num_frames, height=h, width=w, seed=args.seed,
+                            options=opts, on_step=on_step):
+            yield frames_to_uint8(latents_to_video(loaded, chunk.latents))[0]
+
+    fpb = opts.frames_per_block
+    chunks = -(-num_frames // fpb)
+    return Job(os.path.basename(path), w * factor, h * factor, num_frames, num_frames, chunks,
+               args.fps or int(info.get("fps", 8)),
+               f"{num_frames} latent frames in {chunks} chunks of {fpb}, {len(opts.steps)} steps, "
+               f"{_cache_note(opts)}, {w * factor}x{h * factor}{note}", chunk_frames)
+
+
+def prepare_wan(args, loaded, path: str, device, dtype) -> Job:
+    from ..nodes.logic_text import load_text_embeds
+    from ..sf_model.pipeline import stream_video
+    from ..sf_model.vae_checkpoint import load_vae
+
+    if not args.embeds or not args.vae:
+        raise ValueError("this is not a self-contained toy model: pass --embeds (prompt embeddings saved by the "
+                         "'Save Text Embeddings' node) and --vae (wan_2.1_vae.safetensors or Wan2.1_VAE.pth)")
+    if args.prompt is not None:
+        raise ValueError("--prompt needs a toy model with a bundled text encoder; for Wan checkpoints encode the "
+                         "prompt with umT5-XXL in ComfyUI, save it with 'Save Text Embeddings' and pass --embeds")
+    cfg = loaded.config
+    emb, _ = load_text_embeds(args.embeds)
+    if emb.shape[-1] != cfg.text_dim:
+        raise ValueError(f"{os.path.basename(args.embeds)} holds embeddings of width {emb.shape[-1]} but the model "
+                         f"expects {cfg.text_dim} (Wan: umT5-XXL, 4096)")
+    if emb.shape[0] > 1:
+        print(f"{os.path.basename(args.embeds)} holds {emb.shape[0]} prompts; using the first", file=sys.stderr)
+    context = emb[:1, :cfg.text_len].float().to(device)
+    try:
+        vae = load_vae(args.vae, device=device, dtype=dtype)
+    except ValueError as e:
+        raise ValueError(f"--vae: {e}") from e
+    if vae.config.z_dim != cfg.in_dim:
+        raise ValueError(f"the VAE has {vae.config.z_dim} latent channels but the model takes {cfg.in_dim}: "
+                         "use the Wan2.1 VAE with a Wan2.1 model")
+    factor = vae.config.spatial_factor
+    h, w = latent_size(args, factor, tuple(cfg.patch_size[1:]), WAN_SIZE)
+    num_frames = args.frames or WAN_FRAMES
+    opts = stream_options(loaded.meta, args, num_frames, WAN_FRAMES)
+
+    def chunk_frames(on_step):
+        for fc in stream_video(loaded.model, vae, context, num_frames=num_frames, height=h, width=w,
+                               seed=args.seed, options=opts, on_step=on_step):
+            yield fc.frames[0]
+
+    fpb = opts.frames_per_block
+    chunks = -(-num_frames // fpb)
+    frames = vae.pixel_frames(num_frames)
+    return Job(os.path.basename(path), w * factor, h * factor, frames, num_frames, chunks, args.fps or WAN_FPS,
+               f"{num_frames} latent frames ({frames} video frames) in {chunks} chunks of {fpb}, "
+               f"{len(opts.steps)} steps, {_cache_note(opts)}, {w * factor}x{h * factor}", chunk_frames)
+
+
+def prepare(args, device):
+    import torch
+
+    from ..sf_model.checkpoint import load_model
+    from ..training.bundle import is_toy_bundle
+
+    path = args.model or default_model_path()
+    if not os.path.isfile(path):
+        raise ValueError(f"model not found: {path}" + ("" if args.model else
+                         " (the bundled toy model ships in assets/; reinstall, or pass --model)"))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    loaded = load_model(path, device=device, dtype=dtype)
+    if args.fused_kernels:
+        loaded.model.use_fused_kernels()
+    if is_toy_bundle(loaded):
+        return prepare_toy(args, loaded, path, device)
+    return prepare_wan(args, loaded, path, device, dtype)
+
+
+# -- writing ----------------------------------------------------------------------------------------
+def raw_note(job: Job, target: str) -> str:
+    where = "stdout" if target == STDOUT else target
+    if target != STDOUT and os.path.exists(target) and stat.S_ISFIFO(os.stat(target).st_mode):
+        where = f"FIFO {target} (waiting for a reader to open it)"
+    return (f"raw video to {where}: rgb24 {job.width}x{job.height}, {job.width * job.height * 3} bytes per frame, "
+            f"{job.frames} frames at {job.fps} fps (e.g. ffplay -f rawvideo -pixel_format rgb24 -video_size "
+            f"{job.width}x{job.height} -framerate {job.fps} -i -)")
+
+
+def open_writers(outputs: Outputs, job: Job, stdout, crf: int) -> list:
+    """The writers (context managers, not yet entered), raw first: it has the lowest latency."""
+    writers = []
+    if outputs.raw is not None:
+        writers.append(RawWriter(stdout if outputs.raw == STDOUT else outputs.raw))
+    if outputs.video is not None:
+        if outputs.stream:
+            target = stdout if outputs.video == STDOUT else outputs.video
+            writers.append(FragmentedMP4Writer(target, job.width, job.height, job.fps, crf=crf))
+        else:
+            writers.append(VideoWriter(outputs.video, fps=job.fps, crf=crf))
+    return writers
+
+
+def _stdout_bytes():
+    out = sys.stdout
+    return getattr(out, "buffer", out)
+
+
+def _detach_stdout(real_stdout) -> None:
+    """After the reader of stdout went away: point its fd at /dev/null so exiting does not fail on a flush."""
+    try:
+        fd = real_stdout.fileno()
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, fd)
+        os.close(null)
+    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation (a captured stream) included
+        pass
+
+
 def run(args) -> int:
     try:
         return _run(args)
@@ -135,78 +355,58 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
-    import torch
-
-    from ..sf_model.checkpoint import load_model
-    from ..sf_model.sampler import StreamOptions, stream
-    from ..sf_model.schedule import parse_steps
-    from ..training.bundle import encode_prompt, is_toy_bundle, latents_to_video
-
-    path = args.model or default_model_path()
-    if not os.path.isfile(path):
-        raise ValueError(f"model not found: {path}" + ("" if args.model else
-                         " (the bundled toy model ships in assets/; reinstall, or pass --model)"))
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    device = _device(args.device)
+    outputs = check_outputs(args)
+    real_stdout = sys.stdout
+    stdout = _stdout_bytes() if outputs.uses_stdout else None
+    device = resolve_device(args.device)
     t0 = time.time()
-    loaded = load_model(path, device=device, dtype=dtype)
-    meta = loaded.meta
-    toy = is_toy_bundle(loaded)
-    if toy:
-        info = meta["toy"]
-        context = encode_prompt(loaded, args.prompt, device)
-        height, width = info["latent_size"]
-        train_frames = int(info["train_frames"])
-        num_frames = args.frames or 2 * train_frames
-        fps = args.fps or int(info.get("fps", 8))
-        decoder = None
-    else:
-        if not args.embeds or not args.vae:
-            raise ValueError("this is not a self-contained toy model: pass --embeds (prompt embeddings saved by the "
-                             "'Save Text Embeddings' node) and --vae (Wan2.1 VAE weights)")
-        from ..nodes.logic_text import load_text_embeds
-        from ..sf_model.latent_format import to_raw
-        from ..sf_model.vae_checkpoint import load_vae
+    with contextlib.redirect_stdout(sys.stderr) if stdout is not None else contextlib.nullcontext():
+        job = prepare(args, device)
+        print(f"{job.name}: {job.describe}, on {device}" + (" with fused kernels" if args.fused_kernels else ""),
+              file=sys.stderr)
+        if args.fused_kernels and device.type != "cuda":
+            print("note: --fused-kernels runs the PyTorch versions of the kernels off CUDA (same math, no speed-up)",
+                  file=sys.stderr)
+        if outputs.raw is not None:
+            print(raw_note(job, outputs.raw), file=sys.stderr)
+        written = [0]
+        try:
+            _write_all(job, open_writers(outputs, job, stdout, args.crf), written, not args.no_progress)
+        except BrokenPipeError:
+            if stdout is not None:
+                _detach_stdout(real_stdout)
+            print(f"the reader closed the output after {written[0]} frames; stopped", file=sys.stderr)
+            return 0
+    where = [w for w in (outputs.video and ("stdout" if outputs.video == STDOUT else outputs.video),
+                         outputs.raw and ("raw " + ("stdout" if outputs.raw == STDOUT else outputs.raw))) if w]
+    print(f"wrote {' and '.join(where)}: {written[0]} frames at {job.fps} fps in {time.time() - t0:.1f} s",
+          file=sys.stderr)
+    return 0
 
-        emb, _ = load_text_embeds(args.embeds)
-        context = emb[:1, :loaded.config.text_len].float().to(device)
-        height, width = args.height or 60, args.width or 104
-        train_frames = 21
-        num_frames = args.frames or 21
-        fps = args.fps or 16
-        decoder = load_vae(args.vae, device=device, dtype=dtype).stream_decoder()
-    steps = parse_steps(args.steps) if args.steps else tuple(meta.get("steps", (1000, 750, 500, 250)))
-    window = resolve_window(args.window, num_frames, train_frames)
-    fpb = int(meta.get("frames_per_block", 3))
-    opts = StreamOptions(frames_per_block=fpb, steps=steps, shift=float(meta.get("shift", 5.0)),
-                         warp=bool(meta.get("warp", True)), context_noise=float(meta.get("context_noise", 0.0)),
-                         window=window, sink=args.sink, extend_positions=window is not None,
-                         partial_last_block=True)
-    chunks = -(-num_frames // fpb)
+
+def _write_all(job: Job, writers: list, written: list, progress: bool) -> None:
     from ..training.progress import progress_bar
 
-    bar = progress_bar(chunks, "generating", "chunk", enabled=not args.no_progress)
+    bar = progress_bar(job.chunks, "generating", "chunk", enabled=progress)
 
     def on_step(event):
         if bar is not None:
-            bar.set_postfix_str(f"chunk {event.chunk_index + 1}/{chunks} step {event.step_index + 1}/{event.num_steps}")
+            bar.set_postfix_str(f"chunk {event.chunk_index + 1}/{job.chunks} "
+                                f"step {event.step_index + 1}/{event.num_steps}")
 
-    cache_note = f"rolling window {window}" if window else "full cache"
-    print(f"{os.path.basename(path)}: {num_frames} latent frames in {chunks} chunks of {fpb}, {len(steps)} steps, "
-          f"{cache_note}, on {device}", file=sys.stderr)
-    written = 0
-    with VideoWriter(args.out, fps=fps) as writer:
-        for chunk in stream(loaded.model, context, num_frames=num_frames, height=height, width=width, seed=args.seed,
-                            options=opts, on_step=on_step):
-            if decoder is None:
-                video = latents_to_video(loaded, chunk.latents)[0]
-            else:
-                video = decoder.push(to_raw(chunk.latents).to(dtype))[0].float().cpu()
-            writer.write(((video + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0))
-            written += video.shape[1]
+    with contextlib.ExitStack() as stack:
+        if bar is not None:
+            stack.callback(bar.close)
+        for w in writers:
+            stack.enter_context(w)  # a FIFO target waits here for its reader
+        frames_iter = job.chunk_frames(on_step)
+        stack.callback(frames_iter.close)
+        for frames in frames_iter:
+            if tuple(frames.shape[1:3]) != (job.height, job.width):
+                raise ValueError(f"the decoder gave {frames.shape[2]}x{frames.shape[1]} frames, expected "
+                                 f"{job.width}x{job.height}")
+            for w in writers:
+                w.write(frames)
+            written[0] += frames.shape[0]
             if bar is not None:
                 bar.update(1)
-    if bar is not None:
-        bar.close()
-    print(f"wrote {args.out}: {written} frames at {fps} fps in {time.time() - t0:.1f} s", file=sys.stderr)
-    return 0
