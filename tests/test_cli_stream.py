@@ -13,7 +13,7 @@ import torch
 from self_forcing.cli import main
 from self_forcing.cli.fmp4 import top_level_boxes
 from self_forcing.cli.generate import DEFAULT_PROMPT, default_model_path
-from self_forcing.cli.video_out import FragmentedMP4Writer
+from self_forcing.cli.video_out import FragmentedMP4Writer, RawWriter
 from self_forcing.sf_model import sampler as sampler_module
 from self_forcing.sf_model.checkpoint import load_model
 from self_forcing.sf_model.pipeline import frames_to_uint8
@@ -118,10 +118,16 @@ def test_fragmented_mp4_to_stdout_and_raw_to_a_fifo(toy, tmp_path, monkeypatch, 
             while chunk := fh.read(4096):
                 received.extend(chunk)
 
+    real_denoise = sampler_module.denoise_block
+
+    def chatty_denoise(*args, **kwargs):  # a library that prints while stdout carries the video
+        print("chatter from a library")
+        return real_denoise(*args, **kwargs)
+
+    monkeypatch.setattr(sampler_module, "denoise_block", chatty_denoise)
     thread = threading.Thread(target=reader, daemon=True)
     thread.start()
-    rc = main(["generate", "--frames", "6", "--seed", "1", "--stream", "--out", "-", "--raw", str(fifo),
-               "--no-progress"])
+    rc = main(["generate", "--frames", "6", "--seed", "1", "--stream", "--out", "-", "--raw", str(fifo)])
     thread.join(timeout=60)
     captured = capsysbinary.readouterr()
     assert rc == 0, captured.err.decode()
@@ -129,8 +135,39 @@ def test_fragmented_mp4_to_stdout_and_raw_to_a_fifo(toy, tmp_path, monkeypatch, 
     assert bytes(received) == ref.tobytes()
     assert kinds(captured.out) == [b"ftyp", b"moov"] + [b"moof", b"mdat"] * 2
     assert psnr(decode(io.BytesIO(captured.out)), ref) > 35
-    assert b"wrote stdout and raw" in captured.err
+    assert b"wrote stdout and raw" in captured.err and b"FIFO" in captured.err
+    assert captured.err.count(b"chatter from a library") == 2 and b"generating" in captured.err  # progress bar
     assert os.listdir(tmp_path) == ["frames.fifo"]  # no default mp4 beside it
+
+
+def test_a_reader_that_goes_away_stops_generation_cleanly(tmp_path, monkeypatch, capsysbinary):
+    fifo, out = tmp_path / "frames.fifo", tmp_path / "kept.mp4"
+    os.mkfifo(fifo)
+    closed = threading.Event()
+
+    def reader():  # takes the first chunk (3 frames), then closes its end of the pipe
+        with open(fifo, "rb") as fh:
+            got = b""
+            while len(got) < 3 * FRAME_BYTES:
+                got += fh.read(3 * FRAME_BYTES - len(got))
+        closed.set()
+
+    real_write = RawWriter.write
+
+    def write_after_reader_left(self, frames):
+        if self.frames:
+            assert closed.wait(60)
+        real_write(self, frames)
+
+    monkeypatch.setattr(RawWriter, "write", write_after_reader_left)
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    rc = main(["generate", "--frames", "9", "--raw", str(fifo), "--stream", "--out", str(out), "--no-progress"])
+    thread.join(timeout=60)
+    err = capsysbinary.readouterr().err.decode()
+    assert rc == 0 and "the reader closed the output after 3 frames; stopped" in err
+    assert kinds(out.read_bytes()) == [b"ftyp", b"moov", b"moof", b"mdat"]  # the mp4 keeps what was made
+    assert decode(str(out)).shape == (3, SIZE, SIZE, 3)
 
 
 def test_raw_only_writes_no_mp4_and_regular_mp4_is_unchanged(toy, tmp_path, monkeypatch, capsysbinary):
