@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from .video_out import STDOUT, FragmentedMP4Writer, RawWriter, VideoWriter  # noqa: F401 (VideoWriter: API)
+from .video_out import STDOUT, FragmentedMP4Writer, RawWriter, VideoWriter
 
 DEFAULT_PROMPT = "a red circle and a blue square bouncing on a black background"
 DEFAULT_OUT = "self_forcing.mp4"
