@@ -15,9 +15,15 @@ Uses the team's harness (/work/shared/comfy-harness: a real ComfyUI server on th
 5. executes the graphs at tiny sizes through the stdlib headless client (workflows/run_headless.py)
    -- text-to-video, long video (rolling cache), extend a video (the text-to-video output), image-to-
    video, save/load text embeddings -- and checks the saved videos' frame counts and sizes;
-6. interrupts a long run and checks the server keeps working.
+6. interrupts a long run and checks the server keeps working;
+7. runs the shipped toy demo (the real bundled toy checkpoint, no stand-ins: toy loader -> toy text encode ->
+   stream sampler with a rolling cache -> toy decode -> CreateVideo -> SaveVideo) to a 45-frame video, checks
+   its frames (saved as PNG from the same graph) against the plain functions (``training.bundle``) run
+   outside ComfyUI, and that the sampler's empty IMAGE output with a toy model stops its user with a message
+   pointing at 'Self Forcing Toy Decode'.
 
-    /work/venv/bin/python tests/comfy_harness_e2e.py --work /tmp/sf_e2e [--comfy-dir /work/comfyui-src]
+    /work/venv/bin/python tests/comfy_harness_e2e.py --work /tmp/sf_e2e [--comfy-dir /work/comfyui-src] \
+        [--only stream_decode|toy]
 """
 
 from __future__ import annotations
@@ -422,12 +428,78 @@ def check_interrupt(work: Path, result: dict) -> None:
     assert result["interrupt"]["next_run_ok"]
 
 
+def toy_reference(prompt: dict) -> "torch.Tensor":
+    """The toy graph's frames computed outside ComfyUI with the plain functions (float32 [F, H, W, 3] in 0-1)."""
+    from self_forcing.nodes.logic_model import load_handle
+    from self_forcing.nodes.logic_sampling import LongVideoOptions, sample_video
+    from self_forcing.nodes.logic_toy import encode_toy_prompt, toy_model_path
+    from self_forcing.training.bundle import encode_prompt, latents_to_frames
+
+    name = prompt[node_of(prompt, "SelfForcingToyModelLoader")]["inputs"]["model_name"]
+    cpu = torch.device("cpu")
+    handle = load_handle(toy_model_path(name), name, dtype="fp32", attention="sdpa", load_device=cpu,
+                         offload_device=cpu, keep_loaded=True, supports_bf16=False)
+    text = prompt[node_of(prompt, "SelfForcingToyTextEncode")]["inputs"]["text"]
+    cond = encode_toy_prompt(handle, text)
+    assert torch.equal(cond[0][0], encode_prompt(handle.loaded, text, device="cpu"))  # the bundle's own encoder
+    s = prompt[node_of(prompt, "SelfForcingSampler")]["inputs"]
+    o = prompt[node_of(prompt, "SelfForcingLongVideoOptions")]["inputs"]
+    latents = sample_video(handle, cond, width=s["width"], height=s["height"], length=s["length"], seed=s["seed"],
+                           frames_per_block=s["frames_per_block"], steps=s["steps"], shift=s["shift"],
+                           context_noise=s["context_noise"], long_video=LongVideoOptions(**o))
+    return latents_to_frames(handle.loaded, latents)
+
+
+def check_toy(work: Path, comfy_state: Path, result: dict) -> None:
+    """The toy demo in the real server with the real bundled checkpoint: video, frames equal to the plain path."""
+    import numpy as np
+    from PIL import Image
+
+    out: dict = {}
+    # a) the shipped workflow, unchanged: 45 frames of 64x64 at 8 fps
+    p = api("self_forcing_toy_demo")
+    stats = run(p, "toy_demo", work)
+    out["toy_demo"] = {k: v for k, v in stats.items() if k != "files"}
+    v = stats.get("videos") or []
+    assert "error" not in stats and v and (v[0]["frames"], v[0]["width"], v[0]["height"]) == (45, 64, 64), stats
+    assert round(v[0]["fps"]) == 8 and stats["previews"] >= 15, stats  # one preview per chunk (15 chunks)
+    # b) the same graph with the decoded frames also saved as PNG (lossless): equal to the plain functions
+    p = api("self_forcing_toy_demo")
+    p["90"] = {"class_type": "SaveImage", "inputs": {"images": [node_of(p, "SelfForcingToyDecode"), 0],
+                                                     "filename_prefix": "toy/frame"}}
+    p[node_of(p, "SelfForcingSampler")]["inputs"]["seed"] = 3  # not a cached repeat of a)
+    stats = run(p, "toy_demo_png", work)
+    files = output_images(stats["prompt_id"], comfy_state)["90"]
+    ours = np.stack([np.asarray(Image.open(f), dtype=np.int16) for f in files])
+    ref = toy_reference(p)
+    ref8 = np.clip(ref.numpy() * 255.0, 0, 255).astype(np.uint8).astype(np.int16)  # as core SaveImage rounds
+    diff = np.abs(ours - ref8)
+    out["frames_vs_plain_functions"] = {"status": "error" if "error" in stats else "success",
+                                        "frames": len(files), "shape": list(ours.shape[1:]),
+                                        "max_abs_diff_8bit": int(diff.max()),
+                                        "mean_abs_diff_8bit": round(float(diff.mean()), 4),
+                                        "mean_pixel": round(float(ours.mean()), 2),
+                                        "frame_files": [str(files[0]), str(files[-1])]}
+    assert ours.shape == (45, 64, 64, 3) and diff.max() <= 1, out["frames_vs_plain_functions"]
+    # c) the sampler's IMAGE output with a toy model (no VAE): its user stops with a message naming Toy Decode
+    p = api("self_forcing_toy_demo")
+    sampler = node_of(p, "SelfForcingSampler")
+    p[sampler]["inputs"].update(length=9, seed=4)
+    p[node_of(p, "CreateVideo")]["inputs"]["images"] = [sampler, 1]
+    stats = run(p, "toy_image_output", work)
+    msg = (stats.get("error") or {}).get("exception_message", "")
+    out["sampler_image_output_with_toy"] = msg[:200]
+    assert "Self Forcing Toy Decode" in msg, stats
+    result["toy"] = out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/sf_e2e")
     ap.add_argument("--comfy-dir", default=os.environ.get("COMFY_DIR", "/work/comfyui-src"))
     ap.add_argument("--keep-server", action="store_true")
-    ap.add_argument("--only", choices=["stream_decode"], help="run only these checks (after import/object_info)")
+    ap.add_argument("--only", choices=["stream_decode", "toy"],
+                    help="run only these checks (after import/object_info)")
     args = ap.parse_args()
     work = Path(args.work)
     if work.exists():
@@ -452,7 +524,10 @@ def main() -> int:
             check_ui_conversion(result)
             check_runs(work, state, tiny, result)  # also places the input video and image the workflows name
             check_validation(result)
-        check_stream_decode(work, state, result)
+        if args.only in (None, "stream_decode"):
+            check_stream_decode(work, state, result)
+        if args.only in (None, "toy"):
+            check_toy(work, state, result)
         if args.only is None:
             check_interrupt(work, result)
         result["vae_keys_missing_in_core"] = "Missing VAE keys" in Path(result["server_log"]).read_text()
