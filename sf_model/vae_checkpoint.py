@@ -47,6 +47,9 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
 
 
 def _flatten_checkpoint(obj, path: str) -> StateDict:
+    if isinstance(obj, Mapping) and any(k in obj for k in ("generator_ema", "generator", "critic")):
+        raise VAECheckpointError(f"{path} is a Self Forcing training checkpoint (generator weights), not a "
+                                 "Wan2.1 VAE; pass the VAE file (wan_2.1_vae.safetensors or Wan2.1_VAE.pth)")
     for _ in range(3):  # unwrap {"state_dict": {...}} style containers
         if isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
             inner = [k for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)]

@@ -358,3 +358,12 @@ def test_malicious_pickle_is_refused_and_not_run(tmp_path, writer):
     with pytest.raises(VAECheckpointError, match="refused to load"):
         load_vae(path)
     assert not marker.exists()
+
+
+def test_a_dit_training_checkpoint_is_named_as_such(tmp_path):
+    from self_forcing.sf_model.vae_checkpoint import VAECheckpointError, load_vae
+
+    path = tmp_path / "sf.pt"
+    torch.save({"generator_ema": {"model.patch_embedding.weight": torch.zeros(2, 16, 1, 2, 2)}}, path)
+    with pytest.raises(VAECheckpointError, match="training checkpoint .* not a Wan2.1 VAE"):
+        load_vae(path)
