@@ -60,6 +60,10 @@ def load_handle(path: str, name: str, *, dtype: str, attention: str, load_device
     torch_dtype = resolve_dtype(dtype, load_device, supports_bf16)
     rest = load_device if keep_loaded else offload_device
     loaded = load_model(path, device=rest, dtype=torch_dtype, attn_backend=attention)
+    if load_device.type == "cuda":
+        # Inference trunk with fused kernels (Triton when installed, else the same math in PyTorch),
+        # fused QKV and the GELU-epilogue GEMM: ~1.7x the eager speed on an H100 (README, Benchmarks).
+        loaded.model.use_fused_kernels()
     return ModelHandle(loaded=loaded, name=name, load_device=load_device, offload_device=offload_device,
                        dtype=torch_dtype, keep_loaded=keep_loaded)
 
