@@ -49,8 +49,8 @@ def build(args, dtype, device):
         model.fuse_qkv()
     if args.fuse_gelu:
         model.fuse_gelu()
-    if args.fused_kernels:
-        model.use_fused_kernels()
+    if args.fused_kernels or args.fp8:
+        model.use_fused_kernels(fp8=args.fp8)
     if args.compile != "none":
         model.compile_blocks(mode=None if args.compile == "default" else args.compile)
     return model, cfg
@@ -229,7 +229,7 @@ def check_accuracy(args, device, context):
     """Optimised path (this run's settings) vs eager fp32 on the same weights: relative error of x0."""
     frames = min(6, (args.frames - 1) // 4 + 1)
     ref_args = argparse.Namespace(**{**vars(args), "compile": "none", "fuse_qkv": False, "fuse_gelu": False,
-                                             "fused_kernels": False})
+                                             "fused_kernels": False, "fp8": False})
     ref, _ = build(ref_args, torch.float32, device)
     fast, _ = build(args, DTYPES[args.dtype], device)
     opts = StreamOptions(frames_per_block=args.fpb)
@@ -291,6 +291,7 @@ def main(argv=None):
     p.add_argument("--fuse-gelu", action="store_true", help="FFN GEMM with a GELU epilogue (CUDA)")
     p.add_argument("--fused-kernels", action="store_true",
                    help="inference trunk with fused Triton elementwise kernels (implies --fuse-qkv --fuse-gelu)")
+    p.add_argument("--fp8", action="store_true", help="fused kernels + FP8 linear layers (opt-in, less exact)")
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--frames", type=int, default=81, help="pixel frames (4k+1)")
@@ -320,7 +321,7 @@ def main(argv=None):
     info = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "dtype": args.dtype, "attention": model.attn_backend,
-        "compile": args.compile, "fuse_qkv": args.fuse_qkv, "fuse_gelu": args.fuse_gelu, "fused_kernels": args.fused_kernels, "size": f"{args.width}x{args.height}",
+        "compile": args.compile, "fuse_qkv": args.fuse_qkv, "fuse_gelu": args.fuse_gelu, "fused_kernels": args.fused_kernels, "fp8": args.fp8, "size": f"{args.width}x{args.height}",
         "command": "python benchmarks/bench_stream.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     if device.type == "cuda":

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from . import kernels as K
 from .attention import attention
+from .fp8 import attach, fp8_linear
 
 
 def fused_trunk(model, h: torch.Tensor, e: torch.Tensor, e0: torch.Tensor, frames: int, rope, text,
@@ -33,27 +34,37 @@ def fused_trunk(model, h: torch.Tensor, e: torch.Tensor, e0: torch.Tensor, frame
         return K.residual_norm(x, y, gate=gate, scale=scale, shift=shift, weight=weight, bias=bias,
                                rows_per_frame=rows_per_frame, eps=eps, out_dtype=dtype, normalize=normalize)
 
+    def lin(key, x_in, weight, bias):
+        if model.fp8_linears:  # opt-in FP8 GEMMs (sf_model.fp8)
+            w = model._fp8[key] = attach(weight, bias, model._fp8.get(key))
+            return fp8_linear(x_in, w)
+        return F.linear(x_in, weight, bias)
+
     blocks = list(model.blocks)
     m = mods_of(blocks[0])
     hn = norm(scale=m[:, 1], shift=m[:, 0])
     for i, blk in enumerate(blocks):
         sa, ca = blk.self_attn, blk.cross_attn
-        qkv = F.linear(hn, *sa.fused)
+        qkv = lin(f"{i}.qkv", hn, *sa.fused)
         wqk = torch.cat([sa.norm_q.weight, sa.norm_k.weight])
         q, k = K.qk_norm_rope(qkv, wqk, cos, sin, tokens=length, heads=heads, eps=eps)
         v = qkv[:, 2 * dim:]
         shape = (b, length, heads, head_dim)
         y = attend_for_layer(i)(q.view(shape), k.view(shape), v.view(shape))
-        y = F.linear(y.reshape(b * length, dim), sa.o.weight, sa.o.bias)
+        y = lin(f"{i}.o", y.reshape(b * length, dim), sa.o.weight, sa.o.bias)
         if cfg.cross_attn_norm:
             hn = norm(y, gate=m[:, 2], weight=blk.norm3.weight, bias=blk.norm3.bias)
         else:  # Wan without a cross-attention norm feeds the residual stream as it is
             hn = norm(y, gate=m[:, 2], normalize=False)
-        cq = K.rms_norm(F.linear(hn, ca.q.weight, ca.q.bias), ca.norm_q.weight, eps).view(shape)
+        cq = K.rms_norm(lin(f"{i}.cq", hn, ca.q.weight, ca.q.bias), ca.norm_q.weight, eps).view(shape)
         tk, tv = text[i]
         y = attention(cq, tk, tv, backend).reshape(b * length, dim)
-        hn = norm(F.linear(y, ca.o.weight, ca.o.bias), scale=m[:, 4], shift=m[:, 3])
-        if blk.gelu_epilogue and hn.is_cuda:
+        hn = norm(lin(f"{i}.co", y, ca.o.weight, ca.o.bias), scale=m[:, 4], shift=m[:, 3])
+        f0, f2 = blk.ffn[0], blk.ffn[2]
+        if model.fp8_linears:
+            y = lin(f"{i}.ffn2", F.gelu(lin(f"{i}.ffn0", hn, f0.weight, f0.bias), approximate="tanh"),
+                    f2.weight, f2.bias)
+        elif blk.gelu_epilogue and hn.is_cuda:
             from .model import linear_gelu
             y = F.linear(linear_gelu(blk.ffn[0], hn), blk.ffn[2].weight, blk.ffn[2].bias)
         else:

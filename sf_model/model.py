@@ -210,6 +210,8 @@ class CausalWanModel(nn.Module):
         self.rope = Rope3D(cfg.head_dim, cfg.rope_split, cfg.rope_theta, cfg.rope_max_frames)
         self._backend: tuple[str, str] | None = None
         self.fused_kernels = False
+        self.fp8_linears = False
+        self._fp8: dict = {}  # FP8 copies of linear weights (sf_model.fp8), built on first use
 
     # -- properties --------------------------------------------------------------------------
     @property
@@ -396,13 +398,20 @@ class CausalWanModel(nn.Module):
         if attn is not None and attn.fused is not None and attn.fused[0].data_ptr() != attn.q.weight.data_ptr():
             self.fuse_qkv()
 
-    def use_fused_kernels(self, enabled: bool = True) -> "CausalWanModel":
+    def use_fused_kernels(self, enabled: bool = True, fp8: bool = False) -> "CausalWanModel":
         """Inference trunk with fused elementwise kernels (``sf_model.kernels``; Triton on CUDA), fused
-        QKV and, on CUDA, the FFN GELU epilogue. Gradient-recording forwards keep the plain path."""
+        QKV and, on CUDA, the FFN GELU epilogue. Gradient-recording forwards keep the plain path.
+
+        ``fp8=True`` (opt-in, less exact) runs the block's linear layers as FP8 GEMMs with per-channel
+        weight and per-token activation scales (``sf_model.fp8``); the FP8 weight copies are extra memory.
+        """
         if enabled:
             self.fuse_qkv()
             self.fuse_gelu()
         self.fused_kernels = enabled
+        self.fp8_linears = enabled and fp8
+        if not self.fp8_linears:
+            self._fp8 = {}
         return self
 
     def fuse_gelu(self, enabled: bool = True) -> "CausalWanModel":
