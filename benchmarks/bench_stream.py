@@ -195,7 +195,6 @@ def long_run(model, context, args, device):
     opts = StreamOptions(frames_per_block=args.fpb, window=args.window or 21, sink=args.sink,
                          extend_positions=True)
     rows = []
-    mark = {"t": None}
 
     def on_chunk(chunk):
         end = chunk.start_frame + chunk.latents.shape[2]

@@ -22,7 +22,6 @@ import json
 import os
 import pickle
 import re
-import zipfile
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -189,27 +188,33 @@ def normalize_state_dict(obj: Mapping) -> tuple[dict[str, torch.Tensor], str]:
 
 
 # -- strict loading ---------------------------------------------------------------------------
-def _short(items: list[str], n: int = 8) -> str:
+def short_list(items, n: int = 8) -> str:
+    """'a, b, c ... (+N more)': a readable excerpt of a long list of names."""
     items = sorted(items)
-    more = f" ... and {len(items) - n} more" if len(items) > n else ""
+    more = f" ... (+{len(items) - n} more)" if len(items) > n else ""
     return ", ".join(items[:n]) + more
+
+
+def mismatch_report(expected: Mapping[str, tuple], sd: Mapping[str, torch.Tensor]) -> list[str]:
+    """Missing keys, unexpected keys and shape conflicts of ``sd`` against {name: shape}, as phrases."""
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(expected[k])}"
+              for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k])]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys: {short_list(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys: {short_list(unexpected)}")
+    if shapes:
+        parts.append(f"{len(shapes)} shape conflicts: {short_list(shapes, 4)}")
+    return parts
 
 
 def check_compatible(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Raise one CheckpointError listing every missing/unexpected key and shape conflict."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
-              for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys: {_short(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys: {_short(unexpected)}")
-        if shapes:
-            parts.append(f"{len(shapes)} shape conflicts: {_short(shapes, 4)}")
+    parts = mismatch_report({k: tuple(v.shape) for k, v in model.state_dict().items()}, sd)
+    if parts:
         raise CheckpointError(f"{source} does not match the model: " + "; ".join(parts))
 
 

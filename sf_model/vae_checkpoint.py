@@ -19,7 +19,8 @@ from typing import Dict, Iterable, List, Mapping, Optional
 import torch
 from safetensors.torch import save_file as _st_save_file
 
-from .checkpoint import CheckpointError, CheckpointNotFound, read_file
+from .checkpoint import CheckpointError, CheckpointNotFound, mismatch_report, read_file
+from .checkpoint import short_list as _short
 from .vae import WanVAE, WanVAEConfig
 
 StateDict = Dict[str, torch.Tensor]
@@ -223,30 +224,11 @@ def infer_vae_config(sd: Mapping[str, torch.Tensor]) -> WanVAEConfig:
         raise VAECheckpointError(f"inconsistent VAE weights: {e}") from e
 
 
-def _short(items: List[str], n: int = 8) -> str:
-    items = list(items)
-    more = f" ... (+{len(items) - n} more)" if len(items) > n else ""
-    return ", ".join(items[:n]) + more
-
-
 def check_state_dict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
     """Raise one VAECheckpointError listing every missing, unexpected and mis-shaped key."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    shapes = sorted(
-        f"{k}: file {tuple(sd[k].shape)} vs model {expected[k]}"
-        for k in set(expected) & set(sd)
-        if tuple(sd[k].shape) != expected[k]
-    )
+    problems = mismatch_report(expected, sd)
     bad_dtype = sorted(k for k, v in sd.items() if k in expected and not v.is_floating_point())
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys: {_short(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys: {_short(unexpected)}")
-    if shapes:
-        problems.append(f"{len(shapes)} shape conflicts: {_short(shapes, 5)}")
     if bad_dtype:
         problems.append(f"{len(bad_dtype)} non-floating-point tensors: {_short(bad_dtype)}")
     if problems:
