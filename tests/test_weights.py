@@ -7,7 +7,6 @@ metadata, GET with Range for the bytes) from files in a temporary folder, and re
 import argparse
 import hashlib
 import http.server
-import os
 import socket
 import threading
 from pathlib import Path
