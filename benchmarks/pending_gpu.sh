@@ -17,3 +17,4 @@ python3 benchmarks/bench_stream.py --fp8 --check --json "$OUT/fp8.json" 2>&1 | g
 timeout 300 python3 benchmarks/bench_stream.py --fused-kernels --vae --compile-vae --repeats 3 \
     --json "$OUT/e2e.json" 2>&1 | grep -v -i warn | tail -6
 python3 benchmarks/bench_vae.py --compile --chunk 3 2>&1 | tail -6 | tee "$OUT/vae.log"
+python3 benchmarks/cli_gpu_check.py 2>&1 | tail -12 | tee "$OUT/cli.log"
