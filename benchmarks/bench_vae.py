@@ -39,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--height", type=int, default=60, help="latent height (pixels / 8)")
     p.add_argument("--width", type=int, default=104, help="latent width (pixels / 8)")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--no-cudnn-benchmark", action="store_true", help="do not let cuDNN time its algorithms")
+    p.add_argument("--profile", action="store_true", help="kernel time of one streamed decode, top kernels")
     p.add_argument("--tiny", action="store_true", help="tiny random VAE (for a CPU smoke run)")
     p.add_argument("--no-whole", action="store_true", help="skip the whole-video decode")
     p.add_argument("--seed", type=int, default=0)
@@ -104,18 +106,33 @@ def measure(name, fn, args, device, timer):
     return dict(name=name, total=statistics.median(totals), first=first, peak=peak, out=out)
 
 
+def profile_decode(fn, top: int = 16):
+    """Device time of one streamed decode by kernel (after the warm-up in ``measure``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = [(ev.device_time_total, ev.count, ev.key) for ev in prof.key_averages()
+            if ev.device_time_total > 0 and not ev.key.startswith(("aten::", "cuda", "Torch-Compiled", "## "))]
+    total = sum(r[0] for r in rows)
+    print(f"profile of one streamed decode: {total / 1e3:.1f} ms of kernels")
+    for dt, n, key in sorted(rows, reverse=True)[:top]:
+        print(f"  {dt / 1e3:8.1f} ms {100 * dt / total:5.1f}% x{n:<4d} {key[:100]}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.allow_tf32 = args.tf32
     torch.manual_seed(args.seed)
     config = TINY_VAE if args.tiny else WAN21_VAE
     with torch.device(device):
-        vae = WanVAE(config)
+        vae = WanVAE(config, cudnn_benchmark=not args.no_cudnn_benchmark)
     vae = vae.to(dtype).eval().requires_grad_(False)
     if args.channels_last:
         vae.to_channels_last()
@@ -131,6 +148,8 @@ def main(argv=None):
         measure(f"stream x{args.chunk}", lambda: run_streamed(vae, z, args.chunk, timer), args, device, timer)
     )
 
+    if args.profile and device.type == "cuda":
+        profile_decode(lambda: run_streamed(vae, z, args.chunk, timer))
     s = config.spatial_factor
     frames = vae.pixel_frames(args.latents)
     print(

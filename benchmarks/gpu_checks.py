@@ -91,6 +91,14 @@ def main():
         results[f"triton qk_norm_rope {dt}"] = max(rel(q1, q2), rel(k1, k2))
         xq = torch.randn(rows, d, device=dev, dtype=dt)
         results[f"triton rms_norm {dt}"] = rel(K.rms_norm(xq, wqk[:d], 1e-6), K.rms_rows(xq, wqk[:d], 1e-6).to(dt))
+    from self_forcing.sf_model import fp8 as fp8_mod
+
+    for kdim in (1536, 8960):
+        xq = torch.randn(rows, kdim, device=dev, dtype=torch.bfloat16) * 2
+        for gelu in (False, True):
+            q1, s1 = fp8_mod.quantize_rows(xq, gelu)
+            q2, s2 = fp8_mod.quantize_rows_ref(xq, gelu)
+            results[f"triton fp8 quantise bf16 K={kdim} gelu={gelu}"] = rel(q1.float() * s1, q2.float() * s2)
     lin = torch.nn.Linear(256, 512).to(dev, torch.bfloat16)
     xin = torch.randn(2, 4680, 256, device=dev, dtype=torch.bfloat16)
     with torch.no_grad():

@@ -34,11 +34,11 @@ def fused_trunk(model, h: torch.Tensor, e: torch.Tensor, e0: torch.Tensor, frame
         return K.residual_norm(x, y, gate=gate, scale=scale, shift=shift, weight=weight, bias=bias,
                                rows_per_frame=rows_per_frame, eps=eps, out_dtype=dtype, normalize=normalize)
 
-    def lin(key, x_in, weight, bias):
-        if model.fp8_linears:  # opt-in FP8 GEMMs (sf_model.fp8)
+    def lin(key, x_in, weight, bias, gelu=False):
+        if model.fp8_linears:  # opt-in FP8 GEMMs (sf_model.fp8); ``gelu`` applies GELU to x_in first
             w = model._fp8[key] = attach(weight, bias, model._fp8.get(key))
-            return fp8_linear(x_in, w)
-        return F.linear(x_in, weight, bias)
+            return fp8_linear(x_in, w, gelu)
+        return F.linear(F.gelu(x_in, approximate="tanh") if gelu else x_in, weight, bias)
 
     blocks = list(model.blocks)
     m = mods_of(blocks[0])
@@ -62,8 +62,7 @@ def fused_trunk(model, h: torch.Tensor, e: torch.Tensor, e0: torch.Tensor, frame
         hn = norm(lin(f"{i}.co", y, ca.o.weight, ca.o.bias), scale=m[:, 4], shift=m[:, 3])
         f0, f2 = blk.ffn[0], blk.ffn[2]
         if model.fp8_linears:
-            y = lin(f"{i}.ffn2", F.gelu(lin(f"{i}.ffn0", hn, f0.weight, f0.bias), approximate="tanh"),
-                    f2.weight, f2.bias)
+            y = lin(f"{i}.ffn2", lin(f"{i}.ffn0", hn, f0.weight, f0.bias), f2.weight, f2.bias, gelu=True)
         elif blk.gelu_epilogue and hn.is_cuda:
             from .model import linear_gelu
             y = F.linear(linear_gelu(blk.ffn[0], hn), blk.ffn[2].weight, blk.ffn[2].bias)

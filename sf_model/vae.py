@@ -20,6 +20,7 @@ Speed (benchmarks/bench_vae.py, 21 latents -> 81 frames of 832x480, bf16, one H2
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
@@ -236,12 +237,14 @@ class WanVAE(nn.Module):
     ``conv2``, ``decoder.*``), so the released checkpoint loads with ``load_state_dict``.
 
     Encode/decode run without gradients, in the VAE's parameter dtype on its device (inputs are
-    cast to that dtype; a device mismatch is an error).
+    cast to that dtype; a device mismatch is an error). ``cudnn_benchmark`` (default on) lets cuDNN
+    time its convolution algorithms once per input shape, during this VAE's calls only.
     """
 
-    def __init__(self, config: WanVAEConfig = WAN21_VAE):
+    def __init__(self, config: WanVAEConfig = WAN21_VAE, cudnn_benchmark: bool = True):
         super().__init__()
         self.config = config
+        self.cudnn_benchmark = cudnn_benchmark
         self.encoder = Encoder3d(config)
         self.conv1 = CausalConv3d(config.z_dim * 2, config.z_dim * 2, 1)
         self.conv2 = CausalConv3d(config.z_dim, config.z_dim, 1)
@@ -269,11 +272,13 @@ class WanVAE(nn.Module):
     # cuDNN's tensor-core convolutions need no layout transposes. Outputs are made contiguous.
     def _decode_chunk(self, z: torch.Tensor, cache: Cache) -> torch.Tensor:
         z = z.contiguous(memory_format=torch.channels_last_3d)
-        return self.decoder(self.conv2(z), cache).contiguous()
+        with _cudnn_benchmark(self.cudnn_benchmark and z.is_cuda):
+            return self.decoder(self.conv2(z), cache).contiguous()
 
     def _encode_chunk(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
         x = x.contiguous(memory_format=torch.channels_last_3d)
-        h = self.conv1(self.encoder(x, cache))
+        with _cudnn_benchmark(self.cudnn_benchmark and x.is_cuda):
+            h = self.conv1(self.encoder(x, cache))
         return h[:, : self.config.z_dim].contiguous()
 
     # ---- public API ---------------------------------------------------------------------------
@@ -325,6 +330,19 @@ class WanVAE(nn.Module):
                 fmt = torch.channels_last_3d if m.weight.dim() == 5 else torch.channels_last
                 m.weight.data = m.weight.data.contiguous(memory_format=fmt)
         return self
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark(enabled: bool):
+    """cuDNN algorithm timing switched on for the duration of one call (then restored)."""
+    if not enabled or torch.backends.cudnn.benchmark:
+        yield
+        return
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = False
 
 
 def _sizes(total: int, chunk: Optional[int]) -> List[int]:

@@ -20,6 +20,19 @@ def test_row_quantisation_keeps_each_row_within_fp8_precision():
     assert (q.float().abs().amax(1) <= 448).all()
 
 
+def test_gelu_is_applied_before_quantisation():
+    x = torch.randn(32, 96) * 3
+    q, s = quantize_rows(x, gelu=True)
+    ref_q, ref_s = quantize_rows(torch.nn.functional.gelu(x, approximate="tanh"))
+    torch.testing.assert_close(s, ref_s)
+    assert torch.equal(q.float(), ref_q.float())
+    lin = torch.nn.Linear(96, 48)
+    w = Fp8Weight.from_weight(lin.weight, lin.bias)
+    exact = lin(torch.nn.functional.gelu(x, approximate="tanh"))
+    assert rel(fp8_linear(x, w, gelu=True), exact) < 0.06
+    assert rel(fp8_linear(x, w), exact) > 0.1  # without the flag the GELU is not applied
+
+
 def test_fp8_linear_is_close_to_the_float_linear_and_checks_sizes():
     g = torch.Generator().manual_seed(0)
     lin = torch.nn.Linear(128, 64)
