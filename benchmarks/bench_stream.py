@@ -53,6 +53,8 @@ def build(args, dtype, device):
         model.use_fused_kernels(fp8=args.fp8)
     if args.compile != "none":
         model.compile_blocks(mode=None if args.compile == "default" else args.compile)
+    if getattr(args, "cuda_graphs", False):
+        model.use_cuda_graphs()
     return model, cfg
 
 
@@ -237,7 +239,7 @@ def check_accuracy(args, device, context):
     """Optimised path (this run's settings) vs eager fp32 on the same weights: relative error of x0."""
     frames = min(6, (args.frames - 1) // 4 + 1)
     ref_args = argparse.Namespace(**{**vars(args), "compile": "none", "fuse_qkv": False, "fuse_gelu": False,
-                                             "fused_kernels": False, "fp8": False})
+                                             "fused_kernels": False, "fp8": False, "cuda_graphs": False})
     ref, _ = build(ref_args, torch.float32, device)
     fast, _ = build(args, DTYPES[args.dtype], device)
     opts = StreamOptions(frames_per_block=args.fpb)
@@ -300,6 +302,7 @@ def main(argv=None):
     p.add_argument("--fused-kernels", action="store_true",
                    help="inference trunk with fused Triton elementwise kernels (implies --fuse-qkv --fuse-gelu)")
     p.add_argument("--fp8", action="store_true", help="fused kernels + FP8 linear layers (opt-in, less exact)")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay block forwards from CUDA graphs")
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--frames", type=int, default=81, help="pixel frames (4k+1)")
@@ -329,7 +332,8 @@ def main(argv=None):
     info = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "dtype": args.dtype, "attention": model.attn_backend,
-        "compile": args.compile, "fuse_qkv": args.fuse_qkv, "fuse_gelu": args.fuse_gelu, "fused_kernels": args.fused_kernels, "fp8": args.fp8, "size": f"{args.width}x{args.height}",
+        "compile": args.compile, "fuse_qkv": args.fuse_qkv, "fuse_gelu": args.fuse_gelu, "fused_kernels": args.fused_kernels, "fp8": args.fp8,
+        "cuda_graphs": args.cuda_graphs, "size": f"{args.width}x{args.height}",
         "command": "python benchmarks/bench_stream.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     if device.type == "cuda":
@@ -337,12 +341,18 @@ def main(argv=None):
     res = short_run(model, context, args, opts, device)
     info.update(res)
     print(f"device {info['device']} | torch {info['torch']} | {info['dtype']} | attention {info['attention']} | "
-          f"compile {info['compile']} | fused qkv {info['fuse_qkv']} | gelu epilogue {info['fuse_gelu']} | fused kernels {info['fused_kernels']}")
+          f"compile {info['compile']} | fused qkv {info['fuse_qkv']} | gelu epilogue {info['fuse_gelu']} | fused kernels {info['fused_kernels']} "
+          f"| fp8 {info['fp8']} | CUDA graphs {info['cuda_graphs']}")
     print(f"{'video':>22} {'generator s':>12} {'gen FPS':>8} {'first chunk s':>14} {'peak GiB':>9} {'forwards':>9}")
     print(f"{info['size'] + ' x' + str(res['pixel_frames']):>22} {res['generator_s']:12.3f} {res['generator_fps']:8.1f} "
           f"{res['first_chunk_s']:14.3f} {res['peak_gib']:9.2f} {res['forwards']:9d}")
     print(f"  range {res['generator_s_min']:.3f}-{res['generator_s_max']:.3f} s over {args.repeats} videos; "
           f"per chunk ms: {res['chunk_ms']}; host had queued the last chunk at {res['host_issue_s']:.3f} s")
+    if model._graphs is not None:
+        gr = model._graphs
+        info["graphs"] = {"recorded": gr.recorded, "replayed": gr.replayed, "kept": len(gr.graphs), "failed": gr.failed}
+        print(f"  CUDA graphs: {gr.recorded} recorded, {gr.replayed} replays, {len(gr.graphs)} kept"
+              + (f", FAILED: {gr.failed}" if gr.failed else ""))
     if args.profile and device.type == "cuda":
         info["profile"] = profile_video(model, context, args, opts, device)
     if args.check:

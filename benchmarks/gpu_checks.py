@@ -116,6 +116,21 @@ def main():
     results["bf16 optimised vs fp32 eager (video x0)"] = rel(b, a)
     c = generate(fused32, ctx, num_frames=9, height=h, width=w, seed=2, options=opts)
     results["fp32 fused-kernel trunk vs fp32 eager (video x0)"] = rel(c, a)
+    # CUDA graphs replay exactly the eager kernels: fixed cache, then a rolling cache with a sink
+    for window, sink, frames in ((None, 0, 9), (6, 3, 24)):
+        opts = StreamOptions(frames_per_block=3, window=window, sink=sink, extend_positions=True)
+        eager_v = generate(fast, ctx.bfloat16(), num_frames=frames, height=h, width=w, seed=4, options=opts)
+        fast.use_cuda_graphs()
+        cache = fast.new_cache(1, (h // 2) * (w // 2), window=window or frames, sink=sink)
+        for rep in range(2):  # the second video replays only
+            graphed_v = generate(fast, ctx.bfloat16(), num_frames=frames, height=h, width=w, seed=4,
+                                 options=opts, cache=cache)
+            results[f"CUDA graphs vs eager (exact) W={window} S={sink} video {rep}"] = rel(graphed_v, eager_v)
+        gr = fast._graphs
+        print(f"graphs W={window} S={sink}: recorded {gr.recorded}, replayed {gr.replayed}, failed {gr.failed}")
+        if gr.failed or gr.replayed == 0:
+            results[f"CUDA graphs used W={window}"] = float("nan")
+        fast.use_cuda_graphs(False)
     for k, v in results.items():
         print(f"{k:45s} rel err {v:.2e}")
     bad = [k for k, v in results.items() if not v < (3e-2 if ("bf16" in k or "16" in k) else 1e-4)]

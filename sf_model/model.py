@@ -26,6 +26,7 @@ from .attention import attention, masked_attention, resolve_backend
 from .cache import KVCache, TextContext
 from .config import WanConfig
 from .fused_trunk import fused_trunk
+from .graphs import BlockGraphs
 from .mask import build_mask
 from .rope import Rope3D, apply_rope
 from .routing import history_frames, routed_attention
@@ -212,6 +213,7 @@ class CausalWanModel(nn.Module):
         self.fused_kernels = False
         self.fp8_linears = False
         self._fp8: dict = {}  # FP8 copies of linear weights (sf_model.fp8), built on first use
+        self._graphs: BlockGraphs | None = None  # CUDA graphs of forward_block (use_cuda_graphs)
 
     # -- properties --------------------------------------------------------------------------
     @property
@@ -301,14 +303,16 @@ class CausalWanModel(nn.Module):
         return e.view(batch, frames, -1), e0.view(batch, frames, 6, -1)
 
     # -- shared trunk ------------------------------------------------------------------------
-    def _run(self, x, t, text: TextContext, start_frame: int, attend_for_layer, extend_positions: bool):
+    def _run(self, x, t, text: TextContext, start_frame: int, attend_for_layer, extend_positions: bool,
+             rope=None):
         grid = self.latent_grid(x)
         b = x.shape[0]
         if text.batch != b:
             raise ValueError(f"text context batch {text.batch} does not match latent batch {b}")
         fr, hh, ww = grid
-        self.rope.check_frames(start_frame, fr, extend_positions)
-        rope = self.rope.cos_sin(start_frame, fr, hh, ww, self.device)
+        if rope is None:
+            self.rope.check_frames(start_frame, fr, extend_positions)
+            rope = self.rope.cos_sin(start_frame, fr, hh, ww, self.device)
         self._refresh_fused()
         e, e0 = self.time_embed(t, b, fr)
         h = self.patch_embedding(x.to(self.dtype)).flatten(2).transpose(1, 2).float()  # [B, L, dim]
@@ -380,7 +384,18 @@ class CausalWanModel(nn.Module):
                 return attention(q, kc, vc, backend)
             return attend
 
-        return self._run(x, t, text, start_frame, attend_for_layer, extend_positions)
+        def run(x_, t_, rope, text_):
+            return self._run(x_, t_, text_, start_frame, attend_for_layer, extend_positions, rope)
+
+        graphs = self._graphs
+        if (graphs is not None and graphs.accepts(x) and not route and not torch.is_grad_enabled()
+                and isinstance(t, torch.Tensor) and t.device == x.device and tuple(t.shape) == (x.shape[0], fr)):
+            self.rope.check_frames(start_frame, fr, extend_positions)
+            rope = self.rope.cos_sin(start_frame, fr, hh, ww, self.device)
+            key = graphs.situation(x, t, text, cache, (extend_positions, self.dtype, self.fused_kernels,
+                                                       self.fp8_linears, backend))
+            return graphs.run(key, run, x, t, rope, text)
+        return run(x, t, None, text)
 
     # -- inference speed-ups -----------------------------------------------------------------
     def fuse_qkv(self) -> "CausalWanModel":
@@ -391,6 +406,7 @@ class CausalWanModel(nn.Module):
         """
         for blk in self.blocks:
             blk.self_attn.fuse_qkv()
+        self._drop_graphs()
         return self
 
     def _refresh_fused(self) -> None:
@@ -412,7 +428,26 @@ class CausalWanModel(nn.Module):
         self.fp8_linears = enabled and fp8
         if not self.fp8_linears:
             self._fp8 = {}
+        self._drop_graphs()
         return self
+
+    def use_cuda_graphs(self, enabled: bool = True, max_graphs: int = 32,
+                        graphs: BlockGraphs | None = None) -> "CausalWanModel":
+        """Replay each KV-cached block forward from a recorded CUDA graph (``sf_model.graphs``):
+        the same kernels, so the same numbers, without the host's per-kernel launch cost. Used on
+        CUDA for gradient-free forwards without history routing; other calls run as before. The
+        graphs keep their own activation memory (one shared pool, about one forward's worth).
+        ``graphs``: a ready ``BlockGraphs`` (or subclass) to use instead of a new one."""
+        self._graphs = (graphs or BlockGraphs(max_graphs)) if enabled else None
+        return self
+
+    def _drop_graphs(self) -> None:
+        if getattr(self, "_graphs", None) is not None:
+            self._graphs.clear()
+
+    def _apply(self, fn, *args, **kwargs):
+        self._drop_graphs()  # .to()/.cuda()/.half() move the tensors the graphs read
+        return super()._apply(fn, *args, **kwargs)
 
     def fuse_gelu(self, enabled: bool = True) -> "CausalWanModel":
         """On CUDA, run each FFN's first linear layer and its GELU as one GEMM with a GELU epilogue."""

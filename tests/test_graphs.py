@@ -1,0 +1,138 @@
+"""CUDA-graph replay of the block forward (sf_model.graphs), exercised on the CPU with a stand-in
+recorder that behaves like a CUDA graph where it matters: what it replays is fixed at recording time
+(the cache slots it writes/reads, the forward it ran) and it sees new inputs only through the static
+buffers. The real CUDA graphs are compared with eager forwards by benchmarks/gpu_checks.py."""
+
+import pytest
+import torch
+
+from self_forcing.sf_model.config import TINY
+from self_forcing.sf_model.graphs import BlockGraphs
+from self_forcing.sf_model.sampler import StreamOptions, generate
+
+
+class StandInGraphs(BlockGraphs):
+    """Records by running the forward on the static inputs; a replay re-runs that recorded forward
+    on the static inputs, with the cache plan of the recording, into the recorded output tensor."""
+
+    def __init__(self, cache_of, max_graphs=32):
+        super().__init__(max_graphs)
+        self.cache_of = cache_of
+
+    def accepts(self, x):
+        return True
+
+    def _capture(self, forward, static):
+        cache = self.cache_of()
+        plan = cache.plan
+        out = forward(static[0], static[1], (static[2], static[3]))
+
+        def replay():
+            current, cache.plan = cache.plan, plan
+            try:
+                out.copy_(forward(static[0], static[1], (static[2], static[3])))
+            finally:
+                cache.plan = current
+        return replay, out
+
+
+def with_graphs(model, max_graphs=32, window=None, frames=9, h=4, w=6):
+    cache = model.new_cache(1, (h // 2) * (w // 2), window=window or frames)
+    graphs = StandInGraphs(lambda: cache, max_graphs)
+    model.use_cuda_graphs(graphs=graphs)
+    return cache, graphs
+
+
+CTX = torch.randn(1, 10, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_replayed_video_equals_eager_and_one_graph_serves_a_chunk(make_tiny, fused):
+    eager = make_tiny(TINY, seed=4)
+    graphed = make_tiny(TINY, seed=4)
+    if fused:
+        eager.use_fused_kernels()
+        graphed.use_fused_kernels()
+    cache, graphs = with_graphs(graphed)
+    opts = StreamOptions(frames_per_block=3)
+    ref = generate(eager, CTX, num_frames=9, height=4, width=6, seed=2, options=opts)
+    out = generate(graphed, CTX, num_frames=9, height=4, width=6, seed=2, options=opts, cache=cache)
+    assert torch.equal(out, ref)
+    # 3 chunks x (4 denoising passes + 1 cache pass), minus the skipped last cache pass = 14 forwards:
+    # one recording per chunk, the other forwards of the chunk replay it
+    assert (graphs.recorded, graphs.replayed) == (3, 11)
+    again = generate(graphed, CTX, num_frames=9, height=4, width=6, seed=5, options=opts, cache=cache)
+    assert torch.equal(again, generate(eager, CTX, num_frames=9, height=4, width=6, seed=5, options=opts))
+    assert (graphs.recorded, graphs.replayed) == (3, 25)  # same buffers: the second video only replays
+
+
+def test_rolling_cache_cycles_through_few_graphs_with_the_right_positions(make_tiny):
+    eager = make_tiny(TINY, seed=6)
+    graphed = make_tiny(TINY, seed=6)
+    cache, graphs = with_graphs(graphed, window=6, frames=24)
+    opts = StreamOptions(frames_per_block=3, window=6, extend_positions=True)
+    ref = generate(eager, CTX, num_frames=24, height=4, width=6, seed=1, options=opts)
+    out = generate(graphed, CTX, num_frames=24, height=4, width=6, seed=1, options=opts, cache=cache)
+    # a replay at a new absolute position must use that position's RoPE angles, not the recorded ones
+    assert torch.equal(out, ref)
+    # slot patterns: [0,3) alone, [3,6) with [0,3), then [0,3) and [3,6) of a full ring, repeating
+    assert graphs.recorded == 3 and len(graphs.graphs) == 3
+
+
+def test_graph_count_is_bounded_and_results_stay_exact(make_tiny):
+    eager = make_tiny(TINY, seed=7)
+    graphed = make_tiny(TINY, seed=7)
+    cache, graphs = with_graphs(graphed, max_graphs=2)
+    opts = StreamOptions(frames_per_block=3)
+    ref = generate(eager, CTX, num_frames=9, height=4, width=6, seed=3, options=opts)
+    for _ in range(2):
+        out = generate(graphed, CTX, num_frames=9, height=4, width=6, seed=3, options=opts, cache=cache)
+        assert torch.equal(out, ref)
+        assert len(graphs.graphs) <= 2
+    assert graphs.recorded == 6  # 3 situations cycling through 2 places: each is re-recorded
+
+
+def test_a_new_prompt_or_moved_weights_never_replay_stale_graphs(make_tiny):
+    eager = make_tiny(TINY, seed=8)
+    graphed = make_tiny(TINY, seed=8)
+    cache, graphs = with_graphs(graphed)
+    opts = StreamOptions(frames_per_block=3)
+    generate(graphed, CTX, num_frames=9, height=4, width=6, seed=3, options=opts, cache=cache)
+    other = torch.randn(1, 10, 32, generator=torch.Generator().manual_seed(9))
+    out = generate(graphed, other, num_frames=9, height=4, width=6, seed=3, options=opts, cache=cache)
+    assert torch.equal(out, generate(eager, other, num_frames=9, height=4, width=6, seed=3, options=opts))
+    graphed.to(torch.float64).to(torch.float32)  # moving the weights drops every recording
+    assert len(graphs.graphs) == 0
+    before = graphs.recorded
+    graphed.use_fused_kernels()
+    eager.use_fused_kernels()
+    out = generate(graphed, CTX, num_frames=9, height=4, width=6, seed=3, options=opts, cache=cache)
+    assert torch.equal(out, generate(eager, CTX, num_frames=9, height=4, width=6, seed=3, options=opts))
+    assert graphs.recorded == before + 3
+
+
+def test_gradient_forwards_and_cpu_tensors_stay_eager(make_tiny):
+    model = make_tiny(TINY, seed=1).use_cuda_graphs()
+    assert not model._graphs.accepts(torch.zeros(1))  # the real recorder only takes CUDA tensors
+    generate(model, CTX, num_frames=3, height=4, width=6, seed=0)
+    assert model._graphs.recorded == 0 and model._graphs.replayed == 0
+    model.use_cuda_graphs(False)
+    assert model._graphs is None
+    with pytest.raises(ValueError, match="max_graphs"):
+        BlockGraphs(0)
+
+
+def test_a_recording_failure_falls_back_to_eager_for_good(make_tiny):
+    class Failing(StandInGraphs):
+        def _capture(self, forward, static):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    eager = make_tiny(TINY, seed=2)
+    graphed = make_tiny(TINY, seed=2)
+    cache = graphed.new_cache(1, 6, window=9)
+    graphs = Failing(lambda: cache)
+    graphed.use_cuda_graphs(graphs=graphs)
+    with pytest.warns(UserWarning, match="running eagerly"):
+        out = generate(graphed, CTX, num_frames=9, height=4, width=6, seed=2, cache=cache)
+    assert torch.equal(out, generate(eager, CTX, num_frames=9, height=4, width=6, seed=2))
+    assert "not permitted" in graphs.failed and graphs.recorded == 0 and not graphs.graphs
