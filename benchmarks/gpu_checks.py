@@ -99,6 +99,13 @@ def main():
             q1, s1 = fp8_mod.quantize_rows(xq, gelu)
             q2, s2 = fp8_mod.quantize_rows_ref(xq, gelu)
             results[f"triton fp8 quantise bf16 K={kdim} gelu={gelu}"] = rel(q1.float() * s1, q2.float() * s2)
+    from self_forcing.sf_model.noise import NoiseStream, chunk_noise
+
+    source = NoiseStream(11, dev, max_numel=16 * 3 * 8 * 8, slots=3)
+    for ci in range(4):  # more draws than staging slots: slots are reused
+        staged = list(source.chunk(ci, 4, (1, 16, 3, 8, 8)))
+        ref = chunk_noise(11, ci, 4, (1, 16, 3, 8, 8), "cpu")
+        results[f"staged CUDA noise == CPU noise chunk {ci}"] = max(rel(a.cpu(), b) for a, b in zip(staged, ref))
     lin = torch.nn.Linear(256, 512).to(dev, torch.bfloat16)
     xin = torch.randn(2, 4680, 256, device=dev, dtype=torch.bfloat16)
     with torch.no_grad():

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from .sampler import StreamOptions, block_plan, chunk_noise, commit_block, denoise_block, prefill, prepare
+from .noise import chunk_noise
+from .sampler import StreamOptions, block_plan, commit_block, denoise_block, prefill, prepare
 from .schedule import add_noise, make_steps
 
 RESAMPLE_SEED_OFFSET = 0x5E5A

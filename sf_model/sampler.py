@@ -7,23 +7,21 @@ generator that yields every finished chunk as soon as it exists (right after its
 the clean cache pass follows when the next chunk is requested). The same ``denoise_block`` /
 ``commit_block`` functions drive the trainer's rollouts (with an exit step and gradient at that step).
 
-Noise is drawn on the CPU from a generator seeded per chunk (``chunk_seed``), so a seed gives the same
-video on every device and every chunk is reproducible on its own.
+Noise is drawn on the CPU from a generator seeded per chunk (``sf_model.noise``), so a seed gives the
+same video on every device and every chunk is reproducible on its own.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
 
 from .cache import KVCache, TextContext
+from .noise import NoiseStream
 from .schedule import DEFAULT_SHIFT, DEFAULT_STEPS, Step, add_noise, make_steps
-
-_MIX = 0x9E3779B97F4A7C15
-_MASK64 = (1 << 64) - 1
-
 
 @dataclass(frozen=True)
 class StreamOptions:
@@ -76,22 +74,6 @@ class StepEvent:
 
 class Cancelled(Exception):
     """Raised by a ``check_cancel`` callback to stop sampling (any exception works)."""
-
-
-def chunk_seed(seed: int, chunk_index: int) -> int:
-    """A 64-bit seed for one chunk, independent of every other chunk."""
-    x = (int(seed) * _MIX + (chunk_index + 1) * 0xBF58476D1CE4E5B9) & _MASK64
-    x ^= x >> 31
-    return (x * 0x94D049BB133111EB) & _MASK64
-
-
-def chunk_noise(seed: int, chunk_index: int, count: int, shape, device) -> list[torch.Tensor]:
-    """``count`` standard-normal tensors for one chunk (initial noise, then one per re-noising)."""
-    g = torch.Generator("cpu").manual_seed(chunk_seed(seed, chunk_index))
-    out = [torch.randn(shape, generator=g, dtype=torch.float32) for _ in range(count)]
-    if torch.device(device).type == "cuda":
-        return [n.pin_memory().to(device, non_blocking=True) for n in out]
-    return [n.to(device) for n in out]
 
 
 def block_plan(start: int, total: int, frames_per_block: int) -> list[tuple[int, int]]:
@@ -217,11 +199,12 @@ def stream(model, context, *, num_frames: int, height: int, width: int, seed: in
     plan = block_plan(start0, total, opts.frames_per_block)
     passes_total = len(plan) * len(steps)
     shape_of = lambda f: (batch, model.config.in_dim, f, height, width)  # noqa: E731
+    noise_source = NoiseStream(seed, model.device, math.prod(shape_of(opts.frames_per_block)))
     try:
         if prefix is not None:
             prefill(model, text, cache, prefix.float(), opts, check_cancel)
         for ci, (start, frames) in enumerate(plan):
-            noise = chunk_noise(seed, ci, len(steps), shape_of(frames), model.device)
+            noise = noise_source.chunk(ci, len(steps), shape_of(frames))
 
             def on_pass(i, x0, ci=ci):
                 if on_step is not None:

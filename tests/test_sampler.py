@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from self_forcing.sf_model.resample import resample_history
-from self_forcing.sf_model.sampler import (Cancelled, StreamOptions, block_plan, chunk_noise, generate,
-                                           stream)
+from self_forcing.sf_model.noise import NoiseStream, chunk_noise
+from self_forcing.sf_model.sampler import Cancelled, StreamOptions, block_plan, generate, stream
 from self_forcing.sf_model.schedule import make_steps, parse_steps, sigma_table
 
 
@@ -197,3 +197,16 @@ def test_options_validation():
         StreamOptions(window=2, frames_per_block=3)
     with pytest.raises(ValueError, match="strictly decreasing"):
         StreamOptions(steps=(250, 500))
+
+
+def test_lazy_noise_draws_the_same_numbers_as_a_whole_chunk_draw():
+    source = NoiseStream(7, "cpu", max_numel=16 * 3 * 4 * 6)
+    for ci in (0, 3):
+        ref = chunk_noise(7, ci, 4, (1, 16, 3, 4, 6), "cpu")
+        lazy = source.chunk(ci, 4, (1, 16, 3, 4, 6))
+        assert len(lazy) == 4 and not lazy.items  # nothing drawn before it is needed
+        assert torch.equal(lazy[0], ref[0]) and len(lazy.items) == 1
+        assert all(torch.equal(a, b) for a, b in zip(lazy[1:], ref[1:]))
+        assert torch.equal(lazy[-1], ref[3])
+        with pytest.raises(IndexError):
+            lazy[4]

@@ -4,7 +4,8 @@ gradient on the video is exactly the normalised gradient."""
 import torch
 
 from self_forcing.sf_model.config import TINY
-from self_forcing.sf_model.sampler import StreamOptions, chunk_noise
+from self_forcing.sf_model.noise import chunk_noise
+from self_forcing.sf_model.sampler import StreamOptions
 from self_forcing.sf_model.schedule import make_steps
 from self_forcing.training.dmd import critic_loss, dmd_gradient, dmd_loss, predict_x0, rollout, score_sigmas
 from self_forcing.training.config import DmdConfig

@@ -6,7 +6,8 @@ import torch
 
 from self_forcing.sf_model.cache import KVCache
 from self_forcing.sf_model.config import TINY
-from self_forcing.sf_model.sampler import StreamOptions, chunk_noise, commit_block, denoise_block, generate
+from self_forcing.sf_model.noise import chunk_noise
+from self_forcing.sf_model.sampler import StreamOptions, commit_block, denoise_block, generate
 from self_forcing.sf_model.schedule import make_steps
 from self_forcing.training.dmd import rollout
 from self_forcing.training.models import build_model
