@@ -287,7 +287,14 @@ def profile_video(model, context, args, opts, device):
     print("  top kernels:")
     for key, (cat, dt, n) in sorted(names.items(), key=lambda kv: -kv[1][1])[:14]:
         print(f"    {dt / 1e3:8.1f} ms x{n:<5d} [{cat}] {key[:90]}")
-    return {"wall_s": wall, "kernel_s": busy, "by_category_s": {k: v / 1e6 for k, v in sums.items()}}
+    # where the host spends its time in CUDA runtime calls (a long one is the host waiting on the GPU)
+    api = sorted(((ev.self_cpu_time_total, ev.count, ev.key) for ev in prof.key_averages()
+                  if ev.key.startswith("cuda") and ev.self_cpu_time_total > 0), reverse=True)[:8]
+    print("  host time in CUDA runtime calls:")
+    for dt, n, key in api:
+        print(f"    {dt / 1e3:8.1f} ms x{n:<5d} {key[:80]}")
+    return {"wall_s": wall, "kernel_s": busy, "by_category_s": {k: v / 1e6 for k, v in sums.items()},
+            "host_cuda_calls_ms": {key: dt / 1e3 for dt, _, key in api}}
 
 
 def main(argv=None):

@@ -75,7 +75,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, or auto")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="model (and VAE) dtype")
     p.add_argument("--fused-kernels", action="store_true",
-                   help="fused inference kernels (Triton on CUDA; elsewhere the same math in PyTorch, no faster)")
+                   help="fused inference kernels (Triton on CUDA; elsewhere the same math in PyTorch, no faster) "
+                        "and, on CUDA, block forwards replayed from CUDA graphs")
     p.add_argument("--fps", type=int, default=None, help="frame rate of the video (default: the model's)")
     p.add_argument("--out", default=None,
                    help=f"output .mp4 (or .gif); '-' = stdout (with --stream). Default {DEFAULT_OUT}, or none "
@@ -300,7 +301,7 @@ def prepare(args, device):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     loaded = load_model(path, device=device, dtype=dtype)
     if args.fused_kernels:
-        loaded.model.use_fused_kernels()
+        loaded.model.use_fused_kernels().use_cuda_graphs()  # graphs only act on CUDA tensors
     if is_toy_bundle(loaded):
         return prepare_toy(args, loaded, path, device)
     return prepare_wan(args, loaded, path, device, dtype)

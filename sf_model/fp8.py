@@ -4,8 +4,8 @@ Weights are quantised once per output channel, activations per token at run time
 ``float8_e4m3fn`` with float32 scales; the product runs through ``torch._scaled_mm`` (row-wise scales)
 and comes back in the model dtype. Used only by the fused inference trunk
 (``CausalWanModel.use_fused_kernels(fp8=True)``). It trades accuracy for speed: the README states the
-measured error. Bias is added after the product (row-wise scaling with a fused bias is not available
-in every PyTorch build).
+measured error. The bias is fused into the GEMM where the PyTorch build supports that with row-wise
+scales, otherwise added after the product.
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ class Fp8Weight:
     scale: torch.Tensor       # [1, N] float32
     bias: torch.Tensor | None
     source_ptr: int           # data_ptr of the weight it was made from (stale detection)
+    bias_in_gemm: bool | None = None  # does this build fuse the bias into the scaled GEMM? (None: untried)
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> "Fp8Weight":
@@ -89,9 +90,17 @@ def fp8_linear(x: torch.Tensor, w: Fp8Weight, gelu: bool = False) -> torch.Tenso
     ``gelu``: multiply GELU-tanh(x) instead (fused into the activation quantisation)."""
     flat = x.reshape(-1, x.shape[-1])
     q, s = quantize_rows(flat, gelu)
+    bias = None if w.bias is None else w.bias.to(x.dtype)
+    if bias is not None and w.bias_in_gemm is not False:
+        try:  # the bias as a GEMM epilogue, where this build's row-wise scaled GEMM takes one
+            out = torch._scaled_mm(q, w.weight.t(), scale_a=s, scale_b=w.scale, bias=bias, out_dtype=x.dtype)
+            w.bias_in_gemm = True
+            return out.view(*x.shape[:-1], -1)
+        except (RuntimeError, NotImplementedError):
+            w.bias_in_gemm = False
     out = torch._scaled_mm(q, w.weight.t(), scale_a=s, scale_b=w.scale, out_dtype=x.dtype)
-    if w.bias is not None:
-        out = out + w.bias.to(out.dtype)
+    if bias is not None:
+        out = out + bias
     return out.view(*x.shape[:-1], -1)
 
 

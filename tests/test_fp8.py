@@ -64,3 +64,15 @@ def test_fp8_trunk_video_error_is_bounded_and_weights_refresh(make_tiny):
     back.use_fused_kernels(fp8=False)  # switching FP8 off drops the copies and restores the exact path
     assert back._fp8 == {}
     assert rel(generate(back, ctx, num_frames=6, height=4, width=6, seed=2), a) < 1e-5
+
+
+def test_bias_fused_into_the_gemm_or_added_after_gives_the_same_result():
+    lin = torch.nn.Linear(64, 32)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(3))
+    fused = Fp8Weight.from_weight(lin.weight, lin.bias)
+    separate = Fp8Weight.from_weight(lin.weight, lin.bias)
+    separate.bias_in_gemm = False  # what a build without the epilogue does after its first try
+    a, b = fp8_linear(x, fused), fp8_linear(x, separate)
+    assert fused.bias_in_gemm is True and separate.bias_in_gemm is False
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert rel(a, lin(x)) < 0.06
