@@ -15,5 +15,5 @@ python3 benchmarks/bench_stream.py --fused-kernels --cuda-graphs --profile --jso
 python3 benchmarks/bench_stream.py --fp8 --cuda-graphs --check --profile --json "$OUT/fp8_graphs.json" 2>&1 \
     | grep -v -i warn | tail -30 | head -20
 timeout 300 python3 benchmarks/bench_stream.py --fused-kernels --cuda-graphs --vae --compile-vae --repeats 3 \
-    --profile --json "$OUT/e2e_graphs.json" 2>&1 | grep -v -i warn | grep -v "^      " | tail -8
+    --json "$OUT/e2e_graphs.json" 2>&1 | grep -v -i warn | grep -v "^      " | tail -8
 python3 benchmarks/cli_gpu_check.py 2>&1 | grep CHECK | tee "$OUT/cli.log"
