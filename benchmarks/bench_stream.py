@@ -297,6 +297,20 @@ def profile_video(model, context, args, opts, device):
             "host_cuda_calls_ms": {key: dt / 1e3 for dt, _, key in api}}
 
 
+def host_profile(model, context, args, opts, device, top: int = 14):
+    """cProfile of the host while it queues one video; per-chunk host vs GPU timestamps."""
+    import cProfile
+    import pstats
+
+    frames = (args.frames - 1) // 4 + 1
+    prof, host = cProfile.Profile(), []
+    prof.enable()
+    marks, _ = run_video(model, context, args, opts, device, frames, host=host)
+    prof.disable()
+    print("  chunk handed out: host ms " + str([round(h) for h in host]) + " | GPU ms " + str([round(m) for m in marks]))
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
@@ -323,6 +337,7 @@ def main(argv=None):
     p.add_argument("--long-every", type=int, default=100)
     p.add_argument("--check", action="store_true", help="compare with the eager fp32 path")
     p.add_argument("--profile", action="store_true", help="kernel time by category for one video (CUDA)")
+    p.add_argument("--host-profile", action="store_true", help="Python profile of the host side of one video")
     p.add_argument("--vae", action="store_true", help="also time the streaming VAE decode and end to end")
     p.add_argument("--compile-vae", action="store_true", help="torch.compile the VAE decoder")
     p.add_argument("--json", default=None, help="write the results here")
@@ -362,6 +377,8 @@ def main(argv=None):
               + (f", FAILED: {gr.failed}" if gr.failed else ""))
     if args.profile and device.type == "cuda":
         info["profile"] = profile_video(model, context, args, opts, device)
+    if args.host_profile:
+        host_profile(model, context, args, opts, device)
     if args.check:
         rel_norm, rel_max = check_accuracy(args, device, context)
         info["check_rel_norm"], info["check_rel_max"] = rel_norm, rel_max

@@ -2,10 +2,11 @@
 
 ``stream_video`` yields pixel frames chunk by chunk. On CUDA each chunk's decode is queued on a side
 stream (of high priority) as soon as the sampler hands the chunk out, so it runs while the generator
-already works on the next chunk; decoded frames are copied to pinned host memory on that side stream, and a chunk is
-handed to the caller one chunk later, when its frames are (or are about to be) ready -- the caller's
-wait then never stalls the generator's queue. On the CPU each chunk is decoded in line and handed out
-at once.
+already works on the next chunk; decoded frames are copied to pinned host memory on that side stream,
+and a chunk is handed to the caller once the next chunk's work is queued, when its frames are (or are
+about to be) ready -- the caller's wait then never stalls the generator's queue. The first chunk is
+handed out as soon as it is decoded (nothing else is queued yet, so waiting costs the GPU nothing).
+On the CPU each chunk is decoded in line and handed out at once.
 
 Frame counts follow Wan: the first latent frame decodes to 1 pixel frame, every later one to 4.
 """
@@ -88,13 +89,19 @@ def stream_video(model, vae, context, *, num_frames: int, height: int, width: in
         pixel += fc.frames.shape[1] if as_uint8 else fc.frames.shape[2]
         return fc
 
-    pending = None
+    pending, handed_first = None, False
     try:
         for chunk in stream(model, context, num_frames=num_frames, height=height, width=width, seed=seed,
                             options=options, prefix=prefix, on_step=on_step, check_cancel=check_cancel):
             current = launch(chunk)
             if side is None:  # decoded in line: nothing to overlap, hand it out at once
                 yield current
+                continue
+            if pending is None and not handed_first:
+                # The first chunk goes out as soon as it is decoded (first-pixel latency); the GPU
+                # has nothing else queued meanwhile, so waiting here costs it no time.
+                handed_first = True
+                yield current.wait()
                 continue
             if pending is not None:
                 yield pending.wait()
