@@ -76,11 +76,12 @@ class BlockGraphs:
         return x.is_cuda
 
     @staticmethod
-    def situation(x: torch.Tensor, t: torch.Tensor, text, cache, extra: tuple) -> tuple:
+    def situation(x: torch.Tensor, t: torch.Tensor, cache, extra: tuple) -> tuple:
+        # (the prompt's shapes are not part of it: a prompt of other shapes clears every graph, see
+        # ``static_text``)
         plan = cache.plan
-        text_shapes = tuple((k.shape, k.dtype) for k, _ in text.kv)
         return (tuple(x.shape), x.dtype, tuple(t.shape), plan.runs, plan.valid_frames,
-                cache.k.data_ptr(), cache.v.data_ptr(), text_shapes, extra)
+                cache.k.data_ptr(), cache.v.data_ptr(), extra)
 
     def static_text(self, text: TextContext) -> TextContext:
         """The graphs read the prompt's cross-attention K/V from one static copy, refreshed (a plain

@@ -392,8 +392,8 @@ class CausalWanModel(nn.Module):
                 and isinstance(t, torch.Tensor) and t.device == x.device and tuple(t.shape) == (x.shape[0], fr)):
             self.rope.check_frames(start_frame, fr, extend_positions)
             rope = self.rope.cos_sin(start_frame, fr, hh, ww, self.device)
-            key = graphs.situation(x, t, text, cache, (extend_positions, self.dtype, self.fused_kernels,
-                                                       self.fp8_linears, backend))
+            key = graphs.situation(x, t, cache, (extend_positions, self.dtype, self.fused_kernels,
+                                                 self.fp8_linears, backend))
             return graphs.run(key, run, x, t, rope, text)
         return run(x, t, None, text)
 

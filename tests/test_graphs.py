@@ -136,3 +136,15 @@ def test_a_recording_failure_falls_back_to_eager_for_good(make_tiny):
         out = generate(graphed, CTX, num_frames=9, height=4, width=6, seed=2, cache=cache)
     assert torch.equal(out, generate(eager, CTX, num_frames=9, height=4, width=6, seed=2))
     assert "not permitted" in graphs.failed and graphs.recorded == 0 and not graphs.graphs
+
+
+def test_a_prompt_of_other_shape_clears_the_recordings(make_tiny):
+    eager = make_tiny(TINY, seed=9)
+    graphed = make_tiny(TINY, seed=9)
+    cache, graphs = with_graphs(graphed)
+    generate(graphed, CTX, num_frames=9, height=4, width=6, seed=3, cache=cache)
+    assert len(graphs.graphs) == 3
+    pair = torch.randn(2, 10, 32, generator=torch.Generator().manual_seed(4))  # a batch of two prompts
+    out = generate(graphed, pair, num_frames=9, height=4, width=6, seed=3)  # its own cache
+    assert torch.equal(out, generate(eager, pair, num_frames=9, height=4, width=6, seed=3))
+    assert graphs.recorded == 6 and len(graphs.graphs) == 3  # the batch-1 recordings were dropped
