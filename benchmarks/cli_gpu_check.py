@@ -8,7 +8,7 @@ from self_forcing.sf_model.vae import WanVAE, WanVAEConfig
 from self_forcing.sf_model.vae_checkpoint import save_vae, load_vae
 from self_forcing.sf_model.pipeline import stream_video
 from self_forcing.sf_model.sampler import StreamOptions
-from self_forcing.nodes.logic_text import save_text_embeds
+from self_forcing.sf_model.text_embeds import save_text_embeds
 from self_forcing.cli import main
 
 root = "/tmp/cli_check"; os.makedirs(root, exist_ok=True)

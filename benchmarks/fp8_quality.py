@@ -16,9 +16,9 @@ import torch
 
 from self_forcing.sf_model.checkpoint import load_model
 from self_forcing.sf_model.sampler import StreamOptions, generate
-from self_forcing.training.bundle import encode_prompt, latents_to_video
+from self_forcing.toy.bundle import encode_prompt, latents_to_video
 from self_forcing.training.drift import frame_metrics
-from self_forcing.training.toyworld import sample_scene
+from self_forcing.toy.world import sample_scene
 
 ASSET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
                      "self_forcing_toy.safetensors")

@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from .. import weights
+from ..sf_model import weights
 
 EXIT_OK, EXIT_FAILED, EXIT_OFFLINE = 0, 1, 2
 

@@ -215,7 +215,7 @@ def _cache_note(opts) -> str:
 def prepare_toy(args, loaded, path: str, device) -> Job:
     from ..sf_model.pipeline import frames_to_uint8
     from ..sf_model.sampler import stream
-    from ..training.bundle import encode_prompt, latents_to_video
+    from ..toy.bundle import encode_prompt, latents_to_video
 
     if args.embeds or args.vae:
         raise ValueError("--embeds/--vae are for Wan checkpoints; this toy model has its own text encoder and codec "
@@ -245,7 +245,7 @@ def prepare_toy(args, loaded, path: str, device) -> Job:
 
 
 def prepare_wan(args, loaded, path: str, device, dtype) -> Job:
-    from ..nodes.logic_text import load_text_embeds
+    from ..sf_model.text_embeds import load_text_embeds
     from ..sf_model.pipeline import stream_video
     from ..sf_model.vae_checkpoint import load_vae
 
@@ -292,7 +292,7 @@ def prepare(args, device):
     import torch
 
     from ..sf_model.checkpoint import load_model
-    from ..training.bundle import is_toy_bundle
+    from ..toy.bundle import is_toy_bundle
 
     path = args.model or default_model_path()
     if not os.path.isfile(path):

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..sf_model.latent_format import preview_strip, to_model_space, to_raw
-from ..training.bundle import CODEC_PART, TEXT_PART, is_toy_bundle, latents_to_frames, toy_parts
+from ..toy.bundle import CODEC_PART, TEXT_PART, is_toy_bundle, latents_to_frames, toy_parts
 from .logic_validate import SPATIAL_STRIDE, TEMPORAL_STRIDE, check_length, check_size, first_error
 
 WAN21 = "wan21"

@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from ..training.bundle import TEXT_PART, encode_prompt, is_toy_bundle, latents_to_frames, toy_parts
+from ..toy.bundle import TEXT_PART, encode_prompt, is_toy_bundle, latents_to_frames, toy_parts
 from .logic_latent import TEXT_KEY, part_id, toy_space
 from .logic_model import ModelHandle, describe
 

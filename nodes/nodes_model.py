@@ -9,7 +9,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from .. import weights
+from ..sf_model import weights
 from .comfy_glue import build_schema, ensure_folders, log
 from .logic_model import describe, load_handle
 from .logic_paths import model_choices

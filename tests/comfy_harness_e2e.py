@@ -47,7 +47,7 @@ from self_forcing.sf_model.config import TINY
 from self_forcing.sf_model.model import CausalWanModel
 from self_forcing.sf_model.vae import WAN21_VAE, WanVAE
 from self_forcing.sf_model.vae_checkpoint import save_vae
-from self_forcing.weights import SELF_FORCING, UMT5, WAN_VAE
+from self_forcing.sf_model.weights import SELF_FORCING, UMT5, WAN_VAE
 from self_forcing.workflows import run_headless
 
 REPO = Path(__file__).resolve().parent.parent
@@ -433,7 +433,7 @@ def toy_reference(prompt: dict) -> "torch.Tensor":
     from self_forcing.nodes.logic_model import load_handle
     from self_forcing.nodes.logic_sampling import LongVideoOptions, sample_video
     from self_forcing.nodes.logic_toy import encode_toy_prompt, toy_model_path
-    from self_forcing.training.bundle import encode_prompt, latents_to_frames
+    from self_forcing.toy.bundle import encode_prompt, latents_to_frames
 
     name = prompt[node_of(prompt, "SelfForcingToyModelLoader")]["inputs"]["model_name"]
     cpu = torch.device("cpu")

@@ -18,7 +18,7 @@ from self_forcing.sf_model import sampler as sampler_module
 from self_forcing.sf_model.checkpoint import load_model
 from self_forcing.sf_model.pipeline import frames_to_uint8
 from self_forcing.sf_model.sampler import StreamOptions, generate
-from self_forcing.training.bundle import encode_prompt, latents_to_video
+from self_forcing.toy.bundle import encode_prompt, latents_to_video
 
 av = pytest.importorskip("av")
 

@@ -10,7 +10,7 @@ import torch
 
 from self_forcing.cli import main
 from self_forcing.cli.fmp4 import top_level_boxes
-from self_forcing.nodes.logic_text import save_text_embeds
+from self_forcing.sf_model.text_embeds import save_text_embeds
 from self_forcing.sf_model.checkpoint import load_model
 from self_forcing.sf_model.config import WanConfig
 from self_forcing.sf_model.model import CausalWanModel
@@ -61,7 +61,7 @@ def wan_files(tmp_path_factory):
 
 
 def reference(files, dtype=torch.float32, seed=5) -> np.ndarray:
-    from self_forcing.nodes.logic_text import load_text_embeds
+    from self_forcing.sf_model.text_embeds import load_text_embeds
 
     model = load_model(files["dit"], dtype=dtype).model
     vae = load_vae(files["vae"], dtype=dtype)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from self_forcing.training import drift
-from self_forcing.training import toyworld as tw
+from self_forcing.toy import world as tw
 
 
 @pytest.fixture(scope="module")

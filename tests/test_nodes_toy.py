@@ -16,7 +16,7 @@ from self_forcing.nodes.logic_toy import (decode_toy_latent, describe_toy, encod
 from self_forcing.sf_model.checkpoint import LoadedModel, load_model
 from self_forcing.sf_model.latent_format import to_raw
 from self_forcing.sf_model.sampler import StreamOptions, generate
-from self_forcing.training.bundle import encode_prompt, is_toy_bundle, latents_to_frames
+from self_forcing.toy.bundle import encode_prompt, is_toy_bundle, latents_to_frames
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = specs.TOY_PROMPT

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from self_forcing.training import toyworld as tw
-from self_forcing.training.codec import ToyCodec, codec_matrix
-from self_forcing.training.toy_text import VOCAB, ToyTextEncoder
+from self_forcing.toy import world as tw
+from self_forcing.toy.codec import ToyCodec, codec_matrix
+from self_forcing.toy.text import VOCAB, ToyTextEncoder
 
 
 def _simulate(x, v, lo, hi, steps):

@@ -14,7 +14,7 @@ WORKER = textwrap.dedent('''
     import torch
     from self_forcing.training.config import load_config
     from self_forcing.training.engine import init_runtime, key_seed, shutdown
-    from self_forcing.training.pipeline import run_stages
+    from self_forcing.training.stages import run_stages
 
     class World:
         """Random but sample-keyed data: item i of a stream is the same whoever draws it."""

@@ -9,7 +9,7 @@ import torch
 from self_forcing.training.config import load_config, parse_override
 from self_forcing.training.engine import (EMA, JsonlLog, Runtime, atomic_torch_save, key_seed, read_jsonl,
                                           sample_indices)
-from self_forcing.training.pipeline import resolve_stages, run_stages
+from self_forcing.training.stages import resolve_stages, run_stages
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training", "configs")
 CPU = Runtime(device=torch.device("cpu"))

@@ -10,21 +10,21 @@ import torch
 
 from self_forcing.sf_model.checkpoint import load_model
 from self_forcing.sf_model.sampler import StreamOptions, generate
-from self_forcing.training.bundle import encode_prompt, is_toy_bundle, latents_to_frames
+from self_forcing.toy.bundle import encode_prompt, is_toy_bundle, latents_to_frames
 from self_forcing.training.config import load_config
 from self_forcing.training.engine import Runtime, key_seed, read_jsonl
-from self_forcing.training.pipeline import run_stages
-from self_forcing.training.world import make_world
+from self_forcing.training.stages import run_stages
+from self_forcing.training.data import make_world
 
 PROMPT = "a red circle and a blue square bouncing on a black background"
 
 
-def config(out_dir, parts="local"):
+def config(out_dir):
     return load_config(data={
         "run": {"out_dir": str(out_dir), "progress": False, "checkpoint_every": 50, "log_every": 1},
         "model": {"dim": 32, "ffn_dim": 64, "num_heads": 2, "num_layers": 2, "text_dim": 32, "text_len": 16,
                   "freq_dim": 32},
-        "world": {"size": 16, "frames": 6, "parts": parts},
+        "world": {"size": 16, "frames": 6},
         "teacher": {"steps": 24, "batch_size": 4, "lr": 3e-3, "ema_decay": 0.5},
         "ode_pairs": {"count": 8, "batch_size": 8, "substeps": 1, "guidance": 2.0},
         "ode_init": {"steps": 12, "batch_size": 4, "lr": 1e-3, "ema_decay": 0.5},
@@ -38,7 +38,7 @@ def config(out_dir, parts="local"):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy")
-    cfg = config(out, "shared")
+    cfg = config(out)
     world = make_world(cfg)
     paths = run_stages(cfg, ["teacher", "ode_pairs", "ode_init", "dmd", "eval", "export"],
                        Runtime(device=torch.device("cpu")), world)

@@ -4,13 +4,13 @@
 import pytest
 import torch
 
-from self_forcing.nodes.logic_text import save_text_embeds
+from self_forcing.sf_model.text_embeds import save_text_embeds
 from self_forcing.sf_model.checkpoint import load_model, save_model
 from self_forcing.training.config import load_config
 from self_forcing.training.engine import Runtime
 from self_forcing.training.models import build_model
-from self_forcing.training.pipeline import run_stages
-from self_forcing.training.world import WanWorld
+from self_forcing.training.stages import run_stages
+from self_forcing.training.data import WanWorld
 
 
 def setup_files(tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from self_forcing import weights
+from self_forcing.sf_model import weights
 from self_forcing.cli import download as cli
 from self_forcing.sf_model.checkpoint import load_model
 from self_forcing.sf_model.config import TINY

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from self_forcing import weights
+from self_forcing.sf_model import weights
 from self_forcing.nodes.specs import TOY_MODELS
 from self_forcing.sf_model.checkpoint import load_model
 from self_forcing.workflows import build

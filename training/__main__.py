@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .config import load_config
     from .engine import init_runtime, shutdown
-    from .pipeline import resolve_stages, run_stages
-    from .world import make_world
+    from .stages import resolve_stages, run_stages
+    from .data import make_world
 
     overrides = list(args.overrides)
     if args.out_dir:

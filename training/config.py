@@ -62,7 +62,6 @@ class WorldConfig:
     size: int = 64
     frames: int = 12
     max_objects: int | None = None
-    parts: str = "auto"           # toy text encoder/codec: auto (shared toy_text/codec, else local) | shared | local
     # wan: precomputed text embeddings (files written by the nodes' 'Save Text Embeddings')
     prompts_dir: str = ""
     negative: str = ""            # embeddings of the negative prompt (CFG); empty = zeros
@@ -76,8 +75,6 @@ class WorldConfig:
             raise ValueError(f"world.kind must be 'toy' or 'wan', got {self.kind!r}")
         if self.frames < 1:
             raise ValueError(f"world.frames must be >= 1, got {self.frames}")
-        if self.parts not in ("auto", "shared", "local"):
-            raise ValueError(f"world.parts must be auto, shared or local, got {self.parts!r}")
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .toyworld import (BACKGROUND_COLOURS, MAX_SIZE, MIN_SIZE, SHAPE_COLOURS, PromptAttributes, Scene,
+from ..toy.world import (BACKGROUND_COLOURS, MAX_SIZE, MIN_SIZE, SHAPE_COLOURS, PromptAttributes, Scene,
                        ToyObject, parse_prompt, render_batch)
 
 METRICS = ("background_error", "saturation", "saturation_ref", "saturation_error", "colour_error",

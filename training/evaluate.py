@@ -35,7 +35,7 @@ SUMMARY_METRICS = ("background_error", "colour_error", "saturation_error", "coun
 
 def eval_prompts(seed: int, count: int, max_objects: int | None = None) -> list[str]:
     """The evaluation prompts of a run seeded with ``seed`` (stream 'eval' of the toy world)."""
-    from .world import toy_scene
+    from .data import toy_scene
 
     return [toy_scene(seed, "eval", i, max_objects)[0].prompt for i in range(count)]
 
@@ -150,7 +150,7 @@ def evaluate_bundles(paths: dict[str, str], *, prompts: int = 16, run_seed: int 
                      device: str = "cpu", out: str = "eval.json") -> str:
     """Compare exported toy checkpoints (each with its bundled text encoder and codec)."""
     from ..sf_model.checkpoint import load_model
-    from .bundle import encode_prompt, is_toy_bundle, latents_to_video
+    from ..toy.bundle import encode_prompt, is_toy_bundle, latents_to_video
 
     dev = torch.device(device)
     loaded, first = {}, None

@@ -53,7 +53,7 @@ def export_model(cfg: TrainConfig, world, source: str, path: str | None = None, 
                  publish: bool = True) -> str:
     """Write the export of ``source`` (a stage output) to ``path`` (default from the config); ``role`` names
     the model (``self_forcing`` or ``causal_init``); ``publish`` allows the Hub upload when configured."""
-    from .bundle import bundle_extras, bundle_meta
+    from ..toy.bundle import bundle_extras, bundle_meta
     from .models import load_dit, save_dit
     from .ode_init import sampling_meta
 
@@ -70,8 +70,9 @@ def export_model(cfg: TrainConfig, world, source: str, path: str | None = None, 
         meta["drift"] = drift
     extras = None
     if world.kind == "toy":
-        meta["toy"] = bundle_meta(cfg, world)
-        extras = bundle_extras(world)
+        c, f, h, w = world.clip_shape
+        meta["toy"] = bundle_meta(world.text_encoder, cfg.world.size, (h, w), f)
+        extras = bundle_extras(world.text_encoder, world.codec)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_dit(path, model, cfg.model, role, meta, dtype=DTYPES[cfg.export.dtype], extras=extras)
     if cfg.export.hub_repo and publish:

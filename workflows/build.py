@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import weights
+from ..sf_model import weights
 from ..nodes.specs import DEFAULT_STEPS, TOY_MODELS, TOY_PROMPT
 from .schemas import REPO, all_schemas, ordered_inputs, widget_slots
 

@@ -1,6 +1,7 @@
 """A tiny text encoder for toy-world prompts, standing in for Wan's umT5 context.
 
-Words -> embedding table + learned position embedding (+ optional pre-norm transformer layers) ->
+Words -> embedding table + learned position embedding (+ optional pre-norm transformer layers and a final
+LayerNorm) ->
 [B, max_len, text_dim], with the rows after each prompt's last token exactly zero (as Wan pads umT5
 context). Initialisation is a pure function of ``seed`` and leaves the global RNG untouched.
 """
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .toyworld import BACKGROUND_COLOURS, SHAPE_COLOURS, SHAPES
+from .world import BACKGROUND_COLOURS, SHAPE_COLOURS, SHAPES
 
 PAD = "<pad>"
 # Index 0 is padding; the rest are every word a toy prompt can hold, in a fixed order.
@@ -57,7 +58,7 @@ class ToyTextEncoder(nn.Module):
     """Encode toy prompts to [B, max_len, text_dim] context with exactly-zero padding rows."""
 
     def __init__(self, text_dim: int = 32, max_len: int = DEFAULT_MAX_LEN, num_layers: int = 1,
-                 num_heads: int = 4, seed: int = 0):
+                 num_heads: int = 4, seed: int = 0, final_norm: bool = True):
         super().__init__()
         if text_dim < 1 or max_len < 1 or num_layers < 0:
             raise ValueError(f"need text_dim >= 1, max_len >= 1, num_layers >= 0; got {text_dim}, {max_len}, {num_layers}")
@@ -65,10 +66,11 @@ class ToyTextEncoder(nn.Module):
             raise ValueError(f"text_dim {text_dim} must be divisible by num_heads {num_heads}")
         self.text_dim, self.max_len, self.num_layers, self.num_heads, self.seed = (
             text_dim, max_len, num_layers, num_heads, seed)
+        self.final_norm = bool(final_norm)
         self.token_embedding = nn.Embedding(len(VOCAB), text_dim)
         self.position_embedding = nn.Parameter(torch.empty(max_len, text_dim))
         self.blocks = nn.ModuleList(_Block(text_dim, num_heads) for _ in range(num_layers))
-        self.norm = nn.LayerNorm(text_dim, elementwise_affine=False)
+        self.norm = nn.LayerNorm(text_dim, elementwise_affine=False) if self.final_norm else nn.Identity()
         self.reset_parameters(seed)
 
     @property
@@ -78,7 +80,7 @@ class ToyTextEncoder(nn.Module):
     def config(self) -> dict:
         """Constructor arguments; ``ToyTextEncoder(**enc.config())`` rebuilds the same architecture."""
         return {"text_dim": self.text_dim, "max_len": self.max_len, "num_layers": self.num_layers,
-                "num_heads": self.num_heads, "seed": self.seed}
+                "num_heads": self.num_heads, "seed": self.seed, "final_norm": self.final_norm}
 
     @torch.no_grad()
     def reset_parameters(self, seed: int) -> None:

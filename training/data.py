@@ -28,7 +28,7 @@ from .engine import key_seed
 
 def toy_scene(seed: int, stream: str, index: int, max_objects: int | None = None):
     """(Scene, start frame) of sample ``index`` of a toy stream: a pure function of its arguments."""
-    from .toyworld import sample_scene
+    from ..toy.world import sample_scene
 
     s = key_seed(seed, "toy", stream, int(index))
     start = random.Random(s ^ 0x5EED).randint(0, 1000)
@@ -59,13 +59,14 @@ class ToyWorld:
 
     # -- tensors ---------------------------------------------------------------------------------
     def encode_prompts(self, prompts: list[str], device) -> torch.Tensor:
-        return encode_text(self.text_encoder, prompts, device)
+        with torch.no_grad():
+            return self.text_encoder.encode(list(prompts)).float().to(device)
 
     def contexts(self, indices, device, stream: str) -> torch.Tensor:
         return self.encode_prompts(self.prompts(indices, stream), device)
 
     def uncond(self, batch: int, device) -> torch.Tensor:
-        """The empty prompt: all-zero context rows (how both toy encoders pad)."""
+        """The empty prompt: all-zero context rows (how the toy encoder pads)."""
         return torch.zeros(batch, self.cfg.model.text_len, self.cfg.model.text_dim, device=device)
 
     def codec_on(self, device):
@@ -74,7 +75,7 @@ class ToyWorld:
 
     @torch.no_grad()
     def clips(self, indices, device, stream: str) -> torch.Tensor:
-        from .toyworld import render_batch
+        from ..toy.world import render_batch
 
         items = [self.scene(i, stream) for i in indices]
         video = render_batch([s for s, _ in items], [t for _, t in items], self.frames, self.size, device=device)
@@ -87,21 +88,11 @@ class ToyWorld:
 
     def videos(self, indices, device, stream: str, num_frames: int | None = None) -> torch.Tensor:
         """Ground-truth pixel videos [B, 3, T, H, W] in [-1, 1] of the same samples (for evaluation)."""
-        from .toyworld import render_batch
+        from ..toy.world import render_batch
 
         items = [self.scene(i, stream) for i in indices]
         return render_batch([s for s, _ in items], [t for _, t in items], num_frames or self.frames, self.size,
                             device=device)
-
-
-@torch.no_grad()
-def encode_text(text_encoder, prompts: list[str], device) -> torch.Tensor:
-    """Context [B, L, D] float32 on ``device`` from either toy encoder (``encode(prompts)`` or a call)."""
-    if hasattr(text_encoder, "encode"):
-        ctx = text_encoder.encode(list(prompts))
-    else:
-        ctx = text_encoder(list(prompts))
-    return ctx.float().to(device)
 
 
 _CODEC_COPIES: dict = {}
@@ -126,7 +117,7 @@ class WanWorld:
     kind = "wan"
 
     def __init__(self, cfg: TrainConfig):
-        from ..nodes.logic_text import load_text_embeds
+        from ..sf_model.text_embeds import load_text_embeds
 
         wc, mc = cfg.world, cfg.model
         self.text_len, self.text_dim = mc.text_len, mc.text_dim
@@ -170,7 +161,7 @@ def make_world(cfg: TrainConfig, device=None):
     """The world of a config (toy: builds the toy text encoder and codec from ``toy_parts``)."""
     if cfg.world.kind == "wan":
         return WanWorld(cfg)
-    from .bundle import build_toy_parts
+    from ..toy.bundle import build_toy_parts
 
-    text_encoder, codec = build_toy_parts(cfg)
+    text_encoder, codec = build_toy_parts(cfg.model.text_dim, cfg.model.text_len, cfg.run.seed)
     return ToyWorld(cfg, text_encoder, codec)

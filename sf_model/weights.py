@@ -153,7 +153,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, dtype:
     """Convert any checkpoint layout sf_model knows (e.g. the official .pt) to our safetensors format."""
     import torch
 
-    from .sf_model.checkpoint import load_state_dict_file, save_model
+    from .checkpoint import load_state_dict_file, save_model
 
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     if dtype not in dtypes:
