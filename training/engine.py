@@ -135,10 +135,6 @@ def seeded_randn(shape, *parts, device=None) -> torch.Tensor:
     return out.to(dev) if device is not None else out
 
 
-def seeded_rand(*parts) -> float:
-    return float(torch.rand((), generator=generator(*parts)))
-
-
 def sample_indices(step: int, micro: int, rt: Runtime, batch: int, accum: int) -> list[int]:
     """Global indices of this process's samples at (step, micro-step).
 
@@ -448,18 +444,3 @@ def run_loop(stage: str, total_steps: int, step_fn: Callable[[int], Mapping[str,
         if bar is not None:
             bar.close()
     return LoopResult(max(total_steps, start), True)
-
-
-def param_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def iter_chunks(items: Iterable, size: int):
-    buf = []
-    for it in items:
-        buf.append(it)
-        if len(buf) == size:
-            yield buf
-            buf = []
-    if buf:
-        yield buf
