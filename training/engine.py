@@ -25,7 +25,8 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Mapping
+
 
 import torch
 import torch.distributed as dist
