@@ -164,6 +164,13 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, dtype:
     save_model(os.fspath(dst), sd, config, meta=meta, dtype=dtypes[dtype])
 
 
+def safe_file_name(name: str) -> str:
+    """``name`` when it is a plain file name (no folder part, not '.'/'..'), else a WeightsError."""
+    if not name or name in (".", "..") or Path(name).name != name or "/" in name or "\\" in name or "\0" in name:
+        raise WeightsError(f"refusing to write a file named {name!r}: a download target must be a plain file name")
+    return name
+
+
 def fetch(f: OfficialFile, dest_dir: str | os.PathLike, *, endpoint: str | None = None, token=None,
           revision: str = "main", staging_dir: str | os.PathLike | None = None, dtype: str = "bf16",
           keep_source: bool = False, expected_sha256: str | None = None) -> Path:
@@ -171,6 +178,7 @@ def fetch(f: OfficialFile, dest_dir: str | os.PathLike, *, endpoint: str | None 
 
     ``expected_sha256`` defaults to the pinned sum, else the Hub's. Returns the final path.
     """
+    name = safe_file_name(f.name)
     hub = _hub()
     dest_dir = Path(dest_dir)
     staging = Path(staging_dir) if staging_dir is not None else dest_dir.parent / STAGING
@@ -192,7 +200,9 @@ def fetch(f: OfficialFile, dest_dir: str | os.PathLike, *, endpoint: str | None 
         staged.unlink(missing_ok=True)
         raise WeightsError(f"checksum mismatch for {f.repo_path}: expected {want}, got {got}; the file was "
                            "deleted, run again to download it afresh")
-    final = dest_dir / f.name
+    if not staged.resolve().is_relative_to(staging.resolve()):
+        raise WeightsError(f"the download of {f.repo_path} landed outside the staging folder {staging}; refused")
+    final = dest_dir / name
     if f.convert:
         convert_checkpoint(staged, final, dtype=dtype,
                            source={"repo_id": f.repo_id, "path": f.repo_path, "sha256": got})

@@ -339,3 +339,14 @@ def test_cli_needs_a_models_dir_outside_comfyui(monkeypatch, capsys):
     assert "--models-dir" in capsys.readouterr().err
     monkeypatch.setenv("COMFYUI_MODELS_DIR", "/some/ComfyUI/models")
     assert cli.default_models_dir() == Path("/some/ComfyUI/models")
+
+
+@pytest.mark.parametrize("name", ["../../escaped.safetensors", "sub/x.safetensors", "..", ""])
+def test_a_target_name_with_a_folder_part_is_refused_before_downloading(hub, tmp_path, name):
+    data = payload(1000)
+    sha = hub.add("test-org/test-repo", "split/tiny_vae.safetensors", data)
+    models = tmp_path / "a" / "b" / "models"
+    with pytest.raises(weights.WeightsError, match="plain file name"):
+        weights.fetch(spec(sha=sha, name=name), models / "vae", endpoint=hub.url)
+    assert not [r for r in hub.requests if r[0] == "GET"]  # nothing was downloaded
+    assert not (tmp_path / "a" / "escaped.safetensors").exists() and not (tmp_path / "a" / "b" / "escaped.safetensors").exists()
