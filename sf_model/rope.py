@@ -22,7 +22,7 @@ def axis_inv_freq(pairs: int, theta: float) -> torch.Tensor:
 class Rope3D:
     """cos/sin tables for grids of frames x height x width token positions.
 
-    Per device it keeps a temporal table (grown by doubling when a long video needs more positions) and
+    Per device it keeps a temporal table of a fixed number of positions (moved along with a long stream) and
     one spatial table per resolution; a block's table is assembled from slices on the device, so memory
     stays flat however many blocks are generated and nothing is copied from the host per forward.
     """
@@ -35,7 +35,7 @@ class Rope3D:
         self.theta = theta
         self.max_frames = max_frames
         self.inv_freq = [axis_inv_freq(p, theta) for p in split]
-        self._temporal: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._temporal: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}
         self._spatial: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @staticmethod
@@ -67,17 +67,22 @@ class Rope3D:
                 "differences, so extended positions are exact, but the model never saw such distances "
                 "beyond its attention window")
 
-    def temporal(self, end: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def temporal(self, start: int, end: int, device) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(first position, cos, sin) of a temporal table on ``device`` that covers positions [start, end).
+
+        The table holds a fixed number of positions (the model's ``max_frames``, or twice the request if that
+        is longer) beginning at some frame: when a stream moves past its end it is rebuilt from the new
+        start, so its memory stays flat however long the stream runs (angles always come from the absolute
+        position in float64, so the numbers are those of one big table).
+        """
         key = str(device)
-        table = self._temporal.get(key)
-        if table is None or table[0].shape[0] < end:
-            n = max(self.max_frames, 1)
-            while n < end:
-                n *= 2
-            pos = torch.arange(n, dtype=torch.float64, device="cpu")
-            table = self._cos_sin(torch.outer(pos, self.inv_freq[0]), device)
-            self._temporal[key] = table
-        return table
+        entry = self._temporal.get(key)
+        if entry is None or start < entry[0] or end > entry[0] + entry[1].shape[0]:
+            base, size = start, max(self.max_frames, 2 * (end - start), 1)
+            pos = torch.arange(base, base + size, dtype=torch.float64, device="cpu")
+            entry = (base, *self._cos_sin(torch.outer(pos, self.inv_freq[0]), device))
+            self._temporal[key] = entry
+        return entry
 
     def spatial(self, height: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (height, width, str(device))
@@ -95,12 +100,12 @@ class Rope3D:
     def cos_sin(self, start_frame: int, frames: int, height: int, width: int,
                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin, each [1, frames*height*width, 1, head_dim/2] float32 on ``device``."""
-        tcos, tsin = self.temporal(start_frame + frames, device)
+        base, tcos, tsin = self.temporal(start_frame, start_frame + frames, device)
         scos, ssin = self.spatial(height, width, device)
         hw = height * width
 
         def assemble(t, s):
-            t = t[start_frame:start_frame + frames, None, :].expand(frames, hw, -1)
+            t = t[start_frame - base:start_frame - base + frames, None, :].expand(frames, hw, -1)
             s = s[None].expand(frames, hw, -1)
             return torch.cat([t, s], dim=-1).reshape(1, frames * hw, 1, -1)
 
