@@ -386,7 +386,7 @@ def _run(args) -> int:
 
 
 def _write_all(job: Job, writers: list, written: list, progress: bool) -> None:
-    from ..training.progress import progress_bar
+    from ..sf_model.progress import progress_bar
 
     bar = progress_bar(job.chunks, "generating", "chunk", enabled=progress)
 

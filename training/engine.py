@@ -409,7 +409,7 @@ def run_loop(stage: str, total_steps: int, step_fn: Callable[[int], Mapping[str,
     if ckpt.exists():
         start, _ = ckpt.load(parts)
         log.trim(start)
-    from .progress import progress_bar
+    from ..sf_model.progress import progress_bar
 
     bar = progress_bar(total_steps, stage, "step", start, enabled=rt.is_main and progress and total_steps > start)
     t0 = time.time()

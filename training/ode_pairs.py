@@ -90,7 +90,7 @@ def generate_pairs(cfg: TrainConfig, rt: Runtime, world, teacher) -> str:
     mine = [i for i in range(pc.count) if i % rt.world_size == rt.rank]
     c, f, h, w = world.clip_shape
     trajs, indices = [], []
-    from .progress import progress_bar
+    from ..sf_model.progress import progress_bar
 
     bar = progress_bar(len(mine), STAGE, "pair", enabled=rt.is_main and cfg.run.progress)
     t0 = time.time()
