@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import time
 from dataclasses import dataclass
 from typing import Callable, Mapping
@@ -314,6 +315,25 @@ def atomic_torch_save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
+def read_checkpoint(path: str) -> dict:
+    """A trainer checkpoint ({step, parts, extra}) read with ``torch.load(weights_only=True)``.
+
+    Checkpoints hold only tensors and plain containers (dict/list/tuple/int/float/str/bool/None), so the
+    restricted unpickler reads them; a pickle that would build any other object -- and could run code while
+    doing so -- is refused with a ValueError, never executed.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = (str(e).strip().splitlines() or ["unreadable"])[0]
+        raise ValueError(f"{path} is not a plain trainer checkpoint: torch.load(weights_only=True) refused it "
+                         f"({reason}); it is not unpickled further because it could run code. Delete it to "
+                         "restart the stage from step 0") from None
+    if not isinstance(state, dict) or "step" not in state or not isinstance(state.get("parts"), dict):
+        raise ValueError(f"{path} is not a trainer checkpoint (no step/parts); delete it to restart the stage")
+    return state
+
+
 class Checkpointer:
     """``<dir>/checkpoint.pt`` holding {step, state of every named part, extra}; atomic and resumable."""
 
@@ -338,7 +358,7 @@ class Checkpointer:
                 if name.startswith("checkpoint.pt.tmp"):
                     os.remove(os.path.join(self.dir, name))
         self.rt.barrier()
-        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        state = read_checkpoint(self.path)
         missing = set(parts) - set(state["parts"])
         if missing:
             raise ValueError(f"{self.path} lacks {sorted(missing)}; it was written by another stage or config")
