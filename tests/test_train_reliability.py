@@ -4,7 +4,9 @@ import os
 
 import torch
 
+from self_forcing.training.config import load_config
 from self_forcing.training.engine import Runtime, Trainable, generator, read_jsonl, run_loop
+from self_forcing.training.stages import run_stages
 
 CPU = Runtime(device=torch.device("cpu"))
 TOTAL = 5
@@ -79,3 +81,46 @@ def test_checkpoints_load_with_weights_only_and_resume_exactly(tmp_path):
     assert end.completed and end.steps == TOTAL
     assert same_weights(final_weights(full), final_weights(cut))
     assert logged_steps(tmp_path / "cut") == list(range(1, TOTAL + 1))
+
+
+# -- 2. the log after a kill before the first checkpoint -------------------------------------------------
+def test_log_has_each_step_once_after_kills_before_the_first_checkpoint(tmp_path):
+    run(tmp_path, stop_after=3, every=100)
+    run(tmp_path, stop_after=3, every=100)
+    assert not os.path.exists(tmp_path / "checkpoint.pt")
+    end, _ = run(tmp_path, every=100)
+    assert end.completed
+    assert logged_steps(tmp_path) == list(range(1, TOTAL + 1))
+
+
+class World:
+    """Sample-keyed random clips and contexts (the shape of test_train_engine's stand-in world)."""
+
+    kind = "toy"
+    clip_shape = (16, 6, 4, 4)
+
+    def _randn(self, shape, *key):
+        return torch.randn(shape, generator=generator(*key))
+
+    def contexts(self, indices, device, stream):
+        return torch.stack([self._randn((4, 16), "ctx", stream, i) for i in indices]).to(device)
+
+    def uncond(self, batch, device):
+        return torch.zeros(batch, 4, 16, device=device)
+
+    def clips(self, indices, device, stream):
+        return torch.stack([self._randn(self.clip_shape, "clip", stream, i) * 0.5 for i in indices]).to(device)
+
+
+def test_stage_log_has_each_step_once_after_two_early_kills(tmp_path):
+    cfg = load_config(data={
+        "run": {"out_dir": str(tmp_path), "progress": False, "checkpoint_every": 100, "log_every": 1},
+        "model": {"dim": 32, "ffn_dim": 64, "num_heads": 2, "num_layers": 2, "text_dim": 16, "text_len": 4,
+                  "freq_dim": 32},
+        "world": {"frames": 6},
+        "teacher": {"steps": 4, "batch_size": 2, "lr": 1e-3},
+    })
+    run_stages(cfg, ["teacher"], CPU, World(), stop_after=2)
+    run_stages(cfg, ["teacher"], CPU, World(), stop_after=2)
+    run_stages(cfg, ["teacher"], CPU, World())
+    assert logged_steps(tmp_path / "teacher") == [1, 2, 3, 4]

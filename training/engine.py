@@ -382,6 +382,7 @@ class JsonlLog:
             fh.write(json.dumps(dict(record), sort_keys=True) + "\n")
 
     def trim(self, step: int) -> None:
+        """Keep the entries up to ``step`` (``trim(0)``: an empty log for a run starting from scratch)."""
         if not self.rt.is_main or not os.path.isfile(self.path):
             return
         keep = [line for line in read_jsonl(self.path) if line.get("step", 0) <= step]
@@ -428,7 +429,7 @@ def run_loop(stage: str, total_steps: int, step_fn: Callable[[int], Mapping[str,
     start = 0
     if ckpt.exists():
         start, _ = ckpt.load(parts)
-        log.trim(start)
+    log.trim(start)  # lines past the checkpoint (all of them without one) were written by a killed run
     from ..sf_model.progress import progress_bar
 
     bar = progress_bar(total_steps, stage, "step", start, enabled=rt.is_main and progress and total_steps > start)
