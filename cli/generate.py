@@ -6,7 +6,9 @@ carries its own text encoder and codec and runs on a CPU in seconds::
     self-forcing generate --prompt "a red circle and a blue square bouncing on a black background" --out toy.mp4
 
 Long videos: ``--frames 240 --window 12`` keeps a rolling KV cache of 12 latent frames, so memory and time per
-chunk stay flat (``--window auto``, the default, picks the training clip length once the video is longer).
+chunk stay flat. ``--window auto`` (the default) is the rule the nodes use without a Long-Video Options node
+(``sf_model.window.default_policy``): one fixed cache while the video fits the checkpoint's training clip,
+else a rolling window of the training clip length with the checkpoint's attention sink.
 
 Wan checkpoints (any layout the loader reads: Self Forcing training files, ComfyUI/Wan or diffusers names)
 need the prompt as text embeddings saved by the nodes' 'Save Text Embeddings' (``--embeds``; the umT5
@@ -69,9 +71,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--window", default="auto",
                    help="rolling KV cache in latent frames for long videos: an int, 'none' (cache the whole "
-                        "video), or 'auto' (the training clip length when the video is longer)")
-    p.add_argument("--sink", type=int, default=0, help="frames kept in the cache forever (attention sink)")
-    p.add_argument("--steps", default=None, help="denoising steps, e.g. '1000,750,500,250' (default: the model's)")
+                        "video), or 'auto' (a fixed cache while the video fits the training clip, else a rolling "
+                        "window of the training clip length)")
+    p.add_argument("--sink", type=int, default=None,
+                   help="latent frames kept in a rolling cache forever (attention sink); default: the checkpoint's "
+                        "(0 when it stores none)")
+    p.add_argument("--steps", default=None, help="denoising steps, e.g. '1000, 500' (default: the model's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, or auto")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="model (and VAE) dtype")
     p.add_argument("--fused-kernels", action="store_true",
@@ -157,17 +162,6 @@ def resolve_device(name: str):
     return device
 
 
-def resolve_window(text: str, num_frames: int, train_frames: int | None):
-    if text in ("none", "None", ""):
-        return None
-    if text == "auto":
-        return train_frames if train_frames is not None and num_frames > train_frames else None
-    try:
-        return int(text)
-    except ValueError as e:
-        raise ValueError(f"--window must be an integer, 'none' or 'auto', got {text!r}") from e
-
-
 def latent_size(args, factor: int, patch: tuple[int, int], default_px: tuple[int, int]) -> tuple[int, int]:
     """(latent height, latent width) from --width/--height in pixels (or the defaults)."""
     width = args.width if args.width is not None else default_px[0]
@@ -196,25 +190,49 @@ class Job:
     chunk_frames: Callable[[Callable], Iterator]  # on_step -> iterator of uint8 [T, H, W, 3] CPU tensors
 
 
-def stream_options(meta: dict, args, num_frames: int, train_frames: int):
+def cache_policy(args, meta: dict, num_frames: int):
+    """The KV-cache policy of ``--window``/``--sink`` for ``num_frames`` latent frames: 'auto' is
+    ``default_policy`` (the nodes' rule without a Long-Video Options node), 'none' one fixed cache, an int a
+    rolling window (with ``--sink``, default the checkpoint's)."""
+    from ..sf_model.window import CachePolicy, checkpoint_frames_per_block, checkpoint_sink, default_policy
+
+    fpb = checkpoint_frames_per_block(meta)
+    text = str(args.window).strip()
+    if text == "auto":
+        policy = default_policy(meta, num_frames)
+        if args.sink is not None and policy.is_rolling:
+            policy = CachePolicy.rolling(fpb, policy.window, args.sink)
+        return policy
+    if text in ("none", "None", ""):
+        return CachePolicy.fixed(fpb)
+    try:
+        window = int(text)
+    except ValueError as e:
+        raise ValueError(f"--window must be an integer, 'none' or 'auto', got {text!r}") from e
+    try:
+        return CachePolicy.rolling(fpb, window, args.sink if args.sink is not None else checkpoint_sink(meta))
+    except ValueError as e:
+        raise ValueError(f"--window {window} / --sink: {e}") from None
+
+
+def sampling_options(args, meta: dict, num_frames: int):
     from ..sf_model.sampler import StreamOptions
     from ..sf_model.schedule import parse_steps
 
-    steps = parse_steps(args.steps) if args.steps else tuple(meta.get("steps", (1000, 750, 500, 250)))
-    window = resolve_window(args.window, num_frames, train_frames)
-    return StreamOptions(frames_per_block=int(meta.get("frames_per_block", 3)), steps=steps,
-                         shift=float(meta.get("shift", 5.0)), warp=bool(meta.get("warp", True)),
-                         context_noise=float(meta.get("context_noise", 0.0)), window=window, sink=args.sink,
-                         extend_positions=window is not None, partial_last_block=True)
+    steps = parse_steps(args.steps) if args.steps else None
+    return StreamOptions.from_meta(meta, cache_policy(args, meta, num_frames), steps=steps, partial_last_block=True)
 
 
 def _cache_note(opts) -> str:
-    return f"rolling window {opts.window}" if opts.window else "full cache"
+    from ..sf_model.window import CachePolicy
+
+    return CachePolicy(opts.frames_per_block, opts.window, opts.sink, opts.routing_topk).describe()
 
 
 def prepare_toy(args, loaded, path: str, device) -> Job:
     from ..sf_model.pipeline import frames_to_uint8
     from ..sf_model.sampler import stream
+    from ..sf_model.window import trained_frames
     from ..toy.bundle import encode_prompt, latents_to_video
 
     if args.embeds or args.vae:
@@ -225,9 +243,8 @@ def prepare_toy(args, loaded, path: str, device) -> Job:
     factor = max(1, int(info.get("size", 2 * trained_h)) // trained_h)
     patch = tuple(loaded.config.patch_size[1:])
     h, w = latent_size(args, factor, patch, (trained_w * factor, trained_h * factor))
-    train_frames = int(info["train_frames"])
-    num_frames = args.frames or 2 * train_frames
-    opts = stream_options(loaded.meta, args, num_frames, train_frames)
+    num_frames = args.frames or 2 * trained_frames(loaded.meta)
+    opts = sampling_options(args, loaded.meta, num_frames)
     context = encode_prompt(loaded, args.prompt if args.prompt is not None else DEFAULT_PROMPT, device)
     note = "" if (h, w) == (trained_h, trained_w) else f", trained at {trained_w * factor}x{trained_h * factor}"
 
@@ -245,8 +262,9 @@ def prepare_toy(args, loaded, path: str, device) -> Job:
 
 
 def prepare_wan(args, loaded, path: str, device, dtype) -> Job:
-    from ..sf_model.text_embeds import load_text_embeds
+    from ..sf_model.latent_format import pixel_frames
     from ..sf_model.pipeline import stream_video
+    from ..sf_model.text_embeds import load_text_embeds
     from ..sf_model.vae_checkpoint import load_vae
 
     if not args.embeds or not args.vae:
@@ -273,7 +291,7 @@ def prepare_wan(args, loaded, path: str, device, dtype) -> Job:
     factor = vae.config.spatial_factor
     h, w = latent_size(args, factor, tuple(cfg.patch_size[1:]), WAN_SIZE)
     num_frames = args.frames or WAN_FRAMES
-    opts = stream_options(loaded.meta, args, num_frames, WAN_FRAMES)
+    opts = sampling_options(args, loaded.meta, num_frames)
 
     def chunk_frames(on_step):
         for fc in stream_video(loaded.model, vae, context, num_frames=num_frames, height=h, width=w,
@@ -282,7 +300,7 @@ def prepare_wan(args, loaded, path: str, device, dtype) -> Job:
 
     fpb = opts.frames_per_block
     chunks = -(-num_frames // fpb)
-    frames = vae.pixel_frames(num_frames)
+    frames = pixel_frames(num_frames, vae.config.temporal_factor)
     return Job(os.path.basename(path), w * factor, h * factor, frames, num_frames, chunks, args.fps or WAN_FPS,
                f"{num_frames} latent frames ({frames} video frames) in {chunks} chunks of {fpb}, "
                f"{len(opts.steps)} steps, {_cache_note(opts)}, {w * factor}x{h * factor}", chunk_frames)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from ..sf_model.schedule import parse_steps
+
 TEMPORAL_STRIDE = 4  # Wan 2.1 VAE: 4 video frames per latent frame (plus the first frame)
 SPATIAL_STRIDE = 8  # VAE downsampling
 SIZE_MULTIPLE = 16  # VAE stride 8 x DiT patch 2
@@ -77,32 +79,6 @@ def check_extend_frames(frames: int | None) -> str | None:
         return (f"extend_frames {frames} is not a multiple of {TEMPORAL_STRIDE} (one latent frame = "
                 f"{TEMPORAL_STRIDE} video frames); use {_nearest(frames, (lo, lo + TEMPORAL_STRIDE), TEMPORAL_STRIDE)}")
     return None
-
-
-def parse_steps(text: str) -> tuple[int, ...]:
-    """'1000, 750, 500, 250' -> (1000, 750, 500, 250); raises ValueError with a how-to-fix text."""
-    if text is None:
-        raise ValueError("steps is empty; use e.g. '1000, 750, 500, 250'")
-    parts = [p.strip() for p in str(text).replace(";", ",").split(",")]
-    parts = [p for p in parts if p]
-    if not parts:
-        raise ValueError("steps is empty; use e.g. '1000, 750, 500, 250'")
-    values = []
-    for p in parts:
-        try:
-            f = float(p)
-        except ValueError:
-            raise ValueError(f"steps: '{p}' is not a number; use comma-separated timesteps like "
-                             "'1000, 750, 500, 250'") from None
-        if f != int(f):
-            raise ValueError(f"steps: {p} is not a whole timestep; use integers in 1-1000")
-        values.append(int(f))
-    bad = [v for v in values if not 0 < v <= MAX_TIMESTEP]
-    if bad:
-        raise ValueError(f"steps: {bad[0]} is outside 1-{MAX_TIMESTEP}; every timestep must be in (0, 1000]")
-    if any(b >= a for a, b in zip(values, values[1:])):
-        raise ValueError(f"steps {values} must be strictly decreasing (e.g. '1000, 750, 500, 250')")
-    return tuple(values)
 
 
 def check_steps(text: str | None) -> str | None:

@@ -5,7 +5,9 @@ normalise them per channel on the way in and undo it on the way out. Self Forcin
 normalised latents, ``(raw - mean) / std``. The 16 means and standard deviations are the published
 Wan 2.1 VAE statistics (the same numbers in Wan's VAE wrapper, Self Forcing and ComfyUI core).
 
-Also here: a cheap latent -> RGB projection (one 16x3 linear map of normalised latents, the published
+Also here: the frames rule (``latent_frames`` / ``pixel_frames``: the first video frame is a latent frame
+of its own, every later latent frame packs ``temporal`` video frames; Wan 2.1: 4, toy codecs: 1), and a
+cheap latent -> RGB projection (one 16x3 linear map of normalised latents, the published
 Wan 2.1 preview factors) for progress previews without running the VAE.
 """
 
@@ -14,6 +16,20 @@ from __future__ import annotations
 import torch
 
 LATENT_CHANNELS = 16
+TEMPORAL_STRIDE = 4  # Wan 2.1 VAE: video frames per latent frame (after the first frame)
+SPATIAL_STRIDE = 8  # Wan 2.1 VAE: pixels per latent pixel
+
+
+def latent_frames(pixel_frames: int, temporal: int = TEMPORAL_STRIDE) -> int:
+    """Latent frames of a video of ``pixel_frames`` frames: 1 + (T - 1) // temporal (Wan: 81 -> 21)."""
+    pixel_frames = int(pixel_frames)
+    return 0 if pixel_frames <= 0 else 1 + (pixel_frames - 1) // temporal
+
+
+def pixel_frames(latent_frames: int, temporal: int = TEMPORAL_STRIDE) -> int:
+    """Video frames decoded from ``latent_frames`` latent frames: 1 + temporal (n - 1) (Wan: 21 -> 81)."""
+    latent_frames = int(latent_frames)
+    return 0 if latent_frames <= 0 else 1 + temporal * (latent_frames - 1)
 
 WAN21_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,

@@ -22,6 +22,8 @@ import torch
 from .cache import KVCache, TextContext
 from .noise import NoiseStream
 from .schedule import DEFAULT_SHIFT, DEFAULT_STEPS, Step, add_noise, make_steps
+from .window import CachePolicy, check_cache
+
 
 @dataclass(frozen=True)
 class StreamOptions:
@@ -41,18 +43,27 @@ class StreamOptions:
 
     def __post_init__(self):
         object.__setattr__(self, "steps", tuple(self.steps))
-        if self.frames_per_block < 1:
-            raise ValueError(f"frames_per_block must be >= 1, got {self.frames_per_block}")
-        if self.window is not None and self.window < self.frames_per_block:
-            raise ValueError(f"window ({self.window} frames) must hold at least one block "
-                             f"(frames_per_block = {self.frames_per_block})")
-        if self.sink < 0:
-            raise ValueError(f"sink must be >= 0, got {self.sink}")
-        if self.routing_topk is not None and self.routing_topk < 1:
-            raise ValueError(f"routing_topk must be >= 1 (or None to disable), got {self.routing_topk}")
+        check_cache(self.frames_per_block, self.window, self.sink, self.routing_topk)
         if not 0 <= self.context_noise <= 1000:
             raise ValueError(f"context_noise is a timestep in [0, 1000], got {self.context_noise}")
         make_steps(self.steps, self.shift, self.warp)  # validates the step list
+
+    @classmethod
+    def from_policy(cls, cache: CachePolicy, *, steps: Sequence[float] = DEFAULT_STEPS, shift: float = DEFAULT_SHIFT,
+                    warp: bool = True, context_noise: float = 0.0, **flags) -> "StreamOptions":
+        """The options of a run with the cache ``cache`` (its block size, window, sink, routing and position
+        rule); ``flags``: ``final_context_pass``, ``partial_last_block``."""
+        return cls(frames_per_block=cache.frames_per_block, steps=steps, warp=warp, shift=shift,
+                   context_noise=context_noise, window=cache.window, sink=cache.sink,
+                   routing_topk=cache.routing_topk, extend_positions=cache.extend_positions, **flags)
+
+    @classmethod
+    def from_meta(cls, meta, cache: CachePolicy, *, steps: Sequence[float] | None = None, **flags) -> "StreamOptions":
+        """The sampling settings a checkpoint stores (``steps``, ``shift``, ``warp``, ``context_noise``; the
+        official values where it stores none) with the cache ``cache``; ``steps`` overrides the stored list."""
+        return cls.from_policy(cache, steps=tuple(steps if steps is not None else meta.get("steps", DEFAULT_STEPS)),
+                               shift=float(meta.get("shift", DEFAULT_SHIFT)), warp=bool(meta.get("warp", True)),
+                               context_noise=float(meta.get("context_noise", 0.0)), **flags)
 
 
 @dataclass

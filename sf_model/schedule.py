@@ -53,7 +53,7 @@ def make_steps(steps=DEFAULT_STEPS, shift: float = DEFAULT_SHIFT, warp: bool = T
     """The denoising steps. With ``warp`` the nominal integers in (0, 1000] index the shifted table."""
     steps = [float(s) for s in steps]
     if not steps:
-        raise ValueError("the step list is empty; the default is 1000, 750, 500, 250")
+        raise ValueError(f"the step list is empty; the default is {format_steps(DEFAULT_STEPS)}")
     if shift <= 0:
         raise ValueError(f"shift must be > 0, got {shift}")
     if any(b >= a for a, b in zip(steps, steps[1:])):
@@ -71,14 +71,38 @@ def make_steps(steps=DEFAULT_STEPS, shift: float = DEFAULT_SHIFT, warp: bool = T
     return out
 
 
-def parse_steps(text: str) -> list[int]:
-    """'1000, 750, 500, 250' -> [1000, 750, 500, 250] with a clear error for anything else."""
-    try:
-        values = [int(v) for v in text.replace(";", ",").split(",") if v.strip()]
-    except ValueError as e:
-        raise ValueError(f"steps must be comma-separated integers such as '1000, 750, 500, 250', got '{text}'") from e
-    make_steps(values)  # validates
-    return values
+def format_steps(steps=DEFAULT_STEPS) -> str:
+    """(1000, 500) -> '1000, 500': how a step list is written in widgets and flags."""
+    return ", ".join(str(int(s)) if float(s) == int(s) else str(s) for s in steps)
+
+
+DEFAULT_STEPS_TEXT = format_steps(DEFAULT_STEPS)
+
+
+def parse_steps(text: str) -> tuple[int, ...]:
+    """'1000, 500' (commas or semicolons) -> (1000, 500); raises ValueError with a
+    how-to-fix text for anything else (empty, not a number, not whole, outside (0, 1000], not decreasing)."""
+    example = f"'{DEFAULT_STEPS_TEXT}'"
+    parts = [p.strip() for p in str(text if text is not None else "").replace(";", ",").split(",")]
+    parts = [p for p in parts if p]
+    if not parts:
+        raise ValueError(f"steps is empty; use e.g. {example}")
+    values = []
+    for p in parts:
+        try:
+            f = float(p)
+        except ValueError:
+            raise ValueError(f"steps: '{p}' is not a number; use comma-separated integers such as {example}") from None
+        if f != f or f in (float("inf"), float("-inf")) or f != int(f):
+            raise ValueError(f"steps: {p} is not a whole timestep; use integers in 1-{NUM_TRAIN_TIMESTEPS}")
+        values.append(int(f))
+    bad = [v for v in values if not 0 < v <= NUM_TRAIN_TIMESTEPS]
+    if bad:
+        raise ValueError(f"steps: {bad[0]} is outside 1-{NUM_TRAIN_TIMESTEPS}; every timestep must be in "
+                         f"(0, {NUM_TRAIN_TIMESTEPS}]")
+    if any(b >= a for a, b in zip(values, values[1:])):
+        raise ValueError(f"steps {values} must be strictly decreasing (e.g. {example})")
+    return tuple(values)
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:

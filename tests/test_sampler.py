@@ -28,7 +28,7 @@ def test_step_list_errors():
             make_steps(bad)
     with pytest.raises(ValueError, match="comma-separated integers"):
         parse_steps("1000, abc")
-    assert parse_steps("1000,750; 500 ,250") == [1000, 750, 500, 250]
+    assert parse_steps("1000,750; 500 ,250") == (1000, 750, 500, 250)
 
 
 def test_same_seed_same_video_and_chunks_independent_of_length(tiny_model):

@@ -21,6 +21,8 @@ from typing import Any, Mapping
 
 from ..sf_model.config import WanConfig
 from ..sf_model.sampler import StreamOptions
+from ..sf_model.schedule import DEFAULT_STEPS
+from ..sf_model.window import CachePolicy
 
 STAGES = ("teacher", "ode_pairs", "ode_init", "dmd", "eval", "export")
 
@@ -45,14 +47,15 @@ class RunConfig:
 @dataclass(frozen=True)
 class SamplingConfig:
     frames_per_block: int = 3
-    steps: tuple[int, ...] = (1000, 750, 500, 250)
+    steps: tuple[int, ...] = DEFAULT_STEPS
     shift: float = 5.0
     warp: bool = True
     context_noise: float = 0.0
 
-    def stream_options(self, **changes) -> StreamOptions:
-        return StreamOptions(frames_per_block=self.frames_per_block, steps=tuple(self.steps), warp=self.warp,
-                             shift=self.shift, context_noise=self.context_noise, **changes)
+    def stream_options(self, window: int | None = None, sink: int = 0) -> StreamOptions:
+        """The student's sampler: one fixed cache, or a rolling ``window`` (+ ``sink``) as ``CachePolicy`` rules."""
+        return StreamOptions.from_policy(CachePolicy(self.frames_per_block, window, sink), steps=tuple(self.steps),
+                                         warp=self.warp, shift=self.shift, context_noise=self.context_noise)
 
 
 @dataclass(frozen=True)

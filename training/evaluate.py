@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..sf_model.sampler import StreamOptions, generate
+from ..sf_model.window import CachePolicy, checkpoint_frames_per_block, trained_frames
 from .config import TrainConfig
 from .engine import Runtime
 
@@ -139,7 +140,7 @@ def evaluate_drift(cfg: TrainConfig, rt: Runtime, world, models: dict[str, str] 
         model, meta = load_dit(path, rt.device)  # float32 (TF32 matmuls on GPUs)
         loaded[name] = (model, lambda p: world.encode_prompts(p, rt.device), world.decode, meta)
     # the sampler keeps its cache in the model's dtype, so no autocast here
-    opts = cfg.sampling.stream_options(window=window, extend_positions=True)
+    opts = cfg.sampling.stream_options(window=window)  # rolling: positions may pass the RoPE table
     result, samples = compare(loaded, prompts, clip=clip, num_frames=ec.length_factor * clip,
                               latent_hw=world.clip_shape[2:], options=opts, seed=ec.seed, batch_size=ec.batch_size)
     return _write(result, samples, os.path.join(cfg.run.out_dir, "eval.json"), prompts)
@@ -162,11 +163,8 @@ def evaluate_bundles(paths: dict[str, str], *, prompts: int = 16, run_seed: int 
         loaded[name] = (lm.model, lambda p, lm=lm: encode_prompt(lm, p, dev),
                         lambda z, lm=lm: latents_to_video(lm, z), lm.meta)
     meta, toy = first.meta, first.meta["toy"]
-    clip = int(toy["train_frames"])
-    opts = StreamOptions(frames_per_block=int(meta["frames_per_block"]), steps=tuple(meta["steps"]),
-                         shift=float(meta["shift"]), warp=bool(meta.get("warp", True)),
-                         context_noise=float(meta.get("context_noise", 0.0)), window=window or clip,
-                         extend_positions=True)
+    clip = trained_frames(meta)
+    opts = StreamOptions.from_meta(meta, CachePolicy.rolling(checkpoint_frames_per_block(meta), window or clip))
     names = eval_prompts(run_seed, prompts)
     result, samples = compare(loaded, names, clip=clip, num_frames=length_factor * clip,
                               latent_hw=tuple(toy["latent_size"]), options=opts, seed=seed, batch_size=batch_size)

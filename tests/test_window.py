@@ -1,0 +1,87 @@
+"""One cache policy for the nodes, the CLI and the trainer: validation, the position rule, the default policy."""
+
+import argparse
+import ast
+from pathlib import Path
+
+import pytest
+
+from self_forcing.cli.generate import cache_policy
+from self_forcing.sf_model.sampler import StreamOptions
+from self_forcing.sf_model.schedule import DEFAULT_STEPS, DEFAULT_STEPS_TEXT, format_steps, parse_steps
+from self_forcing.sf_model.window import WAN_TRAIN_FRAMES, CachePolicy, default_policy, trained_frames
+
+REPO = Path(__file__).resolve().parent.parent
+TOY_META = {"frames_per_block": 3, "toy": {"train_frames": 12}}
+
+
+def test_the_constructor_validates_and_derives_the_position_rule():
+    rolling = CachePolicy.rolling(3, 21, 3, routing_topk=6)
+    assert (rolling.window, rolling.sink, rolling.routing_topk, rolling.extend_positions) == (21, 3, 6, True)
+    fixed = CachePolicy.fixed(3, routing_topk=0)
+    assert (fixed.window, fixed.sink, fixed.routing_topk, fixed.extend_positions) == (None, 0, None, False)
+    assert CachePolicy(3, None, sink=5).sink == 0  # a fixed cache never evicts: no sink
+    with pytest.raises(ValueError, match="must hold at least one block.*raise the window to 3"):
+        CachePolicy.rolling(3, 2)
+    with pytest.raises(ValueError, match="sink must be >= 0"):
+        CachePolicy.rolling(3, 6, -1)
+    with pytest.raises(ValueError, match="routing_topk 6 is not smaller than the window 6"):
+        CachePolicy.rolling(3, 6, 0, routing_topk=6)
+    assert CachePolicy.fixed(3, routing_topk=50).routing_topk == 50  # no window to compare with
+    assert rolling.cache_frames(1000) == 24 and fixed.cache_frames(40) == 40
+    assert "rolling" in fixed.fixed_cache_error(1025, 1024) and fixed.fixed_cache_error(1024, 1024) is None
+
+
+def test_stream_options_are_built_from_the_policy_and_checked_by_the_same_rules():
+    opts = StreamOptions.from_policy(CachePolicy.rolling(3, 6, 1, 2), steps=(1000, 500), partial_last_block=True)
+    assert (opts.frames_per_block, opts.window, opts.sink, opts.routing_topk, opts.extend_positions) == (3, 6, 1, 2, True)
+    assert opts.steps == (1000, 500) and opts.partial_last_block
+    meta = {"steps": [1000, 500], "shift": 3.0, "warp": False, "context_noise": 10.0}
+    stored = StreamOptions.from_meta(meta, CachePolicy.fixed(1))
+    assert (stored.steps, stored.shift, stored.warp, stored.context_noise, stored.window) == ((1000, 500), 3.0, False,
+                                                                                              10.0, None)
+    assert StreamOptions.from_meta({}, CachePolicy.fixed()).steps == DEFAULT_STEPS
+    with pytest.raises(ValueError, match="routing_topk 5 is not smaller than the window 5"):
+        StreamOptions(frames_per_block=1, window=5, routing_topk=5)
+
+
+def test_default_policy_fixed_while_the_video_fits_the_trained_length_else_a_rolling_window():
+    assert trained_frames({}) == WAN_TRAIN_FRAMES == 21 and trained_frames(TOY_META) == 12
+    assert trained_frames({"train_frames": 30, "toy": {"train_frames": 12}}) == 30
+    assert default_policy({}, 21) == CachePolicy.fixed(3)
+    assert default_policy({}, 22) == CachePolicy.rolling(3, 21, 0)
+    assert default_policy({"sink": 3, "frames_per_block": 1}, 100) == CachePolicy.rolling(1, 21, 3)
+    assert default_policy(TOY_META, 12) == CachePolicy.fixed(3)
+    assert default_policy(TOY_META, 24) == CachePolicy.rolling(3, 12, 0)
+    assert default_policy({}, 100, frames_per_block=1) == CachePolicy.rolling(1, 21, 0)
+    assert default_policy({"train_frames": 40}, 30, rope_max_frames=24).is_rolling  # past the RoPE table
+
+
+def cli_args(window="auto", sink=None):
+    return argparse.Namespace(window=window, sink=sink)
+
+
+def test_cli_window_flags_map_to_the_policy():
+    assert cache_policy(cli_args(), TOY_META, 24) == default_policy(TOY_META, 24)
+    assert cache_policy(cli_args(sink=2), TOY_META, 24) == CachePolicy.rolling(3, 12, 2)
+    assert cache_policy(cli_args("none", sink=2), TOY_META, 240) == CachePolicy.fixed(3)
+    assert cache_policy(cli_args("6"), {"sink": 1}, 240) == CachePolicy.rolling(3, 6, 1)
+    with pytest.raises(ValueError, match="--window 2.*raise the window to 3"):
+        cache_policy(cli_args("2"), {}, 240)
+    with pytest.raises(ValueError, match="--window must be an integer"):
+        cache_policy(cli_args("soon"), {}, 240)
+
+
+def test_one_step_list_and_one_parser():
+    assert DEFAULT_STEPS_TEXT == format_steps(DEFAULT_STEPS) and parse_steps(DEFAULT_STEPS_TEXT) == DEFAULT_STEPS
+    assert parse_steps("1000.0; 500") == (1000, 500)
+    for bad, match in [(None, "empty"), ("nan", "whole"), ("inf", "whole"), ("1000, 1000", "strictly decreasing")]:
+        with pytest.raises(ValueError, match=match):
+            parse_steps(bad)
+    defined = []
+    for folder in ("sf_model", "toy", "nodes", "cli", "training", "workflows"):
+        for path in (REPO / folder).rglob("*.py"):
+            for n in ast.walk(ast.parse(path.read_text())):
+                if isinstance(n, ast.FunctionDef) and n.name == "parse_steps":
+                    defined.append(str(path.relative_to(REPO)))
+    assert defined == ["sf_model/schedule.py"]
