@@ -1,11 +1,13 @@
 """Trainer reliability: safe checkpoint loading, logs after kills, corrupt checkpoints."""
 
 import os
+import warnings
 
+import pytest
 import torch
 
 from self_forcing.training.config import load_config
-from self_forcing.training.engine import Runtime, Trainable, generator, read_jsonl, run_loop
+from self_forcing.training.engine import Checkpointer, Runtime, Trainable, generator, read_jsonl, run_loop
 from self_forcing.training.stages import run_stages
 
 CPU = Runtime(device=torch.device("cpu"))
@@ -124,3 +126,69 @@ def test_stage_log_has_each_step_once_after_two_early_kills(tmp_path):
     run_stages(cfg, ["teacher"], CPU, World(), stop_after=2)
     run_stages(cfg, ["teacher"], CPU, World())
     assert logged_steps(tmp_path / "teacher") == [1, 2, 3, 4]
+
+
+# -- 3. corrupt checkpoints -------------------------------------------------------------------------------
+def test_saving_keeps_the_previous_checkpoint(tmp_path):
+    run(tmp_path, stop_after=4)  # checkpoints after steps 1, 2 and 3
+    read = lambda name: torch.load(str(tmp_path / name), map_location="cpu", weights_only=True)["step"]
+    assert (read("checkpoint.pt"), read("checkpoint.prev.pt")) == (3, 2)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.prev.pt", "checkpoint.pt", "log.jsonl"]
+
+
+def truncate(path):
+    data = open(path, "rb").read()
+    with open(path, "wb") as fh:
+        fh.write(data[: len(data) // 2])
+
+
+def random_bytes(path):
+    with open(path, "wb") as fh:
+        fh.write(os.urandom(4096))
+
+
+@pytest.mark.parametrize("damage", [truncate, random_bytes])
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, damage):
+    _, full = run(tmp_path / "full")
+    cut = tmp_path / "cut"
+    run(cut, stop_after=4)  # newest: step 3, previous: step 2
+    damage(str(cut / "checkpoint.pt"))
+    with pytest.warns(UserWarning, match="checkpoint.pt.*checkpoint.prev.pt"):
+        end, parts = run(cut)
+    assert end.completed and end.steps == TOTAL
+    assert same_weights(final_weights(full), final_weights(parts))
+    assert logged_steps(cut) == list(range(1, TOTAL + 1))  # trimmed to step 2, then 3.. logged once
+    # the good previous checkpoint was not replaced by the damaged one on the next save
+    assert torch.load(str(cut / "checkpoint.prev.pt"), weights_only=True)["step"] == TOTAL - 1
+
+
+def test_a_kill_between_the_two_renames_still_resumes(tmp_path):
+    run(tmp_path, stop_after=4)
+    os.replace(tmp_path / "checkpoint.pt", tmp_path / "checkpoint.prev.pt")  # newest moved away, new not yet in
+    parts = make_parts()
+    ckpt = Checkpointer(str(tmp_path), CPU)
+    assert ckpt.exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a missing newest file is an expected state, not a damaged one
+        step, _ = ckpt.load(parts)
+    assert step == 3
+
+
+@pytest.mark.parametrize("damage", [truncate, random_bytes])
+def test_no_readable_checkpoint_names_the_files_to_delete(tmp_path, damage):
+    run(tmp_path, stop_after=4)
+    damage(str(tmp_path / "checkpoint.pt"))
+    damage(str(tmp_path / "checkpoint.prev.pt"))
+    with pytest.raises(ValueError, match="(?i)delete") as info:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run(tmp_path)
+    assert str(tmp_path / "checkpoint.pt") in str(info.value)
+    assert str(tmp_path / "checkpoint.prev.pt") in str(info.value)
+
+
+def test_only_a_corrupt_checkpoint_without_a_previous_one_raises_a_value_error(tmp_path):
+    run(tmp_path, stop_after=2, every=1)  # one checkpoint (after step 1), no previous one
+    truncate(str(tmp_path / "checkpoint.pt"))
+    with pytest.raises(ValueError, match=r"(?i)checkpoint\.pt.*delete"):
+        run(tmp_path)

@@ -10,8 +10,9 @@
 - ``seeded_randn`` / ``key_seed``: every random draw is keyed by (seed, stage, step, global sample index),
   so one process with gradient accumulation draws exactly what several processes draw together, and a
   resumed run draws what an uninterrupted run would have.
-- ``Checkpointer``: atomic ``torch.save`` (temporary file, fsync, rename) and resume; ``JsonlLog``: one JSON
-  object per logged step, trimmed on resume so a killed run leaves no duplicate lines.
+- ``Checkpointer``: atomic ``torch.save`` (temporary file, fsync, rename) keeping the previous checkpoint, and
+  resume read with ``weights_only=True`` (falling back to the previous file when the newest is damaged);
+  ``JsonlLog``: one JSON object per logged step, trimmed on resume so a killed run leaves no duplicate lines.
 - ``run_loop``: the step loop with a tqdm bar, logging and periodic checkpoints.
 """
 
@@ -25,6 +26,7 @@ import math
 import os
 import pickle
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -304,15 +306,45 @@ def accumulate(rt: Runtime, trainable: Trainable, accum: int,
 
 
 # -- checkpoints and logs --------------------------------------------------------------------------
-def atomic_torch_save(obj, path: str) -> None:
-    """Write ``obj`` to ``path`` so that a kill at any moment leaves the old file or the new one."""
+def atomic_torch_save(obj, path: str, previous: str | None = None) -> None:
+    """Write ``obj`` to ``path`` so that a kill at any moment leaves the old file or the new one.
+
+    With ``previous``, the file being replaced is kept under that name (renamed after the new file is fully
+    written and synced, just before the new one takes its place).
+    """
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "wb") as fh:
         torch.save(obj, fh)
         fh.flush()
         os.fsync(fh.fileno())
+    if previous is not None and os.path.isfile(path):
+        os.replace(path, previous)
     os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _fsync_dir(directory: str) -> None:
+    """Make the renames in ``directory`` durable (best effort: not every platform opens directories)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _reason(e: BaseException) -> str:
+    """The informative part of a torch.load error: the restricted unpickler's own line, or the first sentence."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return (lines or [type(e).__name__])[0].split(". ")[0].rstrip(".")
 
 
 def read_checkpoint(path: str) -> dict:
@@ -320,36 +352,70 @@ def read_checkpoint(path: str) -> dict:
 
     Checkpoints hold only tensors and plain containers (dict/list/tuple/int/float/str/bool/None), so the
     restricted unpickler reads them; a pickle that would build any other object -- and could run code while
-    doing so -- is refused with a ValueError, never executed.
+    doing so -- is refused, never executed. Any file that cannot be read (refused, truncated, not a
+    checkpoint) raises a ValueError naming it.
     """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = (str(e).strip().splitlines() or ["unreadable"])[0]
-        raise ValueError(f"{path} is not a plain trainer checkpoint: torch.load(weights_only=True) refused it "
-                         f"({reason}); it is not unpickled further because it could run code. Delete it to "
-                         "restart the stage from step 0") from None
+        if "weights only load failed" in str(e).lower():
+            raise ValueError(f"{path} is damaged or not a plain trainer checkpoint: torch.load(weights_only=True) "
+                             f"refused it ({_reason(e)}); it is not unpickled any further, since that could run "
+                             "code") from None
+        raise ValueError(f"{path} is unreadable ({_reason(e)})") from None
+    except Exception as e:  # truncated zip, random bytes, I/O error: torch raises RuntimeError/EOFError/...
+        raise ValueError(f"{path} is unreadable ({type(e).__name__}: {_reason(e)})") from None
     if not isinstance(state, dict) or "step" not in state or not isinstance(state.get("parts"), dict):
-        raise ValueError(f"{path} is not a trainer checkpoint (no step/parts); delete it to restart the stage")
+        raise ValueError(f"{path} is not a trainer checkpoint (no step/parts)")
     return state
 
 
 class Checkpointer:
-    """``<dir>/checkpoint.pt`` holding {step, state of every named part, extra}; atomic and resumable."""
+    """``<dir>/checkpoint.pt`` holding {step, state of every named part, extra}; atomic and resumable.
+
+    Each save keeps the checkpoint it replaces as ``checkpoint.prev.pt``; ``load`` falls back to that one,
+    with a warning, when the newest file is unreadable. ``extra`` must hold plain values (what
+    ``torch.load(weights_only=True)`` reads back: tensors, numbers, strings, lists, dicts).
+    """
 
     def __init__(self, directory: str, rt: Runtime):
         self.dir, self.rt = directory, rt
         self.path = os.path.join(directory, "checkpoint.pt")
+        self.prev_path = os.path.join(directory, "checkpoint.prev.pt")
+        self._newest_bad = False  # checkpoint.pt is damaged: the next save must not rotate it into prev
 
     def exists(self) -> bool:
-        return os.path.isfile(self.path)
+        # checkpoint.pt alone is missing when a kill fell between the two renames of a save
+        return os.path.isfile(self.path) or os.path.isfile(self.prev_path)
 
     def save(self, step: int, parts: Mapping[str, object], extra: Mapping | None = None) -> None:
         if self.rt.is_main:
             state = {"step": int(step), "parts": {k: v.state_dict() for k, v in parts.items()},
                      "extra": dict(extra or {})}
-            atomic_torch_save(state, self.path)
+            atomic_torch_save(state, self.path, previous=None if self._newest_bad else self.prev_path)
+        self._newest_bad = False
         self.rt.barrier()
+
+    def _read_newest(self) -> tuple[str, dict]:
+        """(path, state) of the newest readable checkpoint (warns when it is the previous one); ValueError when
+        none is."""
+        problems = []
+        for path in (self.path, self.prev_path):
+            if not os.path.isfile(path):
+                continue
+            try:
+                state = read_checkpoint(path)
+            except ValueError as e:
+                problems.append((path, str(e)))
+                continue
+            if problems:
+                warnings.warn(f"{problems[0][1]}; resuming from the previous checkpoint {path} (step "
+                              f"{int(state['step'])}) instead", stacklevel=3)
+                self._newest_bad = True
+            return path, state
+        names = " and ".join(p for p, _ in problems)
+        raise ValueError("cannot resume: " + "; ".join(m for _, m in problems)
+                         + f". Delete {names} to restart this stage from step 0")
 
     def load(self, parts: Mapping[str, object]) -> tuple[int, dict]:
         """Restore every part; returns (step, extra). Stray temporary files of a killed write are removed."""
@@ -358,10 +424,10 @@ class Checkpointer:
                 if name.startswith("checkpoint.pt.tmp"):
                     os.remove(os.path.join(self.dir, name))
         self.rt.barrier()
-        state = read_checkpoint(self.path)
+        path, state = self._read_newest()
         missing = set(parts) - set(state["parts"])
         if missing:
-            raise ValueError(f"{self.path} lacks {sorted(missing)}; it was written by another stage or config")
+            raise ValueError(f"{path} lacks {sorted(missing)}; it was written by another stage or config")
         for k, v in parts.items():
             v.load_state_dict(state["parts"][k])
         return int(state["step"]), dict(state.get("extra", {}))
