@@ -1,8 +1,12 @@
 #!/usr/bin/env python3
 """Watch a Self Forcing run live: queue a workflow on ComfyUI and save each chunk's frames as they arrive.
 
-Python standard library only (copy this file anywhere). The Self Forcing sampler, when its 'vae' input is
-connected, sends one websocket message per decoded chunk to the client that queued the prompt:
+Python standard library only. The websocket client is the repository's ``workflows/ws_client.py``:
+imported from the installed ``self_forcing`` package, else loaded from the checkout this script sits in
+(to use this script elsewhere, take that file along as ``../workflows/ws_client.py``).
+
+The Self Forcing sampler, when its 'vae' input is connected, sends one websocket message per decoded
+chunk to the client that queued the prompt:
 
     {"type": "self_forcing.frames",
      "data": {"prompt_id", "node", "chunk", "chunks", "start_frame", "frame_count", "total_frames",
@@ -23,88 +27,28 @@ from __future__ import annotations
 
 import argparse
 import base64
+import importlib.util
 import json
 import os
 import socket
-import struct
 import sys
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 import uuid
 
+try:
+    from self_forcing.workflows.ws_client import WebSocket, comfy_ws_url
+except ImportError:  # package not installed: load workflows/ws_client.py of this checkout by its path
+    _here = os.path.dirname(os.path.abspath(__file__))
+    _spec = importlib.util.spec_from_file_location(
+        "_sf_ws_client", os.path.join(_here, os.pardir, "workflows", "ws_client.py"))
+    _ws_client = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_ws_client)
+    WebSocket, comfy_ws_url = _ws_client.WebSocket, _ws_client.comfy_ws_url
+
 EVENT = "self_forcing.frames"
 EXTENSIONS = {"jpeg": "jpg", "png": "png"}
-
-
-class WebSocket:
-    """The smallest RFC 6455 client that reads ComfyUI's /ws (unmasked server frames, ping/pong, close)."""
-
-    def __init__(self, url: str, timeout: float = 5.0):
-        u = urllib.parse.urlparse(url)
-        self.sock = socket.create_connection((u.hostname, u.port or 80), timeout=timeout)
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall((f"GET {u.path}?{u.query} HTTP/1.1\r\nHost: {u.hostname}:{u.port or 80}\r\n"
-                           "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            byte = self.sock.recv(1)
-            if not byte:
-                raise ConnectionError("websocket handshake: connection closed")
-            head += byte
-        if b" 101 " not in head.split(b"\r\n", 1)[0]:
-            raise ConnectionError(f"websocket handshake refused: {head.splitlines()[0]!r}")
-
-    def _read(self, n: int) -> bytes:
-        parts, left = [], n
-        while left:
-            chunk = self.sock.recv(min(left, 1 << 20))
-            if not chunk:
-                raise ConnectionError("websocket closed")
-            parts.append(chunk)
-            left -= len(chunk)
-        return b"".join(parts)
-
-    def _send(self, opcode: int, payload: bytes = b"") -> None:
-        mask = os.urandom(4)
-        n = len(payload)
-        size = bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack("!H", n)
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        self.sock.sendall(bytes([0x80 | opcode]) + size + mask + masked)
-
-    def receive(self) -> tuple[int, bytes]:
-        """Next message: (1, text) or (2, binary); answers pings; raises ConnectionError on close."""
-        parts, opcode = [], None
-        while True:
-            b0, b1 = self._read(2)
-            n = b1 & 0x7F
-            if n == 126:
-                n = struct.unpack("!H", self._read(2))[0]
-            elif n == 127:
-                n = struct.unpack("!Q", self._read(8))[0]
-            mask = self._read(4) if b1 & 0x80 else None
-            data = self._read(n)
-            if mask:
-                data = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
-            op = b0 & 0x0F
-            if op == 9:
-                self._send(10, data)
-                continue
-            if op == 8:
-                raise ConnectionError("websocket closed by the server")
-            if op in (1, 2):
-                opcode = op
-            parts.append(data)
-            if b0 & 0x80:
-                return opcode, b"".join(parts)
-
-    def close(self) -> None:
-        try:
-            self._send(8)
-        finally:
-            self.sock.close()
 
 
 def save_frames(data: dict, out_dir: str) -> list[str]:
@@ -140,8 +84,7 @@ def watch(server: str, prompt: dict, out_dir: str, timeout: float = 3600.0) -> d
     the prompt was queued): {"prompt_id", "chunks": [{"chunk", "t", ...}], "executing": [{"node", "t"}],
     "done_t", "status"}."""
     client_id = uuid.uuid4().hex
-    ws_url = server.replace("http://", "ws://").replace("https://", "wss://").rstrip("/")
-    ws = WebSocket(f"{ws_url}/ws?clientId={client_id}")
+    ws = WebSocket(comfy_ws_url(server, client_id))
     record: dict = {"chunks": [], "executing": [], "status": None}
     try:
         t0 = time.monotonic()

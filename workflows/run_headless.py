@@ -14,17 +14,20 @@ previews the Self Forcing sampler sends), then downloads every output file throu
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import socket
-import struct
 import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+
+if __package__:
+    from .ws_client import WebSocket, comfy_ws_url
+else:  # run as a script (python workflows/run_headless.py): ws_client.py sits next to this file
+    from ws_client import WebSocket, comfy_ws_url
 
 
 # -- HTTP -------------------------------------------------------------------------------------------
@@ -47,73 +50,6 @@ def queue_prompt(server: str, prompt: dict, client_id: str) -> str:
             pass
         raise SystemExit(f"rejected by the server (HTTP {e.code}):\n{detail}") from None
     return reply["prompt_id"]
-
-
-# -- a minimal websocket client (RFC 6455: text, binary, ping/pong, close) --------------------------
-class WebSocket:
-    def __init__(self, url: str, timeout: float):
-        u = urllib.parse.urlparse(url)
-        self.sock = socket.create_connection((u.hostname, u.port or 80), timeout=timeout)
-        key = base64.b64encode(os.urandom(16)).decode()
-        path = u.path + ("?" + u.query if u.query else "")
-        self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: {u.hostname}:{u.port or 80}\r\nUpgrade: websocket\r\n"
-                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n")
-                          .encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = self.sock.recv(1)
-            if not chunk:
-                raise ConnectionError("websocket handshake: connection closed")
-            head += chunk
-        if b" 101 " not in head.split(b"\r\n", 1)[0]:
-            raise ConnectionError(f"websocket handshake refused: {head.splitlines()[0]!r}")
-
-    def _exact(self, n: int) -> bytes:
-        buf = b""
-        while len(buf) < n:
-            chunk = self.sock.recv(n - len(buf))
-            if not chunk:
-                raise ConnectionError("websocket closed")
-            buf += chunk
-        return buf
-
-    def _send(self, opcode: int, payload: bytes = b"") -> None:
-        mask = os.urandom(4)
-        n = len(payload)
-        head = bytes([0x80 | opcode])
-        head += bytes([0x80 | n]) if n < 126 else (bytes([0x80 | 126]) + struct.pack("!H", n))
-        self.sock.sendall(head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
-
-    def receive(self) -> tuple[int, bytes]:
-        """Next message: (1, text bytes) or (2, binary bytes); answers pings, raises on close."""
-        parts, first_op = [], None
-        while True:
-            b0, b1 = self._exact(2)
-            opcode, n = b0 & 0x0F, b1 & 0x7F
-            if n == 126:
-                n = struct.unpack("!H", self._exact(2))[0]
-            elif n == 127:
-                n = struct.unpack("!Q", self._exact(8))[0]
-            mask = self._exact(4) if b1 & 0x80 else None
-            data = self._exact(n)
-            if mask:
-                data = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
-            if opcode == 9:
-                self._send(10, data)
-                continue
-            if opcode == 8:
-                raise ConnectionError("websocket closed by the server")
-            if opcode in (1, 2):
-                first_op = opcode
-            parts.append(data)
-            if b0 & 0x80:
-                return first_op, b"".join(parts)
-
-    def close(self) -> None:
-        try:
-            self._send(8)
-        finally:
-            self.sock.close()
 
 
 # -- the run ----------------------------------------------------------------------------------------
@@ -203,8 +139,7 @@ def run(workflow: str, server: str, out_dir: str, sets=(), timeout: float = 3600
     apply_sets(prompt, list(sets))
     client_id = uuid.uuid4().hex
     deadline = time.time() + timeout
-    ws_url = server.replace("http://", "ws://").replace("https://", "wss://").rstrip("/") + f"/ws?clientId={client_id}"
-    ws = WebSocket(ws_url, timeout=5.0)
+    ws = WebSocket(comfy_ws_url(server, client_id), timeout=5.0)
     try:
         prompt_id = queue_prompt(server, prompt, client_id)
         print(f"queued {prompt_id}")
