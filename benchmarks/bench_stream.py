@@ -26,6 +26,7 @@ import torch
 from self_forcing.sf_model.config import TINY, WAN_1_3B
 from self_forcing.sf_model.model import CausalWanModel
 from self_forcing.sf_model.sampler import StreamOptions, stream
+from self_forcing.sf_model.speed import compile_blocks, fuse_gelu, use_cuda_graphs, use_fused_kernels
 
 
 def pixel_frames(latent_frames: int) -> int:
@@ -48,13 +49,13 @@ def build(args, dtype, device):
     if args.fuse_qkv:
         model.fuse_qkv()
     if args.fuse_gelu:
-        model.fuse_gelu()
+        fuse_gelu(model)
     if args.fused_kernels or args.fp8:
-        model.use_fused_kernels(fp8=args.fp8)
+        use_fused_kernels(model, fp8=args.fp8)
     if args.compile != "none":
-        model.compile_blocks(mode=None if args.compile == "default" else args.compile)
+        compile_blocks(model, mode=None if args.compile == "default" else args.compile)
     if getattr(args, "cuda_graphs", False):
-        model.use_cuda_graphs()
+        use_cuda_graphs(model)
     return model, cfg
 
 
@@ -370,8 +371,8 @@ def main(argv=None):
           f"{res['first_chunk_s']:14.3f} {res['peak_gib']:9.2f} {res['forwards']:9d}")
     print(f"  range {res['generator_s_min']:.3f}-{res['generator_s_max']:.3f} s over {args.repeats} videos; "
           f"per chunk ms: {res['chunk_ms']}; host had queued the last chunk at {res['host_issue_s']:.3f} s")
-    if model._graphs is not None:
-        gr = model._graphs
+    if model.chunk_graphs is not None:
+        gr = model.chunk_graphs
         info["graphs"] = {"recorded": gr.recorded, "replayed": gr.replayed, "kept": len(gr.graphs), "failed": gr.failed}
         print(f"  CUDA graphs: {gr.recorded} recorded, {gr.replayed} replays, {len(gr.graphs)} kept"
               + (f", FAILED: {gr.failed}" if gr.failed else ""))

@@ -4,8 +4,8 @@ import numpy as np, torch
 from self_forcing.sf_model.config import WanConfig, WAN_1_3B
 from self_forcing.sf_model.model import CausalWanModel
 from self_forcing.sf_model.checkpoint import save_model, load_model
-from self_forcing.sf_model.vae import WanVAE, WanVAEConfig
-from self_forcing.sf_model.vae_checkpoint import save_vae, load_vae
+from self_forcing.sf_model.vae import WanVAE, WanVAEConfig, save_vae, load_vae
+from self_forcing.sf_model.speed import use_fused_kernels
 from self_forcing.sf_model.pipeline import stream_video
 from self_forcing.sf_model.sampler import StreamOptions
 from self_forcing.sf_model.text_embeds import save_text_embeds
@@ -36,7 +36,7 @@ def cli(*extra):
 
 def ref(dtype, fused):
     m = load_model(f"{root}/dit.safetensors", device="cuda", dtype=dtype).model
-    if fused: m.use_fused_kernels()
+    if fused: use_fused_kernels(m)
     v = load_vae(f"{root}/vae.safetensors", device="cuda", dtype=dtype)
     opts = StreamOptions(frames_per_block=3, partial_last_block=True)
     return torch.cat([c.frames[0] for c in stream_video(m, v, ctx.cuda(), num_frames=9, height=6, width=8, seed=4, options=opts)]).numpy()

@@ -16,6 +16,7 @@ import torch
 
 from self_forcing.sf_model.checkpoint import load_model
 from self_forcing.sf_model.sampler import StreamOptions, generate
+from self_forcing.sf_model.speed import use_fused_kernels
 from self_forcing.toy.bundle import encode_prompt, latents_to_video
 from self_forcing.training.drift import frame_metrics
 from self_forcing.toy.world import sample_scene
@@ -44,7 +45,7 @@ def main(argv=None):
         ctx = encode_prompt(loaded, [prompt], device=args.device)
         out = {}
         for mode in ("exact", "fp8"):
-            loaded.model.use_fused_kernels(fp8=(mode == "fp8"))
+            use_fused_kernels(loaded.model, fp8=(mode == "fp8"))
             lat = generate(loaded.model, ctx, num_frames=args.frames, height=size, width=size, seed=i, options=opts)
             out[mode] = lat
             m = frame_metrics(latents_to_video(loaded, lat)[0], prompt)

@@ -19,6 +19,7 @@ from self_forcing.sf_model.config import TINY, WanConfig
 from self_forcing.sf_model.mask import token_mask
 from self_forcing.sf_model.model import CausalWanModel
 from self_forcing.sf_model.sampler import StreamOptions, block_plan, generate
+from self_forcing.sf_model.speed import compile_blocks, use_cuda_graphs, use_fused_kernels
 
 
 def random_model(cfg: WanConfig, device, dtype=torch.float32, seed=0) -> CausalWanModel:
@@ -65,7 +66,7 @@ def main():
             inc = incremental(m, x, t, ctx, fpb, window, sink)
             results[f"flex_vs_dense fpb={fpb} W={window} S={sink}"] = rel(flex, dense)
             results[f"stream_vs_full fpb={fpb} W={window} S={sink}"] = rel(inc, dense)
-    from self_forcing.sf_model import kernels as K
+    from self_forcing.sf_model.speed import kernels as K
 
     rows, d, fr = 4680 * 2, 1536, 6
     for dt in (torch.float32, torch.bfloat16):
@@ -91,7 +92,7 @@ def main():
         results[f"triton qk_norm_rope {dt}"] = max(rel(q1, q2), rel(k1, k2))
         xq = torch.randn(rows, d, device=dev, dtype=dt)
         results[f"triton rms_norm {dt}"] = rel(K.rms_norm(xq, wqk[:d], 1e-6), K.rms_rows(xq, wqk[:d], 1e-6).to(dt))
-    from self_forcing.sf_model import fp8 as fp8_mod
+    from self_forcing.sf_model.speed import fp8 as fp8_mod
 
     for kdim in (1536, 8960):
         xq = torch.randn(rows, kdim, device=dev, dtype=torch.bfloat16) * 2
@@ -109,14 +110,14 @@ def main():
     lin = torch.nn.Linear(256, 512).to(dev, torch.bfloat16)
     xin = torch.randn(2, 4680, 256, device=dev, dtype=torch.bfloat16)
     with torch.no_grad():
-        fused = model_mod.linear_gelu(lin, xin)
+        fused = K.linear_gelu(lin, xin)
         plain = torch.nn.functional.gelu(lin(xin).float(), approximate="tanh")
     results["bf16 GEMM+GELU epilogue vs tanh GELU"] = rel(fused, plain)
     ref = random_model(cfg, dev)
-    fast = random_model(cfg, dev, torch.bfloat16).use_fused_kernels()
-    fused32 = random_model(cfg, dev).use_fused_kernels()
+    fast = use_fused_kernels(random_model(cfg, dev, torch.bfloat16))
+    fused32 = use_fused_kernels(random_model(cfg, dev))
     if args.compile:
-        fast.compile_blocks()
+        compile_blocks(fast)
     opts = StreamOptions(frames_per_block=3)
     a = generate(ref, ctx, num_frames=9, height=h, width=w, seed=2, options=opts)
     b = generate(fast, ctx.bfloat16(), num_frames=9, height=h, width=w, seed=2, options=opts)
@@ -127,17 +128,17 @@ def main():
     for window, sink, frames in ((None, 0, 9), (6, 3, 24)):
         opts = StreamOptions(frames_per_block=3, window=window, sink=sink, extend_positions=True)
         eager_v = generate(fast, ctx.bfloat16(), num_frames=frames, height=h, width=w, seed=4, options=opts)
-        fast.use_cuda_graphs()
+        use_cuda_graphs(fast)
         cache = fast.new_cache(1, (h // 2) * (w // 2), window=window or frames, sink=sink)
         for rep in range(2):  # the second video replays only
             graphed_v = generate(fast, ctx.bfloat16(), num_frames=frames, height=h, width=w, seed=4,
                                  options=opts, cache=cache)
             results[f"CUDA graphs vs eager (exact) W={window} S={sink} video {rep}"] = rel(graphed_v, eager_v)
-        gr = fast._graphs
+        gr = fast.chunk_graphs
         print(f"graphs W={window} S={sink}: recorded {gr.recorded}, replayed {gr.replayed}, failed {gr.failed}")
         if gr.failed or gr.replayed == 0:
             results[f"CUDA graphs used W={window}"] = float("nan")
-        fast.use_cuda_graphs(False)
+        use_cuda_graphs(fast, False)
     for k, v in results.items():
         print(f"{k:45s} rel err {v:.2e}")
     bad = [k for k, v in results.items() if not v < (3e-2 if ("bf16" in k or "16" in k) else 1e-4)]

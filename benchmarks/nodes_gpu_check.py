@@ -93,7 +93,7 @@ def main() -> int:
         runs = [sample_video(h, cond, width=64, height=32, length=33, seed=3, decode=decoder(vae), hooks=hooks)
                 for _ in range(2)]
         (lat, img), (lat2, img2) = runs
-        graphs = h.model._graphs
+        graphs = h.model.chunk_graphs
         tag = f"{dtype} keep_loaded={keep}"
         check(f"t2v latents cuda vs cpu {tag}", rel(lat, ref_lat) < tol, f"rel {rel(lat, ref_lat):.2e}")
         # fp32 convolutions on CUDA run in TF32 by default (PyTorch's cudnn.allow_tf32): ~1e-3

@@ -265,7 +265,7 @@ def prepare_wan(args, loaded, path: str, device, dtype) -> Job:
     from ..sf_model.latent_format import pixel_frames
     from ..sf_model.pipeline import stream_video
     from ..sf_model.text_embeds import load_text_embeds
-    from ..sf_model.vae_checkpoint import load_vae
+    from ..sf_model.vae import load_vae
 
     if not args.embeds or not args.vae:
         raise ValueError("this is not a self-contained toy model: pass --embeds (prompt embeddings saved by the "
@@ -319,7 +319,9 @@ def prepare(args, device):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     loaded = load_model(path, device=device, dtype=dtype)
     if args.fused_kernels:
-        loaded.model.use_fused_kernels().use_cuda_graphs()  # graphs only act on CUDA tensors
+        from ..sf_model.speed import use_cuda_graphs, use_fused_kernels
+
+        use_cuda_graphs(use_fused_kernels(loaded.model))  # graphs only act on CUDA tensors
     if is_toy_bundle(loaded):
         return prepare_toy(args, loaded, path, device)
     return prepare_wan(args, loaded, path, device, dtype)

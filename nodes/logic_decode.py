@@ -20,8 +20,8 @@ import torch
 
 from ..sf_model.latent_format import LATENT_CHANNELS
 from ..sf_model.pipeline import stream_video
-from ..sf_model.vae import WanVAE, WanVAEConfig
-from ..sf_model.vae_checkpoint import VAECheckpointError, infer_vae_config, to_wan_layout, vae_from_state_dict
+from ..sf_model.vae import (VAECheckpointError, WanVAE, WanVAEConfig, infer_vae_config, to_wan_layout,
+                            vae_from_state_dict)
 from .logic_live import LiveFrameSender, to_uint8_frames
 
 

@@ -9,6 +9,7 @@ import torch
 from ..sf_model.attention import resolve_backend
 from ..sf_model.checkpoint import LoadedModel, load_model
 from ..sf_model.config import WanConfig, size_name
+from ..sf_model.speed import use_cuda_graphs, use_fused_kernels
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -64,7 +65,7 @@ def load_handle(path: str, name: str, *, dtype: str, attention: str, load_device
         # Inference trunk with fused kernels (Triton when installed, else the same math in PyTorch),
         # fused QKV and the GELU-epilogue GEMM, and block forwards replayed from CUDA graphs (same
         # numbers, less host time): ~1.7x the eager speed on an H100 (README, Benchmarks).
-        loaded.model.use_fused_kernels().use_cuda_graphs()
+        use_cuda_graphs(use_fused_kernels(loaded.model))
     return ModelHandle(loaded=loaded, name=name, load_device=load_device, offload_device=offload_device,
                        dtype=torch_dtype, keep_loaded=keep_loaded)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from dataclasses import dataclass
 from typing import Mapping
@@ -63,9 +62,6 @@ class WanConfig:
             raise ValueError(f"unknown WanConfig fields: {sorted(unknown)}")
         return cls(**{k: (tuple(v) if k == "patch_size" else v) for k, v in d.items()})
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
     def replace(self, **changes) -> "WanConfig":
         return dataclasses.replace(self, **changes)
 
@@ -74,8 +70,6 @@ WAN_1_3B = WanConfig()
 WAN_14B = WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
 # Small sizes with Wan's structure, for tests and the toy world. head_dim 16 -> RoPE pairs 4/2/2.
 TINY = WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32, text_len=16, freq_dim=32)
-
-PRESETS = {"wan2.1-1.3b": WAN_1_3B, "wan2.1-14b": WAN_14B, "tiny": TINY}
 
 
 def size_name(config: WanConfig) -> str:

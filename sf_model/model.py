@@ -12,11 +12,17 @@ Two ways to run the same weights:
 - ``forward(x, t, context, frames_per_block=..)``: the whole sequence under a block-causal mask
   (training, teacher; ``frames_per_block=None`` is Wan's bidirectional model);
 - ``forward_block(x, t, text, cache, start_frame)``: one block against a ``KVCache`` (sampling).
+
+Inference speed-ups live in ``sf_model.speed`` and are switched on from outside through hook
+points: ``CausalWanModel.inference_trunk`` (gradient-free forwards), ``CausalWanModel.chunk_graphs``
+(CUDA-graph replay of ``forward_block``), ``Block.ffn_first`` and ``Block.pre_attention`` /
+``Block.post_attention``. This module imports none of it.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -25,8 +31,6 @@ import torch.nn.functional as F
 from .attention import attention, masked_attention, resolve_backend
 from .cache import KVCache, TextContext
 from .config import WanConfig
-from .fused_trunk import fused_trunk
-from .graphs import BlockGraphs
 from .mask import build_mask
 from .rope import Rope3D, apply_rope
 from .routing import history_frames, routed_attention
@@ -118,14 +122,6 @@ class CrossAttention(Attention):
         return self.o(attention(q, kv[0], kv[1], backend).flatten(2))
 
 
-@torch.compiler.disable
-def linear_gelu(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """GELU(tanh)(x W^T + b) as one cuBLASLt GEMM with a GELU epilogue (kept out of torch.compile,
-    which would split it again into a GEMM and an elementwise kernel)."""
-    out = torch._addmm_activation(layer.bias, x.flatten(0, -2), layer.weight.t(), use_gelu=True)
-    return out.unflatten(0, x.shape[:-1])
-
-
 def per_frame(t: torch.Tensor, frames: int, scale=None, shift=None, gate=None) -> torch.Tensor:
     """Apply per-frame modulation terms [B, F, dim] to tokens [B, F*T, dim]."""
     t = t.unflatten(1, (frames, -1))
@@ -147,9 +143,11 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim ** 0.5)
-        self.gelu_epilogue = False                    # see CausalWanModel.fuse_gelu
-        self.pre_attention = self._pre_attention     # replaced by compiled versions by
-        self.post_attention = self._post_attention   # CausalWanModel.compile_blocks()
+        # Hook points for inference speed-ups (sf_model.speed), all optional:
+        # ffn_first(linear, h) -> GELU-tanh(linear(h)), replacing the FFN's first layer and its GELU
+        self.ffn_first: Callable[[nn.Linear, torch.Tensor], torch.Tensor] | None = None
+        self.pre_attention = self._pre_attention     # may be replaced by compiled versions
+        self.post_attention = self._post_attention
 
     def _pre_attention(self, x, e, frames: int, rope_cos, rope_sin):
         """Modulated norm, q/k/v with RMSNorm and RoPE. x [B, L, dim] f32, e [B, F, 6, dim] f32."""
@@ -167,8 +165,8 @@ class Block(nn.Module):
         x = x + per_frame(y.float(), frames, gate=gate1)
         x = x + self.cross_attn(self.norm3(x).to(dtype), (text_k, text_v), backend).float()
         h = per_frame(self.norm2(x), frames, scale2, shift2).to(dtype)
-        if self.gelu_epilogue and h.is_cuda:
-            y = self.ffn[2](linear_gelu(self.ffn[0], h))
+        if self.ffn_first is not None:
+            y = self.ffn[2](self.ffn_first(self.ffn[0], h))
         else:
             y = self.ffn(h)
         return x + per_frame(y.float(), frames, gate=gate2)
@@ -210,10 +208,13 @@ class CausalWanModel(nn.Module):
         # Not a buffer: never in the state dict, never cast by .to(dtype).
         self.rope = Rope3D(cfg.head_dim, cfg.rope_split, cfg.rope_theta, cfg.rope_max_frames)
         self._backend: tuple[str, str] | None = None
-        self.fused_kernels = False
-        self.fp8_linears = False
-        self._fp8: dict = {}  # FP8 copies of linear weights (sf_model.fp8), built on first use
-        self._graphs: BlockGraphs | None = None  # CUDA graphs of forward_block (use_cuda_graphs)
+        # Hook points for inference speed-ups (sf_model.speed), None when unused:
+        # inference_trunk(model, h, e, e0, frames, rope, text, attend_for_layer) -> head output, run for
+        #   gradient-free forwards instead of the block loop; its ``graph_key`` attribute (if any)
+        #   names its variant in the CUDA-graph situation key.
+        self.inference_trunk: Callable | None = None
+        # chunk_graphs: replays forward_block from CUDA graphs (accepts / situation / run / clear).
+        self.chunk_graphs = None
 
     # -- properties --------------------------------------------------------------------------
     @property
@@ -231,10 +232,6 @@ class CausalWanModel(nn.Module):
         if self._backend is None or self._backend[0] != key:
             self._backend = (key, resolve_backend(self.attn_backend_request, self.device))
         return self._backend[1]
-
-    def set_attn_backend(self, name: str) -> None:
-        resolve_backend(name, self.device)  # raises if unusable here
-        self.attn_backend_request, self._backend = name, None
 
     def check_dtypes(self) -> None:
         """Refuse a model whose parameters are on several devices or in several float dtypes."""
@@ -316,8 +313,8 @@ class CausalWanModel(nn.Module):
         self._refresh_fused()
         e, e0 = self.time_embed(t, b, fr)
         h = self.patch_embedding(x.to(self.dtype)).flatten(2).transpose(1, 2).float()  # [B, L, dim]
-        if self.fused_kernels and not torch.is_grad_enabled():
-            out = fused_trunk(self, h, e, e0, fr, rope, text, attend_for_layer)
+        if self.inference_trunk is not None and not torch.is_grad_enabled():
+            out = self.inference_trunk(self, h, e, e0, fr, rope, text, attend_for_layer)
         else:
             backend = self.attn_backend
             for i, blk in enumerate(self.blocks):
@@ -387,17 +384,16 @@ class CausalWanModel(nn.Module):
         def run(x_, t_, rope, text_):
             return self._run(x_, t_, text_, start_frame, attend_for_layer, extend_positions, rope)
 
-        graphs = self._graphs
+        graphs = self.chunk_graphs
         if (graphs is not None and graphs.accepts(x) and not route and not torch.is_grad_enabled()
                 and isinstance(t, torch.Tensor) and t.device == x.device and tuple(t.shape) == (x.shape[0], fr)):
             self.rope.check_frames(start_frame, fr, extend_positions)
             rope = self.rope.cos_sin(start_frame, fr, hh, ww, self.device)
-            key = graphs.situation(x, t, cache, (extend_positions, self.dtype, self.fused_kernels,
-                                                 self.fp8_linears, backend))
+            key = graphs.situation(x, t, cache, (extend_positions, self.dtype, self._trunk_key(), backend))
             return graphs.run(key, run, x, t, rope, text)
         return run(x, t, None, text)
 
-    # -- inference speed-ups -----------------------------------------------------------------
+    # -- structure -----------------------------------------------------------------------------
     def fuse_qkv(self) -> "CausalWanModel":
         """Run q/k/v of every self-attention as one GEMM (weights shared, nothing copied twice).
 
@@ -414,56 +410,17 @@ class CausalWanModel(nn.Module):
         if attn is not None and attn.fused is not None and attn.fused[0].data_ptr() != attn.q.weight.data_ptr():
             self.fuse_qkv()
 
-    def use_fused_kernels(self, enabled: bool = True, fp8: bool = False) -> "CausalWanModel":
-        """Inference trunk with fused elementwise kernels (``sf_model.kernels``; Triton on CUDA), fused
-        QKV and, on CUDA, the FFN GELU epilogue. Gradient-recording forwards keep the plain path.
-
-        ``fp8=True`` (opt-in, less exact) runs the block's linear layers as FP8 GEMMs with per-channel
-        weight and per-token activation scales (``sf_model.fp8``); the FP8 weight copies are extra memory.
-        """
-        if enabled:
-            self.fuse_qkv()
-            self.fuse_gelu()
-        self.fused_kernels = enabled
-        self.fp8_linears = enabled and fp8
-        if not self.fp8_linears:
-            self._fp8 = {}
-        self._drop_graphs()
-        return self
-
-    def use_cuda_graphs(self, enabled: bool = True, max_graphs: int = 32,
-                        graphs: BlockGraphs | None = None) -> "CausalWanModel":
-        """Replay each KV-cached block forward from a recorded CUDA graph (``sf_model.graphs``):
-        the same kernels, so the same numbers, without the host's per-kernel launch cost. Used on
-        CUDA for gradient-free forwards without history routing; other calls run as before. The
-        graphs keep their own activation memory (one shared pool, about one forward's worth).
-        ``graphs``: a ready ``BlockGraphs`` (or subclass) to use instead of a new one."""
-        self._graphs = (graphs or BlockGraphs(max_graphs)) if enabled else None
-        return self
+    def _trunk_key(self):
+        trunk = self.inference_trunk
+        return None if trunk is None else getattr(trunk, "graph_key", trunk)
 
     def _drop_graphs(self) -> None:
-        if getattr(self, "_graphs", None) is not None:
-            self._graphs.clear()
+        if getattr(self, "chunk_graphs", None) is not None:
+            self.chunk_graphs.clear()
 
     def _apply(self, fn, *args, **kwargs):
         self._drop_graphs()  # .to()/.cuda()/.half() move the tensors the graphs read
         return super()._apply(fn, *args, **kwargs)
-
-    def fuse_gelu(self, enabled: bool = True) -> "CausalWanModel":
-        """On CUDA, run each FFN's first linear layer and its GELU as one GEMM with a GELU epilogue."""
-        for blk in self.blocks:
-            blk.gelu_epilogue = enabled
-        return self
-
-    def compile_blocks(self, mode: str | None = None, fullgraph: bool = True) -> "CausalWanModel":
-        """torch.compile the parts of every block around attention (norms, modulation, RoPE, GEMMs,
-        cross-attention, FFN). Attention against the cache stays eager, so the compiled graphs see
-        the same shapes for every chunk of a video and do not recompile as the cache grows."""
-        for blk in self.blocks:
-            blk.pre_attention = torch.compile(blk._pre_attention, mode=mode, fullgraph=fullgraph, dynamic=False)
-            blk.post_attention = torch.compile(blk._post_attention, mode=mode, dynamic=False,
-                                               fullgraph=fullgraph and not blk.gelu_epilogue)
-        return self
 
     def new_cache(self, batch: int, frame_tokens: int, *, window: int, sink: int = 0,
                   key_means: bool = False) -> KVCache:

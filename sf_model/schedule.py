@@ -1,4 +1,4 @@
-"""Flow-matching schedule of Self Forcing: shifted sigmas, warped few-step lists, noising, flow -> x0.
+"""Flow-matching schedule of Self Forcing: shifted sigmas, warped few-step lists, noising.
 
 The official code builds a 1000-entry table ``sigma_i = shift(1 - i/1000)`` (float32, sigma_min 0) with
 ``shift(s) = k s / (1 + (k - 1) s)`` and timesteps ``1000 sigma``; a nominal step list such as
@@ -108,11 +108,3 @@ def parse_steps(text: str) -> tuple[int, ...]:
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
     """Rectified-flow noising: (1 - sigma) x0 + sigma noise. sigma: float or tensor broadcastable to x0."""
     return (1 - sigma) * x0 + sigma * noise
-
-
-def flow_to_x0(x_t: torch.Tensor, flow: torch.Tensor, sigma) -> torch.Tensor:
-    return x_t - sigma * flow
-
-
-def x0_to_flow(x_t: torch.Tensor, x0: torch.Tensor, sigma) -> torch.Tensor:
-    return (x_t - x0) / sigma

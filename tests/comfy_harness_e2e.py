@@ -45,8 +45,7 @@ from self_forcing.nodes.specs import ALL_NODES, object_info
 from self_forcing.sf_model.checkpoint import save_model
 from self_forcing.sf_model.config import TINY
 from self_forcing.sf_model.model import CausalWanModel
-from self_forcing.sf_model.vae import WAN21_VAE, WanVAE
-from self_forcing.sf_model.vae_checkpoint import save_vae
+from self_forcing.sf_model.vae import WAN21_VAE, WanVAE, save_vae
 from self_forcing.sf_model.weights import SELF_FORCING, UMT5, WAN_VAE
 from self_forcing.workflows import run_headless
 

@@ -95,10 +95,11 @@ def test_fused_kernel_trunk_matches_the_reference_path(make_tiny):
     """The fused inference trunk (PyTorch versions of the kernels on CPU) == the block-by-block path."""
     from self_forcing.sf_model.config import TINY
     from self_forcing.sf_model.sampler import StreamOptions, generate
+    from self_forcing.sf_model.speed import use_fused_kernels
 
     for cfg in (TINY, TINY.replace(cross_attn_norm=False)):
         ref_model, fast = make_tiny(cfg, seed=11), make_tiny(cfg, seed=11)
-        fast.use_fused_kernels()
+        use_fused_kernels(fast)
         ctx = torch.randn(1, 10, 32, generator=torch.Generator().manual_seed(0))
         opts = StreamOptions(window=6, sink=1)
         ref = generate(ref_model, ctx, num_frames=9, height=4, width=6, seed=1, options=opts)

@@ -16,8 +16,7 @@ from self_forcing.sf_model.config import WanConfig
 from self_forcing.sf_model.model import CausalWanModel
 from self_forcing.sf_model.pipeline import stream_video
 from self_forcing.sf_model.sampler import StreamOptions
-from self_forcing.sf_model.vae import WanVAE, WanVAEConfig
-from self_forcing.sf_model.vae_checkpoint import load_vae, save_vae
+from self_forcing.sf_model.vae import WanVAE, WanVAEConfig, load_vae, save_vae
 
 av = pytest.importorskip("av")
 
@@ -107,7 +106,7 @@ def test_wan_checkpoint_streams_raw_frames_and_a_fragmented_mp4(wan_files, ref32
 
 
 def test_wan_dtype_and_fused_kernels(wan_files, ref32, monkeypatch, capsysbinary):
-    from self_forcing.sf_model import model as model_module
+    from self_forcing.sf_model.speed.trunk import FusedTrunk
 
     assert main(wan_args(wan_files, "--raw", "-", "--dtype", "bf16")) == 0
     bf16 = raw_frames(capsysbinary.readouterr().out)
@@ -115,8 +114,8 @@ def test_wan_dtype_and_fused_kernels(wan_files, ref32, monkeypatch, capsysbinary
     assert np.abs(bf16.astype(int) - ref32).max() > 2  # bf16 really ran (it differs from fp32)
 
     trunk_calls = []
-    real_trunk = model_module.fused_trunk
-    monkeypatch.setattr(model_module, "fused_trunk", lambda *a, **k: trunk_calls.append(1) or real_trunk(*a, **k))
+    real_trunk = FusedTrunk.__call__
+    monkeypatch.setattr(FusedTrunk, "__call__", lambda *a, **k: trunk_calls.append(1) or real_trunk(*a, **k))
     assert main(wan_args(wan_files, "--raw", "-", "--fused-kernels")) == 0
     captured = capsysbinary.readouterr()
     fused, ref = raw_frames(captured.out).astype(int), ref32.astype(int)

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from self_forcing.sf_model.config import TINY
-from self_forcing.sf_model.fp8 import Fp8Weight, fp8_linear, quantize_rows
 from self_forcing.sf_model.sampler import generate
+from self_forcing.sf_model.speed import use_fused_kernels
+from self_forcing.sf_model.speed.fp8 import Fp8Weight, fp8_linear, quantize_rows
 
 
 def rel(a, b):
@@ -47,22 +48,22 @@ def test_fp8_linear_is_close_to_the_float_linear_and_checks_sizes():
 
 def test_fp8_trunk_video_error_is_bounded_and_weights_refresh(make_tiny):
     ref = make_tiny(TINY, seed=3)
-    fast = make_tiny(TINY, seed=3).use_fused_kernels(fp8=True)
+    fast = use_fused_kernels(make_tiny(TINY, seed=3), fp8=True)
     ctx = torch.randn(1, 10, 32, generator=torch.Generator().manual_seed(1))
     a = generate(ref, ctx, num_frames=6, height=4, width=6, seed=2)
     b = generate(fast, ctx, num_frames=6, height=4, width=6, seed=2)
     err = rel(b, a)
     assert 1e-4 < err < 0.15  # really quantised, and still the same video
-    assert len(fast._fp8) == 6 * TINY.num_layers  # qkv, o, cross q, cross o, ffn0, ffn2 per block
+    assert len(fast.inference_trunk.fp8_weights) == 6 * TINY.num_layers  # qkv, o, cross q, cross o, ffn0, ffn2 per block
     with torch.no_grad():
         fast.blocks[0].ffn[0].weight.mul_(0)  # in-place change: same tensor, FP8 copy is stale by design
     fast.blocks[0].ffn[0].weight.data = torch.zeros_like(fast.blocks[0].ffn[0].weight)  # a new tensor
     c = generate(fast, ctx, num_frames=6, height=4, width=6, seed=2)
     assert not torch.allclose(c, b)  # the FP8 copy was rebuilt from the new weight
-    back = make_tiny(TINY, seed=3).use_fused_kernels(fp8=True)
+    back = use_fused_kernels(make_tiny(TINY, seed=3), fp8=True)
     generate(back, ctx, num_frames=3, height=4, width=6, seed=2)
-    back.use_fused_kernels(fp8=False)  # switching FP8 off drops the copies and restores the exact path
-    assert back._fp8 == {}
+    use_fused_kernels(back, fp8=False)  # switching FP8 off drops the copies and restores the exact path
+    assert back.inference_trunk.fp8_weights == {}
     assert rel(generate(back, ctx, num_frames=6, height=4, width=6, seed=2), a) < 1e-5
 
 

@@ -1,4 +1,4 @@
-"""CUDA-graph replay of the block forward (sf_model.graphs), exercised on the CPU with a stand-in
+"""CUDA-graph replay of the block forward (sf_model.speed.graphs), exercised on the CPU with a stand-in
 recorder that behaves like a CUDA graph where it matters: what it replays is fixed at recording time
 (the cache slots it writes/reads, the forward it ran) and it sees new inputs only through the static
 buffers. The real CUDA graphs are compared with eager forwards by benchmarks/gpu_checks.py."""
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from self_forcing.sf_model.config import TINY
-from self_forcing.sf_model.graphs import BlockGraphs
 from self_forcing.sf_model.sampler import StreamOptions, generate
+from self_forcing.sf_model.speed import BlockGraphs, use_cuda_graphs, use_fused_kernels
 
 
 class StandInGraphs(BlockGraphs):
@@ -39,7 +39,7 @@ class StandInGraphs(BlockGraphs):
 def with_graphs(model, max_graphs=32, window=None, frames=9, h=4, w=6):
     cache = model.new_cache(1, (h // 2) * (w // 2), window=window or frames)
     graphs = StandInGraphs(lambda: cache, max_graphs)
-    model.use_cuda_graphs(graphs=graphs)
+    use_cuda_graphs(model, graphs=graphs)
     return cache, graphs
 
 
@@ -51,8 +51,8 @@ def test_replayed_video_equals_eager_and_one_graph_serves_a_chunk(make_tiny, fus
     eager = make_tiny(TINY, seed=4)
     graphed = make_tiny(TINY, seed=4)
     if fused:
-        eager.use_fused_kernels()
-        graphed.use_fused_kernels()
+        use_fused_kernels(eager)
+        use_fused_kernels(graphed)
     cache, graphs = with_graphs(graphed)
     opts = StreamOptions(frames_per_block=3)
     ref = generate(eager, CTX, num_frames=9, height=4, width=6, seed=2, options=opts)
@@ -104,20 +104,20 @@ def test_a_new_prompt_or_moved_weights_never_replay_stale_graphs(make_tiny):
     graphed.to(torch.float64).to(torch.float32)  # moving the weights drops every recording
     assert len(graphs.graphs) == 0
     before = graphs.recorded
-    graphed.use_fused_kernels()
-    eager.use_fused_kernels()
+    use_fused_kernels(graphed)
+    use_fused_kernels(eager)
     out = generate(graphed, CTX, num_frames=9, height=4, width=6, seed=3, options=opts, cache=cache)
     assert torch.equal(out, generate(eager, CTX, num_frames=9, height=4, width=6, seed=3, options=opts))
     assert graphs.recorded == before + 3
 
 
 def test_gradient_forwards_and_cpu_tensors_stay_eager(make_tiny):
-    model = make_tiny(TINY, seed=1).use_cuda_graphs()
-    assert not model._graphs.accepts(torch.zeros(1))  # the real recorder only takes CUDA tensors
+    model = use_cuda_graphs(make_tiny(TINY, seed=1))
+    assert not model.chunk_graphs.accepts(torch.zeros(1))  # the real recorder only takes CUDA tensors
     generate(model, CTX, num_frames=3, height=4, width=6, seed=0)
-    assert model._graphs.recorded == 0 and model._graphs.replayed == 0
-    model.use_cuda_graphs(False)
-    assert model._graphs is None
+    assert model.chunk_graphs.recorded == 0 and model.chunk_graphs.replayed == 0
+    use_cuda_graphs(model, False)
+    assert model.chunk_graphs is None
     with pytest.raises(ValueError, match="max_graphs"):
         BlockGraphs(0)
 
@@ -131,7 +131,7 @@ def test_a_recording_failure_falls_back_to_eager_for_good(make_tiny):
     graphed = make_tiny(TINY, seed=2)
     cache = graphed.new_cache(1, 6, window=9)
     graphs = Failing(lambda: cache)
-    graphed.use_cuda_graphs(graphs=graphs)
+    use_cuda_graphs(graphed, graphs=graphs)
     with pytest.warns(UserWarning, match="running eagerly"):
         out = generate(graphed, CTX, num_frames=9, height=4, width=6, seed=2, cache=cache)
     assert torch.equal(out, generate(eager, CTX, num_frames=9, height=4, width=6, seed=2))

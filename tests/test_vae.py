@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from self_forcing.sf_model.vae import TINY_VAE, WAN21_VAE, WanVAE, WanVAEConfig
-from self_forcing.sf_model.vae_checkpoint import (
+from self_forcing.sf_model.vae.checkpoint import (
     VAECheckpointError,
     infer_vae_config,
     load_vae,
@@ -99,7 +99,7 @@ def test_failed_push_leaves_stream_state_unchanged(vae, monkeypatch):
 
 
 def test_upsample_conv_equals_interpolate_then_conv():
-    from self_forcing.sf_model.vae_layers import upsample2x_conv3x3
+    from self_forcing.sf_model.vae.layers import upsample2x_conv3x3
 
     torch.manual_seed(5)
     for n, c, co, h, w in [(3, 8, 4, 5, 7), (2, 6, 3, 1, 1)]:
@@ -361,7 +361,7 @@ def test_malicious_pickle_is_refused_and_not_run(tmp_path, writer):
 
 
 def test_a_dit_training_checkpoint_is_named_as_such(tmp_path):
-    from self_forcing.sf_model.vae_checkpoint import VAECheckpointError, load_vae
+    from self_forcing.sf_model.vae import VAECheckpointError, load_vae
 
     path = tmp_path / "sf.pt"
     torch.save({"generator_ema": {"model.patch_embedding.weight": torch.zeros(2, 16, 1, 2, 2)}}, path)

@@ -11,11 +11,16 @@ patterns, each fused here into one pass over the tokens:
 
 The PyTorch versions define the semantics and are what CPUs run; the Triton kernels must match them
 (checked by ``benchmarks/gpu_checks.py``).
+
+Also here: ``linear_gelu``, the FFN's first linear layer and its GELU as one cuBLASLt GEMM with a GELU
+epilogue, and ``ffn_first_gelu``, the ``Block.ffn_first`` hook that uses it on CUDA tensors.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU installs simply use the PyTorch versions.
     import triton
@@ -179,3 +184,20 @@ def rms_norm(x, weight, eps: float):
     _qk_norm_rope_kernel[(rows, 1)](x, weight, x, x, out, rows, d, 1, 1, eps,
                                     ROPE=False, BLOCK=_block(d // 2), num_warps=4)
     return out[0]
+
+
+# -- FFN GEMM with a GELU epilogue ----------------------------------------------------------------
+@torch.compiler.disable
+def linear_gelu(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """GELU(tanh)(x W^T + b) as one cuBLASLt GEMM with a GELU epilogue (kept out of torch.compile,
+    which would split it again into a GEMM and an elementwise kernel)."""
+    out = torch._addmm_activation(layer.bias, x.flatten(0, -2), layer.weight.t(), use_gelu=True)
+    return out.unflatten(0, x.shape[:-1])
+
+
+def ffn_first_gelu(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``Block.ffn_first`` hook: GELU-tanh(layer(x)), through ``linear_gelu`` on CUDA tensors and as
+    the plain layer + GELU elsewhere."""
+    if x.is_cuda:
+        return linear_gelu(layer, x)
+    return F.gelu(layer(x), approximate="tanh")

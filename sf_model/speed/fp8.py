@@ -3,7 +3,7 @@
 Weights are quantised once per output channel, activations per token at run time, both to
 ``float8_e4m3fn`` with float32 scales; the product runs through ``torch._scaled_mm`` (row-wise scales)
 and comes back in the model dtype. Used only by the fused inference trunk
-(``CausalWanModel.use_fused_kernels(fp8=True)``). It trades accuracy for speed: the README states the
+(``sf_model.speed.use_fused_kernels(model, fp8=True)``). It trades accuracy for speed: the README states the
 measured error. The bias is fused into the GEMM where the PyTorch build supports that with row-wise
 scales, otherwise added after the product.
 """

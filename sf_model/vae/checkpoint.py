@@ -19,9 +19,9 @@ from typing import Dict, Iterable, List, Mapping, Optional
 import torch
 from safetensors.torch import save_file as _st_save_file
 
-from .checkpoint import CheckpointError, CheckpointNotFound, mismatch_report, read_file
-from .checkpoint import short_list as _short
-from .vae import WanVAE, WanVAEConfig
+from ..checkpoint import CheckpointError, CheckpointNotFound, mismatch_report, read_file
+from ..checkpoint import short_list as _short
+from .model import WanVAE, WanVAEConfig
 
 StateDict = Dict[str, torch.Tensor]
 

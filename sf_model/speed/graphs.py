@@ -1,8 +1,9 @@
 """CUDA graphs of the KV-cached block forward (inference speed-up, exact).
 
-Streaming one block runs ~450 kernels per forward; queueing them from Python takes about as long
-as the GPU needs to run them for the first chunks (measured on an H100: 37 ms of host time for a
-36 ms forward). A CUDA graph replays the whole forward with one launch.
+A block forward is some hundreds of small kernels, each queued from Python; where the host needs
+about as long to queue them as the GPU needs to run them, the host sets the pace. A CUDA graph
+replays the whole forward with one launch (figures: benchmarks/NOTES.md). Switched on with
+``sf_model.speed.use_cuda_graphs(model)``, which sets ``model.chunk_graphs``.
 
 A graph is recorded for each distinct *situation* of ``CausalWanModel.forward_block``: the block's
 shape and dtype, the cache slots it writes and reads (``CachePlan.runs`` / ``valid_frames``), and the
@@ -31,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from .cache import TextContext
+from ..cache import TextContext
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 

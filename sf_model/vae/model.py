@@ -12,10 +12,9 @@ to 1 + k latent frames. Latents are RAW (no Wan mean/std normalisation).
 
 All temporal operations are causal, so a chunked run equals a one-pass run. The per-layer
 causal state lives in the stream objects as a plain list of tensors; the modules hold none.
-Each call processes all frames of a chunk in one call per layer.
-
-Speed (benchmarks/bench_vae.py, 21 latents -> 81 frames of 832x480, bf16, one H200): about
-0.9 s eager and 0.68 s with ``vae.decoder.compile()`` (whole or streamed in chunks of 3).
+Each call processes all frames of a chunk in one call per layer. ``vae.decoder.compile()``
+(torch.compile) speeds decoding up; benchmarks/bench_vae.py measures it (figures in
+benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .vae_layers import (
+from .layers import (
     AttentionBlock,
     Cache,
     CausalConv3d,
