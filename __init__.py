@@ -10,6 +10,6 @@ __version__ = "0.1.0"
 
 async def comfy_entrypoint():
     """V3 entry point: ComfyUI awaits this to get the extension with our node list."""
-    from .nodes.extension import SelfForcingExtension
+    from .nodes.comfy import SelfForcingExtension
 
     return SelfForcingExtension()

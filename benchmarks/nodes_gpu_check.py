@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from self_forcing.nodes.logic_decode import StreamDecode, VaeViews
-from self_forcing.nodes.logic_model import load_handle
-from self_forcing.nodes.logic_sampling import RunHooks, extend_video, sample_video
+from self_forcing.nodes.decode import StreamDecode, VaeViews
+from self_forcing.nodes.model import load_handle
+from self_forcing.nodes.sampling import RunHooks, extend_video, sample_video
 from self_forcing.sf_model.checkpoint import save_model
 from self_forcing.sf_model.config import TINY
 from self_forcing.sf_model.model import CausalWanModel

@@ -9,7 +9,7 @@ Uses the team's harness (/work/shared/comfy-harness: a real ComfyUI server on th
    builds it), a saved prompt embedding [1, 512, 4096] in place of the 11 GB umT5 encoder, and a
    placeholder umT5 file (so workflows that name it validate; it is never executed);
 2. starts ComfyUI with those folders (extra_model_paths.yaml, which also pre-registers text_embeds);
-3. checks the pack imported, and that /object_info of our nodes equals ``nodes.specs.object_info``;
+3. checks the pack imported, and that /object_info of our nodes equals ``nodes.schema.object_info``;
 4. converts every example_workflows/*.json with the harness's frontend-faithful converter and compares
    it with its workflows/api twin; posts every API workflow unchanged and expects it to validate;
 5. executes the graphs at tiny sizes through the stdlib headless client (workflows/run_headless.py)
@@ -40,8 +40,9 @@ from pathlib import Path
 
 import torch
 
-from self_forcing.nodes.logic_text import load_text_embeds, save_text_embeds
-from self_forcing.nodes.specs import ALL_NODES, object_info
+from self_forcing.nodes.text import load_text_embeds, save_text_embeds
+from self_forcing.nodes.catalogue import ALL_NODES
+from self_forcing.nodes.schema import object_info
 from self_forcing.sf_model.checkpoint import save_model
 from self_forcing.sf_model.config import TINY
 from self_forcing.sf_model.model import CausalWanModel
@@ -429,9 +430,10 @@ def check_interrupt(work: Path, result: dict) -> None:
 
 def toy_reference(prompt: dict) -> "torch.Tensor":
     """The toy graph's frames computed outside ComfyUI with the plain functions (float32 [F, H, W, 3] in 0-1)."""
-    from self_forcing.nodes.logic_model import load_handle
-    from self_forcing.nodes.logic_sampling import LongVideoOptions, sample_video
-    from self_forcing.nodes.logic_toy import encode_toy_prompt, toy_model_path
+    from self_forcing.nodes.model import load_handle
+    from self_forcing.nodes.long_video import LongVideoOptions
+    from self_forcing.nodes.sampling import sample_video
+    from self_forcing.nodes.toy import encode_toy_prompt, toy_model_path
     from self_forcing.toy.bundle import encode_prompt, latents_to_frames
 
     name = prompt[node_of(prompt, "SelfForcingToyModelLoader")]["inputs"]["model_name"]

@@ -11,8 +11,8 @@ import json
 
 import torch
 
-from self_forcing.nodes.logic_model import ModelHandle
-from self_forcing.nodes.logic_sampling import RunHooks, extend_video, sample_video
+from self_forcing.nodes.model import ModelHandle
+from self_forcing.nodes.sampling import RunHooks, extend_video, sample_video
 from self_forcing.sf_model.checkpoint import LoadedModel
 from self_forcing.sf_model.config import TINY
 from self_forcing.sf_model.model import CausalWanModel

@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from self_forcing.nodes import logic_decode
-from self_forcing.nodes.logic_decode import StreamDecode, VaeViews, check_wan21_state_dict, decode_latents
-from self_forcing.nodes.logic_live import (LiveFrameOptions, LiveFrameSender, decode_frames_event, encode_frames_event,
+from self_forcing.nodes import decode as logic_decode
+from self_forcing.nodes.decode import StreamDecode, VaeViews, check_wan21_state_dict, decode_latents
+from self_forcing.nodes.live import (LiveFrameOptions, LiveFrameSender, decode_frames_event, encode_frames_event,
                                            fit_size, selected_frames)
-from self_forcing.nodes.logic_sampling import RunHooks, extend_video, sample_video
+from self_forcing.nodes.sampling import RunHooks, extend_video, sample_video
 from self_forcing.sf_model.vae import TINY_VAE, WanVAE, WanVAEConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -103,7 +103,7 @@ def test_without_a_vae_nothing_is_decoded(tiny_model, monkeypatch):
         raise AssertionError("the decoder must not run without a VAE")
 
     monkeypatch.setattr(logic_decode, "stream_video", boom)
-    monkeypatch.setattr("self_forcing.nodes.logic_sampling.run_decoded_stream", boom)
+    monkeypatch.setattr("self_forcing.nodes.sampling.run_decoded_stream", boom)
     out = sample_video(handle_for(tiny_model), prompt(), width=64, height=32, length=9, seed=0)
     assert isinstance(out, torch.Tensor) and out.shape == (1, 16, 3, 4, 8)
     ext = extend_video(handle_for(tiny_model), prompt(), history(), extend_frames=4, history_frames=1,

@@ -6,9 +6,9 @@ import warnings
 import pytest
 import torch
 
-from self_forcing.nodes.logic_model import ModelHandle, describe, load_handle, resolve_dtype
-from self_forcing.nodes.logic_sampling import (LongVideoOptions, RunHooks, cache_bytes, extend_video, run_bytes,
-                                               sample_video, stream_options)
+from self_forcing.nodes.long_video import LongVideoOptions
+from self_forcing.nodes.model import ModelHandle, describe, load_handle, resolve_dtype
+from self_forcing.nodes.sampling import RunHooks, cache_bytes, extend_video, run_bytes, run_options, sample_video
 from self_forcing.sf_model.checkpoint import LoadedModel, save_model
 from self_forcing.sf_model.config import TINY
 from self_forcing.sf_model.latent_format import to_model_space, to_raw
@@ -81,7 +81,8 @@ def test_execute_time_errors_say_how_to_fix(tiny_model):
     with pytest.raises(ValueError, match="umT5-XXL"):
         sample_video(h, [[torch.zeros(1, 4, 4096), {}]], width=64, height=32, length=5, seed=0)
     with pytest.raises(ValueError, match="Long-Video Options"):
-        sample_video(h, prompt(), width=64, height=32, length=4 * 1100 + 1, seed=0)
+        sample_video(h, prompt(), width=64, height=32, length=4 * 1100 + 1, seed=0,
+                     long_video=LongVideoOptions("fixed", window=21, sink=0))
     with pytest.raises(ValueError, match="raise the window to 3"):
         sample_video(h, prompt(), width=64, height=32, length=25, seed=0,
                      long_video=LongVideoOptions("rolling", window=2, sink=0))
@@ -90,9 +91,11 @@ def test_execute_time_errors_say_how_to_fix(tiny_model):
 
 
 def test_long_video_options_map_to_a_rolling_cache(tiny_model):
-    opts = stream_options(3, STEPS, 5.0, 0.0, LongVideoOptions("rolling", window=6, sink=1, routing_topk=2))
+    opts = run_options(3, STEPS, 5.0, 0.0, LongVideoOptions("rolling", window=6, sink=1, routing_topk=2),
+                       total_frames=12, meta={})
     assert (opts.window, opts.sink, opts.routing_topk, opts.extend_positions) == (6, 1, 2, True)
-    fixed = stream_options(3, STEPS, 5.0, 0.0, LongVideoOptions("fixed", window=6, sink=1, routing_topk=0))
+    fixed = run_options(3, STEPS, 5.0, 0.0, LongVideoOptions("fixed", window=6, sink=1, routing_topk=0),
+                        total_frames=12, meta={})
     assert (fixed.window, fixed.sink, fixed.routing_topk) == (None, 0, None)
     h = handle_for(tiny_model)
     rolled = sample_video(h, prompt(), width=32, height=32, length=45, seed=1,
@@ -236,7 +239,7 @@ def test_free_memory_is_asked_before_moving_weights_to_the_load_device(make_tiny
         sample_video(h, prompt(), width=32, height=32, length=5, seed=0,
                      hooks=RunHooks(free_memory=lambda n, d: asked.append((n, d))))
     n_params = sum(p.numel() for p in model.parameters())
-    opts = stream_options(3, STEPS, 5.0, 0.0, None)
+    opts = run_options(3, STEPS, 5.0, 0.0, None, total_frames=2, meta={})
     extra = run_bytes(model.config, opts, 2, 4, 4, 1, torch.float32)
     assert asked == [(n_params * 4 + extra, torch.device("cpu"))]  # room for the weights and the run
 
@@ -244,7 +247,7 @@ def test_free_memory_is_asked_before_moving_weights_to_the_load_device(make_tiny
 @pytest.mark.parametrize("long_video, total", [(None, 7), (LongVideoOptions("rolling", 3, 1, 0), 40),
                                                (LongVideoOptions("rolling", 6, 2, 2), 40)])
 def test_cache_size_estimate_is_exact(tiny_model, long_video, total):
-    opts = stream_options(3, STEPS, 5.0, 0.0, long_video)
+    opts = run_options(3, STEPS, 5.0, 0.0, long_video, total_frames=total, meta={})
     window = opts.window if opts.window is not None else total
     cache = tiny_model.new_cache(2, 2 * 4, window=window, sink=opts.sink, key_means=opts.routing_topk is not None)
     assert cache_bytes(tiny_model.config, opts, total, 4, 8, 2, torch.float32) == cache.nbytes()

@@ -3,7 +3,8 @@
 import ast
 from pathlib import Path
 
-from self_forcing.nodes import logic_validate, specs
+from self_forcing.nodes import catalogue, live, long_video, model, sampling, schema, text, toy
+from self_forcing.nodes.schema import check_inputs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,9 +29,9 @@ FROZEN = {
 
 
 def test_node_ids_are_stable_and_inputs_only_appended():
-    assert set(specs.NODES_BY_ID) >= set(FROZEN)
+    assert set(catalogue.NODES_BY_ID) >= set(FROZEN)
     for node_id, (inputs, outputs) in FROZEN.items():
-        spec = specs.NODES_BY_ID[node_id]
+        spec = catalogue.NODES_BY_ID[node_id]
         assert [i.name for i in spec.inputs][:len(inputs)] == inputs, node_id
         assert [o.type for o in spec.outputs][:len(outputs)] == outputs, node_id
         appended = spec.inputs[len(inputs):]
@@ -38,34 +39,34 @@ def test_node_ids_are_stable_and_inputs_only_appended():
 
 
 def test_one_category_root_and_core_types_where_core_has_them():
-    for spec in specs.ALL_NODES:
-        assert spec.category.startswith(specs.ROOT + "/"), spec.node_id
+    for spec in catalogue.ALL_NODES:
+        assert spec.category.startswith(schema.ROOT + "/"), spec.node_id
         assert spec.node_id.startswith("SelfForcing") and spec.display_name and spec.description
-    sockets = {i.type for s in specs.ALL_NODES for i in s.inputs if not i.is_widget}
-    sockets |= {o.type for s in specs.ALL_NODES for o in s.outputs}
+    sockets = {i.type for s in catalogue.ALL_NODES for i in s.inputs if not i.is_widget}
+    sockets |= {o.type for s in catalogue.ALL_NODES for o in s.outputs}
     # Only the model handle and the two options bundles are our own types; prompts, VAEs, images use core's.
-    assert sockets - {"LATENT", "CONDITIONING", "STRING", "VAE", "IMAGE"} == {specs.MODEL_TYPE, specs.OPTIONS_TYPE,
-                                                                              specs.LIVE_TYPE}
+    assert sockets - {"LATENT", "CONDITIONING", "STRING", "VAE", "IMAGE"} == {schema.MODEL_TYPE, schema.OPTIONS_TYPE,
+                                                                              schema.LIVE_TYPE}
 
 
 def test_toy_nodes_sit_together_and_take_the_model_first():
-    toy = [specs.TOY_LOADER, specs.TOY_ENCODE, specs.TOY_DECODE]
-    assert all(s.category == specs.CAT_TOY for s in toy)
-    assert [i.type for i in specs.TOY_ENCODE.inputs] == [specs.MODEL_TYPE, "STRING"]
-    assert [i.type for i in specs.TOY_DECODE.inputs] == [specs.MODEL_TYPE, "LATENT"]
-    assert specs.TOY_ENCODE.input("text").multiline and specs.TOY_ENCODE.input("text").default == specs.TOY_PROMPT
-    assert specs.TOY_LOADER.input("model_name").options == specs.TOY_MODELS  # static: files shipped with the pack
-    assert not specs.TOY_LOADER.input("model_name").options_source
+    nodes = [toy.TOY_LOADER, toy.TOY_ENCODE, toy.TOY_DECODE]
+    assert all(s.category == schema.CAT_TOY for s in nodes)
+    assert [i.type for i in toy.TOY_ENCODE.inputs] == [schema.MODEL_TYPE, "STRING"]
+    assert [i.type for i in toy.TOY_DECODE.inputs] == [schema.MODEL_TYPE, "LATENT"]
+    assert toy.TOY_ENCODE.input("text").multiline and toy.TOY_ENCODE.input("text").default == toy.TOY_PROMPT
+    assert toy.TOY_LOADER.input("model_name").options == toy.TOY_MODELS  # static: files shipped with the pack
+    assert not toy.TOY_LOADER.input("model_name").options_source
 
 
 def test_decode_as_you_go_is_appended_to_both_samplers():
-    for spec in (specs.SAMPLER, specs.EXTEND):
+    for spec in (sampling.SAMPLER, sampling.EXTEND):
         names = [i.name for i in spec.inputs]
         assert names[-3:] == ["options", "vae", "live_frames"], spec.node_id  # appended after the old last input
         assert spec.input("vae").type == "VAE" and spec.input("vae").optional
-        assert spec.input("live_frames").type == specs.LIVE_TYPE and spec.input("live_frames").optional
+        assert spec.input("live_frames").type == schema.LIVE_TYPE and spec.input("live_frames").optional
         assert [o.type for o in spec.outputs] == ["LATENT", "IMAGE"]
-        info = specs.object_info(spec)
+        info = schema.object_info(spec)
         assert info["input_order"]["optional"] == ["options", "vae", "live_frames"]
         assert info["output_name"] == ["latent", "images"]
         # widgets_values of saved UI workflows are positional: sockets take no slot, so nothing shifts
@@ -73,7 +74,7 @@ def test_decode_as_you_go_is_appended_to_both_samplers():
 
 
 def test_every_input_has_a_tooltip_with_its_range():
-    for spec in specs.ALL_NODES:
+    for spec in catalogue.ALL_NODES:
         for i in spec.inputs:
             assert i.tooltip and len(i.tooltip) >= 30, (spec.node_id, i.name)
             if i.type in ("INT", "FLOAT") and i.min is not None and i.max is not None:
@@ -81,35 +82,36 @@ def test_every_input_has_a_tooltip_with_its_range():
 
 
 def test_defaults_are_valid():
-    for spec in specs.ALL_NODES:
+    for spec in catalogue.ALL_NODES:
         for i in spec.inputs:
             if i.type in ("INT", "FLOAT") and i.default is not None:
                 assert i.min <= i.default <= i.max, (spec.node_id, i.name)
             if i.type == "COMBO" and i.options:
                 assert i.default in i.options, (spec.node_id, i.name)
-    d = {i.name: i.default for i in specs.SAMPLER.inputs}
-    assert logic_validate.validate_generation(d["width"], d["height"], d["length"], d["frames_per_block"],
-                                              d["steps"], d["shift"], d["context_noise"]) is True
-    d = {i.name: i.default for i in specs.EXTEND.inputs}
-    assert logic_validate.validate_extension(d["extend_frames"], d["history_frames"], d["resample_strength"],
-                                             d["frames_per_block"], d["steps"], d["shift"], d["context_noise"]) is True
-    d = {i.name: i.default for i in specs.OPTIONS.inputs}
-    assert logic_validate.validate_long_video(d["cache"], d["window"], d["sink"], d["routing_topk"]) is True
-    d = {i.name: i.default for i in specs.LIVE.inputs}
-    assert logic_validate.validate_live_frames(d["every_nth"], d["max_size"], d["format"], d["quality"]) is True
-    assert "format 'gif'" in logic_validate.validate_live_frames(format="gif")
-    assert "every_nth" in logic_validate.validate_live_frames(every_nth=0)
+    d = {i.name: i.default for i in sampling.SAMPLER.inputs}
+    assert check_inputs(sampling.SAMPLER, **{k: d[k] for k in ("width", "height", "length", "frames_per_block",
+                                                               "steps", "shift", "context_noise")}) is True
+    d = {i.name: i.default for i in sampling.EXTEND.inputs}
+    assert check_inputs(sampling.EXTEND, **{k: d[k] for k in ("extend_frames", "history_frames", "resample_strength",
+                                                              "frames_per_block", "steps", "shift",
+                                                              "context_noise")}) is True
+    d = {i.name: i.default for i in long_video.OPTIONS.inputs}
+    assert check_inputs(long_video.OPTIONS, **{k: d[k] for k in ("cache", "window", "sink", "routing_topk")}) is True
+    d = {i.name: i.default for i in live.LIVE.inputs}
+    assert check_inputs(live.LIVE, **{k: d[k] for k in ("every_nth", "max_size", "format", "quality")}) is True
+    assert "format 'gif'" in check_inputs(live.LIVE, format="gif")
+    assert "every_nth" in check_inputs(live.LIVE, every_nth=0)
 
 
 def test_object_info_view_matches_the_spec():
-    info = specs.object_info(specs.SAMPLER)
+    info = schema.object_info(sampling.SAMPLER)
     assert info["input_order"]["required"][:3] == ["model", "positive", "width"]
-    assert info["input"]["optional"]["options"][0] == specs.OPTIONS_TYPE
+    assert info["input"]["optional"]["options"][0] == schema.OPTIONS_TYPE
     assert info["input"]["required"]["seed"][1]["control_after_generate"] is True
     assert info["output"] == ["LATENT", "IMAGE"]
-    save = specs.object_info(specs.SAVE_EMBEDS)
+    save = schema.object_info(text.SAVE_EMBEDS)
     assert save["output_node"] and set(save["input"]["hidden"]) == {"prompt", "extra_pnginfo"}
-    loader = specs.object_info(specs.LOADER, {"model_name": ["a.safetensors"]})
+    loader = schema.object_info(model.LOADER, {"model_name": ["a.safetensors"]})
     assert loader["input"]["required"]["model_name"][1]["options"] == ["a.safetensors"]
 
 
@@ -123,17 +125,17 @@ def test_v3_entrypoint_without_node_class_mappings():
              for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Name)}
     assert "NODE_CLASS_MAPPINGS" not in names  # core would then skip comfy_entrypoint
     assert any(isinstance(n, ast.AsyncFunctionDef) and n.name == "comfy_entrypoint" for n in root.body)
-    ext = _module(REPO / "nodes" / "extension.py")
+    ext = _module(REPO / "nodes" / "comfy.py")
     assert any(isinstance(n, ast.ClassDef) and n.name == "SelfForcingExtension" for n in ext.body)
-    listed = {e.id for n in ast.walk(ext) if isinstance(n, ast.List) for e in n.elts if isinstance(e, ast.Name)}
-    classes = {n.name for f in (REPO / "nodes").glob("nodes_*.py") for n in _module(f).body
-               if isinstance(n, ast.ClassDef)}
-    assert listed == set(specs.NODES_BY_ID) == classes  # every spec has a class, every class is registered
+    registered = [n.value for n in ext.body if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", "") == "NODES"]
+    listed = {e.id for e in registered[0].elts if isinstance(e, ast.Name)}
+    classes = {n.name for n in ext.body if isinstance(n, ast.ClassDef) and n.name != "SelfForcingExtension"}
+    assert listed == set(catalogue.NODES_BY_ID) == classes  # every spec has a class, every class is registered
 
 
 def test_logic_modules_do_not_import_comfyui():
     comfy = {"comfy", "comfy_api", "folder_paths", "server", "nodes", "latent_preview", "execution"}
-    for path in list((REPO / "nodes").glob("logic_*.py")) + [REPO / "nodes" / "specs.py", REPO / "weights.py"]:
+    for path in [p for p in (REPO / "nodes").glob("*.py") if p.name != "comfy.py"] + [REPO / "sf_model" / "weights.py"]:
         for n in ast.walk(_module(path)):
             if isinstance(n, ast.Import):
                 mods = [a.name for a in n.names]

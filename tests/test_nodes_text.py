@@ -6,9 +6,10 @@ import types
 import pytest
 import torch
 
-from self_forcing.nodes.logic_paths import model_choices, register_text_embeds_folder, save_folder
-from self_forcing.nodes.logic_text import (conditioning_from_context, context_from_conditioning, load_text_embeds,
-                                           next_embed_path, save_text_embeds, tensor_of)
+from self_forcing.nodes.model import model_choices
+from self_forcing.nodes.text import (conditioning_from_context, context_from_conditioning, load_text_embeds,
+                                     next_embed_path, register_text_embeds_folder, save_folder, save_text_embeds,
+                                     tensor_of)
 
 
 def cond(tokens=512, dim=32, batch=1):

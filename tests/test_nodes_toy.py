@@ -5,27 +5,28 @@ from pathlib import Path
 import pytest
 import torch
 
-from self_forcing.nodes import specs
-from self_forcing.nodes.logic_decode import StreamDecode
-from self_forcing.nodes.logic_latent import CODEC_KEY, FORMAT_KEY, TEXT_KEY, TOY, WAN21_SPACE, latent_space
-from self_forcing.nodes.logic_model import ModelHandle, load_handle
-from self_forcing.nodes.logic_sampling import LongVideoOptions, RunHooks, extend_video, sample_video
-from self_forcing.nodes.logic_text import context_from_conditioning
-from self_forcing.nodes.logic_toy import (decode_toy_latent, describe_toy, encode_toy_prompt, toy_model_path,
-                                          toy_vocabulary)
+from self_forcing.nodes import toy as toy_nodes
+from self_forcing.nodes.decode import StreamDecode
+from self_forcing.nodes.latent import CODEC_KEY, FORMAT_KEY, TEXT_KEY, TOY, WAN21_SPACE, latent_space
+from self_forcing.nodes.model import ModelHandle, load_handle
+from self_forcing.nodes.long_video import LongVideoOptions
+from self_forcing.nodes.sampling import RunHooks, extend_video, sample_video
+from self_forcing.nodes.text import context_from_conditioning
+from self_forcing.nodes.toy import (decode_toy_latent, describe_toy, encode_toy_prompt, toy_model_path,
+                                    toy_vocabulary)
 from self_forcing.sf_model.checkpoint import LoadedModel, load_model
 from self_forcing.sf_model.latent_format import to_raw
 from self_forcing.sf_model.sampler import StreamOptions, generate
 from self_forcing.toy.bundle import encode_prompt, is_toy_bundle, latents_to_frames
 
 REPO = Path(__file__).resolve().parent.parent
-PROMPT = specs.TOY_PROMPT
+PROMPT = toy_nodes.TOY_PROMPT
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
 def toy():
-    return load_handle(toy_model_path(specs.TOY_MODELS[0]), specs.TOY_MODELS[0], dtype="fp32", attention="sdpa",
+    return load_handle(toy_model_path(toy_nodes.TOY_MODELS[0]), toy_nodes.TOY_MODELS[0], dtype="fp32", attention="sdpa",
                        load_device=CPU, offload_device=CPU, keep_loaded=True, supports_bf16=False)
 
 
@@ -46,7 +47,7 @@ def cli_options(meta, window):
 def test_the_toy_loader_lists_exactly_the_shipped_toy_bundles():
     shipped = sorted(p.name for p in (REPO / "assets").glob("*.safetensors")
                      if is_toy_bundle(load_model(str(p))))
-    assert sorted(specs.TOY_MODELS) == shipped and specs.TOY_LOADER.input("model_name").default in shipped
+    assert sorted(toy_nodes.TOY_MODELS) == shipped and toy_nodes.TOY_LOADER.input("model_name").default in shipped
     for bad in ("missing.safetensors", "../assets/self_forcing_toy.safetensors"):
         with pytest.raises(ValueError, match="not in the pack's assets folder.*Load Self Forcing Model"):
             toy_model_path(bad)

@@ -58,7 +58,7 @@ def test_default_policy_fixed_while_the_video_fits_the_trained_length_else_a_rol
 
 
 def cli_args(window="auto", sink=None):
-    return argparse.Namespace(window=window, sink=sink)
+    return argparse.Namespace(window=window, sink=sink, steps=None)
 
 
 def test_cli_window_flags_map_to_the_policy():
@@ -85,3 +85,42 @@ def test_one_step_list_and_one_parser():
                 if isinstance(n, ast.FunctionDef) and n.name == "parse_steps":
                     defined.append(str(path.relative_to(REPO)))
     assert defined == ["sf_model/schedule.py"]
+
+
+@pytest.mark.parametrize("meta, total", [({}, 21), ({}, 22), ({}, 400), ({"sink": 2, "frames_per_block": 1}, 30),
+                                         (TOY_META, 12), (TOY_META, 13), ({"train_frames": 30}, 31)])
+def test_cli_auto_and_unconnected_nodes_get_the_same_cache(meta, total):
+    from self_forcing.cli.generate import sampling_options
+    from self_forcing.nodes.long_video import cache_policy as node_policy
+    from self_forcing.nodes.sampling import run_options
+
+    fpb = meta.get("frames_per_block", 3)
+    cli = cache_policy(cli_args(), meta, total)
+    assert node_policy(None, frames_per_block=fpb, total_frames=total, meta=meta, rope_max_frames=1024) == cli
+    a = sampling_options(cli_args(), meta, total)
+    b = run_options(fpb, DEFAULT_STEPS_TEXT, 5.0, 0.0, None, total_frames=total, meta=meta, rope_max_frames=1024)
+    assert (a.frames_per_block, a.window, a.sink, a.routing_topk, a.extend_positions, a.steps) == \
+        (b.frames_per_block, b.window, b.sink, b.routing_topk, b.extend_positions, b.steps)
+    assert a.window == (None if total <= trained_frames(meta) else trained_frames(meta))
+
+
+def test_toy_sampler_node_without_options_streams_what_the_cli_streams():
+    import torch
+
+    from self_forcing.cli.generate import sampling_options
+    from self_forcing.nodes.model import load_handle
+    from self_forcing.nodes.sampling import sample_video
+    from self_forcing.nodes.toy import TOY_MODELS, TOY_PROMPT, encode_toy_prompt, toy_model_path
+    from self_forcing.sf_model.sampler import generate
+    from self_forcing.toy.bundle import encode_prompt
+
+    cpu = torch.device("cpu")
+    toy = load_handle(toy_model_path(TOY_MODELS[0]), TOY_MODELS[0], dtype="fp32", attention="sdpa", load_device=cpu,
+                      offload_device=cpu, keep_loaded=True, supports_bf16=False)
+    frames = trained_frames(toy.meta) + 3  # longer than the training clip: the default rolls
+    out = sample_video(toy, encode_toy_prompt(toy, TOY_PROMPT), width=32, height=32, length=frames, seed=4)
+    opts = sampling_options(cli_args(), toy.meta, frames)
+    assert opts.window == trained_frames(toy.meta) and opts.extend_positions
+    ref = generate(toy.model, encode_prompt(toy.loaded, TOY_PROMPT, device="cpu"), num_frames=frames, height=16,
+                   width=16, seed=4, options=opts)
+    assert torch.equal(out, ref)

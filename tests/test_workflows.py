@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from self_forcing.sf_model import weights
-from self_forcing.nodes.specs import TOY_MODELS
+from self_forcing.nodes.toy import TOY_MODELS
 from self_forcing.sf_model.checkpoint import load_model
 from self_forcing.workflows import build
 from self_forcing.workflows.check import check_api, ui_to_api

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..sf_model import weights
-from ..nodes.specs import DEFAULT_STEPS, TOY_MODELS, TOY_PROMPT
+from ..nodes.toy import TOY_MODELS, TOY_PROMPT
+from ..sf_model.schedule import DEFAULT_STEPS_TEXT
 from .schemas import REPO, all_schemas, ordered_inputs, widget_slots
 
 UI_DIR = REPO / "example_workflows"
@@ -99,7 +100,7 @@ def _save(g: Graph, latent: Link, vae: Link, prefix: str, fps=FPS) -> None:
 
 
 def _sampling(**over) -> dict:
-    base = dict(seed=42, frames_per_block=3, steps=DEFAULT_STEPS, shift=5.0, context_noise=0.0)
+    base = dict(seed=42, frames_per_block=3, steps=DEFAULT_STEPS_TEXT, shift=5.0, context_noise=0.0)
     base.update(over)
     return base
 

@@ -3,7 +3,8 @@
 ``check_api(prompt, schemas)`` returns a list of problems (empty = valid): unknown classes, missing
 required inputs, unknown input names, values of the wrong type / outside min-max / not in a combo's
 options, dangling links, and links whose output type does not match the input type. For our own nodes
-it also runs the nodes' cross-field ``validate_inputs`` logic. ``ui_to_api(workflow, schemas)``
+it also runs what their ``validate_inputs`` runs (``nodes.schema.check_inputs``: the spec's ranges and the
+node's cross-field rules). ``ui_to_api(workflow, schemas)``
 converts an editor (UI) file to API format, following the frontend's widget layout rules.
 
 Two deliberate allowances: combos that list installation files (model folders, the input folder;
@@ -14,17 +15,9 @@ since 2026), which 0.3.64 ignores.
 
 from __future__ import annotations
 
-from ..nodes import logic_validate
+from ..nodes.catalogue import NODES_BY_ID
+from ..nodes.schema import check_inputs
 from .schemas import FRONTEND_ONLY, combo_values, input_options, input_type, ordered_inputs, widget_slots
-
-CROSS_FIELD = {
-    "SelfForcingSampler": (logic_validate.validate_generation,
-                           ("width", "height", "length", "frames_per_block", "steps", "shift", "context_noise")),
-    "SelfForcingExtendVideo": (logic_validate.validate_extension,
-                               ("extend_frames", "history_frames", "resample_strength", "frames_per_block", "steps",
-                                "shift", "context_noise")),
-    "SelfForcingLongVideoOptions": (logic_validate.validate_long_video, ("cache", "window", "sink", "routing_topk")),
-}
 
 
 def _types_match(out_type: str, in_type: str) -> bool:
@@ -110,11 +103,11 @@ def check_api(prompt: dict, schemas: dict) -> list[str]:
                                     f"({src['class_type']}) output {value[1]} is {outs[value[1]]}")
                 continue
             problems.extend(_check_value(where, name, spec, value, name in schema.get("_file_inputs", ())))
-        rule = CROSS_FIELD.get(node.get("class_type"))
-        if rule and len(problems) == before:  # cross-field checks need well-typed values
-            fn, names = rule
-            args = [inputs.get(n) if not isinstance(inputs.get(n), list) else None for n in names]
-            verdict = fn(*args)
+        ours = NODES_BY_ID.get(node.get("class_type"))
+        if ours is not None and len(problems) == before:  # cross-field checks need well-typed values
+            values = {i.name: inputs.get(i.name) if not isinstance(inputs.get(i.name), list) else None
+                      for i in ours.inputs if i.is_widget}
+            verdict = check_inputs(ours, **values)
             if verdict is not True:
                 problems.append(f"{where}: {verdict}")
     return problems

@@ -1,4 +1,4 @@
-"""Node schemas for the workflow tools: ours from ``nodes.specs``, core's from a recorded /object_info.
+"""Node schemas for the workflow tools: ours from ``nodes.catalogue``, core's from a recorded /object_info.
 
 No ComfyUI import. ``tests/object_info_core.json`` is GET /object_info of a real ComfyUI 0.3.64,
 trimmed to the core nodes the workflows use.
@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..nodes.specs import ALL_NODES, object_info
+from ..nodes.catalogue import ALL_NODES
+from ..nodes.schema import object_info
 
 REPO = Path(__file__).resolve().parent.parent
 CORE_SNAPSHOT = REPO / "tests" / "object_info_core.json"

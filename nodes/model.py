@@ -1,4 +1,5 @@
-"""Loading a Self Forcing model for the nodes (no ComfyUI import): dtype choice, devices, report."""
+"""'Load Self Forcing Model': its spec, and loading a checkpoint for the nodes (no ComfyUI import): dtype
+choice, devices, the model dropdown, the report."""
 
 from __future__ import annotations
 
@@ -10,9 +11,59 @@ from ..sf_model.attention import resolve_backend
 from ..sf_model.checkpoint import LoadedModel, load_model
 from ..sf_model.config import WanConfig, size_name
 from ..sf_model.speed import use_cuda_graphs, use_fused_kernels
+from .schema import CAT_LOADERS, MODEL_TYPE, InputSpec, NodeSpec, OutputSpec
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
+ATTENTION = ("auto", "sdpa", "flash3", "flash2")
+MODEL_FOLDER = "diffusion_models"
+
+LOADER = NodeSpec(
+    node_id="SelfForcingModelLoader",
+    display_name="Load Self Forcing Model",
+    category=CAT_LOADERS,
+    description="Loads a Self Forcing / causal Wan 2.1 checkpoint (official .pt, converted safetensors, "
+                "Wan/ComfyUI or diffusers layout) from models/diffusion_models and reports what it found.",
+    inputs=(
+        InputSpec("model_name", "COMBO",
+                  "Checkpoint file in models/diffusion_models. Any layout the loader knows: the official "
+                  "self_forcing_dmd.pt, its safetensors conversion, Wan/ComfyUI bare keys or diffusers names. "
+                  "The official file name is listed even when missing (see download_if_missing).",
+                  options_source=MODEL_FOLDER),
+        InputSpec("dtype", "COMBO",
+                  "Weight and compute precision. auto: bf16 where the device supports it, else fp16 on GPUs "
+                  "and fp32 on the CPU. fp32 needs twice the memory of bf16/fp16.",
+                  default="auto", options=DTYPE_CHOICES),
+        InputSpec("attention", "COMBO",
+                  "Attention kernel. auto: flash-attn 3 or 2 if installed on a CUDA device, else PyTorch SDPA. "
+                  "flash3/flash2 fail at load time when the flash-attn package is not installed.",
+                  default="auto", options=ATTENTION),
+        InputSpec("device", "COMBO",
+                  "Where the model runs. default: ComfyUI's main device (GPU); cpu: the CPU (very slow, for "
+                  "tests).", default="default", options=("default", "cpu")),
+        InputSpec("keep_loaded", "BOOLEAN",
+                  "Keep the weights on the GPU between runs (faster re-runs, but ComfyUI cannot free that "
+                  "memory for other models such as the VAE). Off: weights go back to ComfyUI's offload "
+                  "device after every run.", default=False),
+        InputSpec("download_if_missing", "BOOLEAN",
+                  "If the chosen file is one of the official ones and is missing, download it from Hugging "
+                  "Face (resumable, checksum-checked; the .pt is converted to safetensors once). Offline "
+                  "this fails at once with a message saying where to put the file by hand.",
+                  default=False),
+    ),
+    outputs=(
+        OutputSpec(MODEL_TYPE, "model", "The loaded causal Wan model with its devices and dtype."),
+        OutputSpec("STRING", "info", "What was detected: size (1.3B/14B), layout, frames per block, dtype."),
+    ),
+    search_aliases=("self forcing", "causal wan", "wan streaming"),
+)
+
+
+def model_choices(files: list[str], official_names: list[str]) -> list[str]:
+    """Dropdown of the loader: files present, then official names that are not (downloadable)."""
+    present = set(files)
+    return list(files) + sorted(n for n in official_names if n not in present)
 
 
 @dataclass
@@ -44,7 +95,7 @@ def resolve_dtype(choice: str, device: torch.device, supports_bf16: bool) -> tor
     if choice in DTYPES:
         return DTYPES[choice]
     if choice != "auto":
-        raise ValueError(f"dtype '{choice}' is not one of: auto, {', '.join(DTYPES)}")
+        raise ValueError(f"dtype '{choice}' is not one of: {', '.join(DTYPE_CHOICES)}")
     if supports_bf16:
         return torch.bfloat16
     return torch.float32 if torch.device(device).type == "cpu" else torch.float16

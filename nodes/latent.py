@@ -24,9 +24,10 @@ from typing import Any
 
 import torch
 
-from ..sf_model.latent_format import preview_strip, to_model_space, to_raw
+from ..sf_model.latent_format import (SPATIAL_STRIDE, TEMPORAL_STRIDE, latent_frames, preview_strip, to_model_space,
+                                      to_raw)
 from ..toy.bundle import CODEC_PART, TEXT_PART, is_toy_bundle, latents_to_frames, toy_parts
-from .logic_validate import SPATIAL_STRIDE, TEMPORAL_STRIDE, check_length, check_size, first_error
+from .validate import check_length, check_size, first_error
 
 WAN21 = "wan21"
 TOY = "self_forcing_toy"
@@ -68,8 +69,8 @@ class LatentSpace:
 
     # -- frames and sizes ----------------------------------------------------------------------------
     def latent_frames(self, length: int) -> int:
-        length = int(length)
-        return (length - 1) // TEMPORAL_STRIDE + 1 if not self.is_toy else length
+        """Latent frames of a video of ``length`` frames (Wan: 4k+1 -> k+1; toy: one per frame)."""
+        return latent_frames(length, self.temporal)
 
     def check_request(self, width: int, height: int, length: int, patch: tuple[int, int, int]) -> None:
         """Width/height a multiple of stride x patch; Wan lengths 4k+1 (toy: any length >= 1)."""

@@ -1,4 +1,5 @@
-"""Live frames: each decoded chunk sent to the client as a websocket event (plain logic, no ComfyUI import).
+"""'Self Forcing Live Frames': its spec, and each decoded chunk sent to the client as a websocket event
+(plain logic, no ComfyUI import).
 
 The sampler nodes, when they decode as they go, send one JSON message per chunk on ComfyUI's ``/ws``:
 
@@ -29,12 +30,36 @@ from typing import Callable
 
 import torch
 
-from .specs import LIVE_FORMATS
+from .schema import CAT_SAMPLING, LIVE_TYPE, InputSpec, NodeSpec, OutputSpec, check_inputs
 
 EVENT = "self_forcing.frames"
 EVENT_VERSION = 1
-FORMATS = LIVE_FORMATS
+FORMATS = ("jpeg", "png")
 MIME = {"jpeg": "image/jpeg", "png": "image/png"}
+LIVE_NAME = "Self Forcing Live Frames"
+
+LIVE = NodeSpec(
+    node_id="SelfForcingLiveFrames",
+    display_name=LIVE_NAME,
+    category=CAT_SAMPLING,
+    description="How the sampler sends decoded frames to the client while it runs (when its 'vae' input is "
+                "connected): on/off, every n-th frame, image size and format. Connect to the sampler's or extend "
+                "node's live_frames input.",
+    inputs=(
+        InputSpec("send", "BOOLEAN", "Send each decoded chunk's frames to the client that queued the prompt "
+                  "(websocket event 'self_forcing.frames'). Off: decode as it goes without sending frames (the "
+                  "progress preview still shows the newest frame).", default=True),
+        InputSpec("every_nth", "INT", "Send only frames whose index in the video is a multiple of this (1 = "
+                  "every frame, 4 = one frame per latent frame).", default=1, min=1, max=64),
+        InputSpec("max_size", "INT", "Longest side of the sent images in pixels; larger frames are scaled "
+                  "down, never up. 0 = full size.", default=512, min=0, max=4096, step=8),
+        InputSpec("format", "COMBO", "jpeg: small, lossy. png: lossless, several times larger.",
+                  default="jpeg", options=FORMATS),
+        InputSpec("quality", "INT", "JPEG quality (ignored for png).", default=85, min=1, max=100),
+    ),
+    outputs=(OutputSpec(LIVE_TYPE, "live_frames", "Live frame settings for the sampler / extend node."),),
+    search_aliases=("live preview", "stream frames", "websocket frames"),
+)
 
 
 @dataclass(frozen=True)
@@ -48,14 +73,11 @@ class LiveFrameOptions:
     quality: int = 85       # JPEG quality 1-100 (PNG is lossless)
 
     def check(self) -> "LiveFrameOptions":
-        if self.format not in FORMATS:
-            raise ValueError(f"live frame format '{self.format}' is not one of: {', '.join(FORMATS)}")
-        if self.every_nth < 1:
-            raise ValueError(f"every_nth {self.every_nth} must be >= 1 (1 = every frame)")
-        if self.max_size < 0:
-            raise ValueError(f"max_size {self.max_size} must be >= 0 (0 = full size)")
-        if not 1 <= self.quality <= 100:
-            raise ValueError(f"quality {self.quality} must be in 1-100")
+        """These settings against the node's input ranges and formats (raises ValueError)."""
+        ok = check_inputs(LIVE, every_nth=self.every_nth, max_size=self.max_size, format=self.format,
+                          quality=self.quality)
+        if ok is not True:
+            raise ValueError(f"live frames: {ok}")
         return self
 
 

@@ -1,9 +1,11 @@
-"""What the sampler and extend nodes do, as plain functions over tensors (no ComfyUI import).
+"""The Stream Sampler and Extend Video nodes: their specs, and what they do as plain functions over
+tensors (no ComfyUI import).
 
 ComfyUI specifics come in through ``RunHooks`` (progress bar, interrupt check, memory manager), so the
 same code runs in CI with tiny random models. Latents cross the node boundary in the model's LATENT format
-(``logic_latent``): core's Wan 2.1 format (raw VAE latents, converted to the model's normalised space
-inside) for Wan models, the model's own latents (unchanged, tagged) for self-contained toy models.
+(``latent``): core's Wan 2.1 format (raw VAE latents, converted to the model's normalised space inside) for
+Wan models, the model's own latents (unchanged, tagged) for self-contained toy models. The KV cache of a
+run is ``long_video.cache_policy``'s (the options node's, or the default rule when it is not connected).
 """
 
 from __future__ import annotations
@@ -16,26 +18,167 @@ from typing import Callable
 
 import torch
 
+from ..sf_model.latent_format import pixel_frames
 from ..sf_model.resample import resample_history
 from ..sf_model.sampler import StreamOptions, stream
-from .logic_decode import StreamDecode, decode_latents, run_decoded_stream
-from .logic_latent import WAN21_SPACE, LatentSpace, latent_space
-from .logic_model import ModelHandle
-from .logic_text import context_from_conditioning
-from .logic_validate import TEMPORAL_STRIDE, check_extend_frames, parse_steps, validate_long_video
-from .specs import EXTEND_OUTPUTS
+from ..sf_model.schedule import DEFAULT_STEPS_TEXT, parse_steps
+from .decode import StreamDecode, decode_latents, run_decoded_stream
+from .latent import WAN21_SPACE, LatentSpace, latent_space
+from .live import LIVE_NAME
+from .long_video import OPTIONS_INPUT, LongVideoOptions, cache_policy
+from .model import ModelHandle
+from .schema import CAT_SAMPLING, LIVE_TYPE, MODEL_TYPE, SEED_MAX, InputSpec, NodeSpec, OutputSpec
+from .text import context_from_conditioning
+from .validate import check_extend_frames, check_length, check_size, check_steps, first_error
+
+EXTEND_OUTPUTS = ("joined", "new frames only", "joined, resampled history")
 
 
-@dataclass(frozen=True)
-class LongVideoOptions:
-    """What the 'Long-Video Options' node outputs."""
-
-    cache: str = "rolling"
-    window: int = 21
-    sink: int = 3
-    routing_topk: int = 0
+# -- the specs ----------------------------------------------------------------------------------------
+def _model_input() -> InputSpec:
+    return InputSpec("model", MODEL_TYPE, "The Self Forcing model from 'Load Self Forcing Model' (or 'Load Self "
+                     "Forcing Toy Model' for the bundled toy model).")
 
 
+def _positive_input() -> InputSpec:
+    return InputSpec(
+        "positive", "CONDITIONING",
+        "The prompt: umT5-XXL hidden states [1, tokens, 4096] from core CLIPLoader (type 'wan') + "
+        "CLIPTextEncode, or from 'Load Text Embeddings'. Self Forcing uses no negative prompt (CFG is "
+        "distilled into the model). Tokens beyond 512 are dropped, as in Wan. A toy model takes only prompts from "
+        "'Self Forcing Toy Text Encode'.")
+
+
+def _seed_input() -> InputSpec:
+    return InputSpec("seed", "INT", "Random seed of the initial and re-injected noise. Same seed + same "
+                     "inputs = same video on any device.", default=0, min=0, max=SEED_MAX,
+                     control_after_generate=True)
+
+
+def _block_inputs() -> tuple[InputSpec, ...]:
+    return (
+        InputSpec("frames_per_block", "INT",
+                  "Latent frames generated together per chunk (each latent frame is 4 video frames). Must "
+                  "match how the checkpoint was trained: 3 for the official chunk-wise Self Forcing model, "
+                  "1 for frame-wise models.", default=3, min=1, max=21),
+        InputSpec("steps", "STRING",
+                  "Denoising timesteps per chunk, comma-separated, strictly decreasing, each in (0, 1000]. "
+                  "They are warped onto the shifted schedule (see shift), as Self Forcing does. The default "
+                  "4-step list is what the official checkpoint was distilled for; fewer steps are faster "
+                  "and blurrier.", default=DEFAULT_STEPS_TEXT),
+        InputSpec("shift", "FLOAT",
+                  "Timestep shift of the flow schedule used to warp the steps (Self Forcing: 5.0). 1.0 uses "
+                  "the steps as they are.", default=5.0, min=1.0, max=20.0, step=0.1),
+        InputSpec("context_noise", "FLOAT",
+                  "Timestep at which a finished chunk is written into the KV cache (0 = clean, as the "
+                  "official checkpoint was trained). Small values (0-100) can reduce error build-up on "
+                  "long videos.", default=0.0, min=0.0, max=1000.0, step=1.0),
+    )
+
+
+def _decode_inputs() -> tuple[InputSpec, ...]:
+    return (
+        InputSpec("vae", "VAE",
+                  "Optional: the Wan 2.1 VAE (VAELoader with wan_2.1_vae.safetensors). Connected: every chunk is "
+                  "decoded as soon as it is generated (overlapped with sampling on a GPU), the IMAGE output holds "
+                  "the video for CreateVideo, the progress bar shows the newest decoded frame and each chunk's "
+                  "frames are sent to the client live (websocket event 'self_forcing.frames'). Not connected: "
+                  "nothing is decoded and the IMAGE output must stay unconnected (decode the LATENT with VAE "
+                  "Decode instead).", optional=True),
+        InputSpec("live_frames", LIVE_TYPE,
+                  f"Optional settings for the frames sent to the client while decoding, from '{LIVE_NAME}' "
+                  "(every n-th frame, size, JPEG/PNG, or off). Not connected: every frame, at most 512 "
+                  "px, JPEG quality 85. Only used when a VAE is connected.", optional=True),
+    )
+
+
+def _image_output(what: str) -> OutputSpec:
+    return OutputSpec("IMAGE", "images", f"{what} [frames, height, width, 3] in 0-1 for core CreateVideo, decoded "
+                      "while sampling. Only filled when the 'vae' input is connected; without it any node using "
+                      "this output stops with an error saying so.")
+
+
+def _generation_rule(v) -> str | None:
+    return first_error(check_size("width", v.get("width")), check_size("height", v.get("height")),
+                       check_length(v.get("length")), check_steps(v.get("steps")))
+
+
+def _extension_rule(v) -> str | None:
+    return first_error(check_extend_frames(v.get("extend_frames")), check_steps(v.get("steps")))
+
+
+SAMPLER = NodeSpec(
+    node_id="SelfForcingSampler",
+    display_name="Self Forcing Stream Sampler",
+    category=CAT_SAMPLING,
+    description="Generates a video chunk by chunk with a KV cache (Self Forcing streaming). Outputs a Wan 2.1 "
+                "LATENT for core VAEDecode; shows a preview of every finished chunk while it runs.",
+    inputs=(
+        _model_input(),
+        _positive_input(),
+        InputSpec("width", "INT", "Video width in pixels, a multiple of 16. Self Forcing was trained at "
+                  "832x480.", default=832, min=16, max=4096, step=16),
+        InputSpec("height", "INT", "Video height in pixels, a multiple of 16.",
+                  default=480, min=16, max=4096, step=16),
+        InputSpec("length", "INT", "Number of video frames, of the form 4k+1 (Wan's VAE packs 4 frames "
+                  "per latent frame plus the first): 81 = 5 s at 16 fps. Longer than the model's training "
+                  "length (81 frames for the official checkpoint), a rolling cache is used (see options). With a "
+                  "toy model every video frame is one latent frame (45 frames = 15 chunks of 3).",
+                  default=81, min=1, max=4093, step=4),
+        _seed_input(),
+        *_block_inputs(),
+        OPTIONS_INPUT,
+        *_decode_inputs(),
+    ),
+    outputs=(OutputSpec("LATENT", "latent", "Wan 2.1 video latent [1, 16, (length-1)/4+1, height/8, width/8] "
+                        "for core VAEDecode (with a toy model: its own latents [1, 16, length, height/2, width/2] for "
+                        "'Self Forcing Toy Decode')."),
+             _image_output("The decoded video, length frames")),
+    search_aliases=("self forcing", "stream", "autoregressive video", "causal video"),
+    rules=(_generation_rule,),
+)
+
+EXTEND = NodeSpec(
+    node_id="SelfForcingExtendVideo",
+    display_name="Self Forcing Extend Video",
+    category=CAT_SAMPLING,
+    description="Continues a video LATENT (a previous output, or a video/image through core VAEEncode) by N "
+                "frames. The last history frames are first re-noised and re-denoised by the model itself "
+                "(self-resampling) so the context looks like its own output, then prefilled into the cache. "
+                "Image-to-video is the one-frame case.",
+    inputs=(
+        _model_input(),
+        _positive_input(),
+        InputSpec("latent", "LATENT", "The video to continue: a Wan 2.1 LATENT (a sampler output, or "
+                  "VAEEncode of a video or of one image for image-to-video)."),
+        InputSpec("extend_frames", "INT", "Video frames to add, a multiple of 4 (4 frames per latent "
+                  "frame). 80 turns one image into an 81-frame video.",
+                  default=80, min=4, max=4092, step=4),
+        InputSpec("history_frames", "INT", "How many of the last latent frames of the input are resampled "
+                  "(re-noised and re-denoised by the model) before continuing; 0 = none. The whole input is "
+                  "prefilled into the KV cache as context (a rolling cache keeps only its last window). 1 for "
+                  "image-to-video, 3-6 for a video.", default=3, min=0, max=1024),
+        InputSpec("resample_strength", "FLOAT", "How strongly the history is re-noised before the model "
+                  "re-denoises it (0 = use the history exactly as it is; 1 = regenerate it from noise). "
+                  "0.2-0.5 keeps the content and moves it into the model's own distribution.",
+                  default=0.3, min=0.0, max=1.0, step=0.01),
+        _seed_input(),
+        *_block_inputs(),
+        InputSpec("output", "COMBO", "joined: the input video (bit-identical) followed by the new frames. "
+                  "new frames only: just the continuation. joined, resampled history: the last history "
+                  "frames replaced by their resampled version.", default="joined", options=EXTEND_OUTPUTS),
+        OPTIONS_INPUT,
+        *_decode_inputs(),
+    ),
+    outputs=(OutputSpec("LATENT", "latent", "The joined (or new-only) Wan 2.1 video latent."),
+             _image_output("The decoded LATENT output (for 'new frames only': the extend_frames new frames, "
+                           "decoded as the continuation of the input),")),
+    search_aliases=("continue video", "image to video", "i2v", "video extension"),
+    rules=(_extension_rule,),
+)
+
+
+# -- running --------------------------------------------------------------------------------------------
 @dataclass
 class RunHooks:
     """ComfyUI's services, as plain callables (all optional)."""
@@ -46,26 +189,15 @@ class RunHooks:
     empty_cache: Callable[[], None] | None = None  # return cached allocator blocks
 
 
-def stream_options(frames_per_block: int, steps: str, shift: float, context_noise: float,
-                   long_video: LongVideoOptions | None) -> StreamOptions:
-    """The sampler's StreamOptions from node inputs (raises ValueError with a fix-it text)."""
-    step_list = parse_steps(steps)
-    window, sink, topk, extend = None, 0, None, False
-    if long_video is not None:
-        ok = validate_long_video(long_video.cache, long_video.window, long_video.sink, long_video.routing_topk)
-        if ok is not True:
-            raise ValueError(ok)
-        if long_video.cache == "rolling":
-            if long_video.window < frames_per_block:
-                raise ValueError(f"the rolling window ({long_video.window} latent frames) must hold at least one "
-                                 f"chunk (frames_per_block = {frames_per_block}); raise the window to "
-                                 f"{frames_per_block} or more")
-            window, sink = long_video.window, long_video.sink
-            extend = True  # only distances up to the window are ever seen, so positions may run past the table
-        topk = long_video.routing_topk or None
-    return StreamOptions(frames_per_block=frames_per_block, steps=step_list, warp=True, shift=shift,
-                         context_noise=context_noise, window=window, sink=sink, routing_topk=topk,
-                         extend_positions=extend, partial_last_block=True)
+def run_options(frames_per_block: int, steps: str, shift: float, context_noise: float,
+                long_video: LongVideoOptions | None, *, total_frames: int, meta, rope_max_frames: int | None = None
+                ) -> StreamOptions:
+    """The sampler's StreamOptions from node inputs for a run of ``total_frames`` latent frames (prefix
+    included) of a checkpoint with metadata ``meta`` (raises ValueError with a fix-it text)."""
+    cache = cache_policy(long_video, frames_per_block=frames_per_block, total_frames=total_frames, meta=meta,
+                         rope_max_frames=rope_max_frames)
+    return StreamOptions.from_policy(cache, steps=parse_steps(steps), shift=shift, context_noise=context_noise,
+                                     partial_last_block=True)
 
 
 def model_bytes(model: torch.nn.Module) -> int:
@@ -113,12 +245,6 @@ def model_on_device(handle: ModelHandle, hooks: RunHooks, extra_bytes: int = 0):
     finally:
         if not handle.keep_loaded and handle.offload_device != handle.load_device:
             model.to(handle.offload_device)
-
-
-def _check_fixed_cache(opts: StreamOptions, total_frames: int, limit: int, what: str) -> None:
-    if opts.window is None and total_frames > limit:
-        raise ValueError(f"{what} needs {total_frames} latent frames in a fixed cache; connect "
-                         "'Self Forcing Long-Video Options' with cache 'rolling' for videos this long")
 
 
 class _Progress:
@@ -229,7 +355,7 @@ def _guarded(work, hooks: RunHooks):
 
 
 def sample_video(handle: ModelHandle, conditioning, *, width: int, height: int, length: int, seed: int,
-                 frames_per_block: int = 3, steps: str = "1000, 750, 500, 250", shift: float = 5.0,
+                 frames_per_block: int = 3, steps: str = DEFAULT_STEPS_TEXT, shift: float = 5.0,
                  context_noise: float = 0.0, long_video: LongVideoOptions | None = None,
                  hooks: RunHooks | None = None, decode: StreamDecode | None = None):
     """Text-to-video: LATENT samples (float32, CPU) in the model's format (``latent_space(handle)``).
@@ -243,10 +369,10 @@ def sample_video(handle: ModelHandle, conditioning, *, width: int, height: int, 
     space = latent_space(handle)
     check_video_request(width, height, length, cfg.patch_size, space)
     _check_decode(space, decode)
-    opts = stream_options(frames_per_block, steps, shift, context_noise, long_video)
     frames = space.latent_frames(length)
+    opts = run_options(frames_per_block, steps, shift, context_noise, long_video, total_frames=frames,
+                       meta=handle.meta, rope_max_frames=cfg.rope_max_frames)
     lat_h, lat_w = height // space.spatial, width // space.spatial
-    _check_fixed_cache(opts, frames, cfg.rope_max_frames, f"length {length}")
     context_from_conditioning(conditioning, cfg.text_dim, cfg.text_len)  # fail early, before moving weights
     space.check_prompt(conditioning)
 
@@ -287,7 +413,7 @@ def _latent_samples(latent, cfg, space: LatentSpace = WAN21_SPACE) -> torch.Tens
 
 def extend_video(handle: ModelHandle, conditioning, latent, *, extend_frames: int, history_frames: int,
                  resample_strength: float, seed: int, frames_per_block: int = 3,
-                 steps: str = "1000, 750, 500, 250", shift: float = 5.0, context_noise: float = 0.0,
+                 steps: str = DEFAULT_STEPS_TEXT, shift: float = 5.0, context_noise: float = 0.0,
                  output: str = "joined", long_video: LongVideoOptions | None = None,
                  hooks: RunHooks | None = None, decode: StreamDecode | None = None):
     """Continue a LATENT by ``extend_frames`` video frames; returns LATENT samples (CPU) in the model's format
@@ -316,10 +442,10 @@ def extend_video(handle: ModelHandle, conditioning, latent, *, extend_frames: in
     space = latent_space(handle)
     _check_decode(space, decode)
     samples = _latent_samples(latent, cfg, space)
-    opts = stream_options(frames_per_block, steps, shift, context_noise, long_video)
     new_frames = extend_frames // space.temporal
     prefix_len = samples.shape[2]
-    _check_fixed_cache(opts, prefix_len + new_frames, cfg.rope_max_frames, f"extending {prefix_len} latent frames by {new_frames}")
+    opts = run_options(frames_per_block, steps, shift, context_noise, long_video, total_frames=prefix_len + new_frames,
+                       meta=handle.meta, rope_max_frames=cfg.rope_max_frames)
     resampled_count = min(history_frames, prefix_len)
     context = context_from_conditioning(conditioning, cfg.text_dim, cfg.text_len)
     space.check_prompt(conditioning)
@@ -359,7 +485,7 @@ def extend_video(handle: ModelHandle, conditioning, latent, *, extend_frames: in
             kw = dict(num_frames=new_frames, height=h, width=w, seed=seed, opts=opts, prefix=history, hooks=hooks)
             tail = space.from_model(history[:, :, prefix_len - resampled_count:].to("cpu", torch.float32)).to(samples.dtype)
             first = head(tail)
-            offset = 0 if first is None else TEMPORAL_STRIDE * (prefix_len - 1) + 1
+            offset = 0 if first is None else pixel_frames(prefix_len, space.temporal)
             with decode.open_vae(model.device) as vae:
                 new, images = _run_decoded(model, vae, ctx, decode=decode, image_offset=offset, **kw)
                 del history, kw

@@ -1,14 +1,15 @@
-"""Self-contained toy models in the nodes: the bundled checkpoint, prompts, decoding (no ComfyUI import).
+"""Self-contained toy models in the nodes: their three specs, the bundled checkpoint, prompts, decoding (no
+ComfyUI import).
 
 A toy bundle (``assets/self_forcing_toy.safetensors``) holds a small causal Wan DiT plus its own text encoder
-and latent codec (``training.bundle``). Its nodes:
+and latent codec (``toy.bundle``). Its nodes:
 
-- 'Load Self Forcing Toy Model': ``toy_model_path(name)`` + ``nodes.logic_model.load_handle``;
+- 'Load Self Forcing Toy Model': ``toy_model_path(name)`` + ``nodes.model.load_handle``;
 - 'Self Forcing Toy Text Encode': ``encode_toy_prompt(handle, text)`` -> a CONDITIONING for the Stream Sampler
   (refuses words outside the encoder's vocabulary, listing it);
 - 'Self Forcing Toy Decode': ``decode_toy_latent(handle, latent)`` -> a core IMAGE batch [frames, H, W, 3].
 
-The sampler's LATENT of a toy model is in the toy format of ``logic_latent`` (the model's own latents, tagged).
+The sampler's LATENT of a toy model is in the toy format of ``latent`` (the model's own latents, tagged).
 """
 
 from __future__ import annotations
@@ -18,11 +19,83 @@ import os
 import torch
 
 from ..toy.bundle import TEXT_PART, encode_prompt, is_toy_bundle, latents_to_frames, toy_parts
-from .logic_latent import TEXT_KEY, part_id, toy_space
-from .logic_model import ModelHandle, describe
+from .latent import TEXT_KEY, part_id, toy_space
+from .model import ModelHandle, describe
+from .schema import CAT_TOY, MODEL_TYPE, InputSpec, NodeSpec, OutputSpec
 
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 SPECIAL_TOKENS = ("<unk>", "<pad>")
+# Self-contained toy checkpoints shipped in the pack's assets/ folder (the toy loader's choices).
+TOY_MODELS = ("self_forcing_toy.safetensors",)
+TOY_PROMPT = "a red circle and a blue square bouncing on a black background"
+
+
+def _toy_model_input(what: str) -> InputSpec:
+    return InputSpec("model", MODEL_TYPE, f"A self-contained toy model (from 'Load Self Forcing Toy Model'), whose "
+                     f"bundled {what} is used. Use the same model as the Stream Sampler. Wan models are refused.")
+
+
+TOY_LOADER = NodeSpec(
+    node_id="SelfForcingToyModelLoader",
+    display_name="Load Self Forcing Toy Model",
+    category=CAT_TOY,
+    description="Loads a self-contained toy Self Forcing model shipped with the pack (a small causal Wan DiT with "
+                "its own text encoder and latent codec in one file; 64x64 videos, runs on a CPU in seconds). "
+                "Encode prompts with 'Self Forcing Toy Text Encode' and decode with 'Self Forcing Toy Decode'.",
+    inputs=(
+        InputSpec("model_name", "COMBO",
+                  "Toy checkpoint in the pack's assets/ folder (no download needed). Your own exported toy "
+                  "checkpoints load from models/diffusion_models with 'Load Self Forcing Model'.",
+                  default=TOY_MODELS[0], options=TOY_MODELS),
+        InputSpec("device", "COMBO",
+                  "Where the model runs. default: ComfyUI's main device (GPU); cpu: the CPU (fast enough for "
+                  "this small model). The weights stay loaded (about 12 MB).", default="default",
+                  options=("default", "cpu")),
+    ),
+    outputs=(
+        OutputSpec(MODEL_TYPE, "model", "The toy model with its bundled text encoder and codec."),
+        OutputSpec("STRING", "info", "What was loaded: size, frame size and rate, the words prompts may use."),
+    ),
+    search_aliases=("self forcing toy", "toy model", "demo model"),
+)
+
+TOY_ENCODE = NodeSpec(
+    node_id="SelfForcingToyTextEncode",
+    display_name="Self Forcing Toy Text Encode",
+    category=CAT_TOY,
+    description="Encodes a prompt with the text encoder bundled in a toy model, as the CONDITIONING the Stream "
+                "Sampler takes. The toy encoder knows a few words (shapes, colours, 'bouncing on a ... "
+                "background'); a prompt with any other word is refused with the list of known words.",
+    inputs=(
+        _toy_model_input("text encoder"),
+        InputSpec("text", "STRING",
+                  "The prompt, e.g. 'a red circle and a blue square bouncing on a black background'. Case, "
+                  "commas and full stops are ignored; only the model's vocabulary (listed on the loader's info "
+                  "output) is accepted, at most 16 words.", default=TOY_PROMPT, multiline=True),
+    ),
+    outputs=(OutputSpec("CONDITIONING", "conditioning", "The encoded prompt [1, 16, 4096] for the Stream Sampler's "
+                        "positive input (tagged so that only toy models accept it)."),),
+    search_aliases=("toy prompt", "toy text"),
+)
+
+TOY_DECODE = NodeSpec(
+    node_id="SelfForcingToyDecode",
+    display_name="Self Forcing Toy Decode",
+    category=CAT_TOY,
+    description="Decodes the Stream Sampler's LATENT of a toy model with the model's bundled codec into an IMAGE "
+                "batch (one image per frame) for core Create Video -> Save Video. Wan latents are refused (use "
+                "VAE Decode for those).",
+    inputs=(
+        _toy_model_input("codec"),
+        InputSpec("latent", "LATENT",
+                  "The LATENT output of 'Self Forcing Stream Sampler' (or Extend Video) running this toy model: the "
+                  "model's own latents, one per frame, tagged as toy latents. Connect it directly: core latent "
+                  "nodes may drop the tag."),
+    ),
+    outputs=(OutputSpec("IMAGE", "images", "The video frames [frames, height, width, 3] in 0-1 (batch items one "
+                        "after the other), for core CreateVideo."),),
+    search_aliases=("toy decode", "toy codec"),
+)
 
 
 def toy_model_path(name: str, assets_dir: str = ASSETS_DIR) -> str:
@@ -71,7 +144,7 @@ def encode_toy_prompt(handle: ModelHandle, text: str) -> list:
     """
     require_toy(handle, "Self Forcing Toy Text Encode")
     vocab = toy_vocabulary(handle)
-    example = "a red circle and a blue square bouncing on a black background"
+    example = TOY_PROMPT
     words = prompt_words(text)
     if not words:
         raise ValueError(f"the prompt is empty; describe shapes and a background, e.g. '{example}'. "

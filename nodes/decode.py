@@ -18,11 +18,11 @@ from typing import Callable, ContextManager, Iterator, Mapping
 
 import torch
 
-from ..sf_model.latent_format import LATENT_CHANNELS
+from ..sf_model.latent_format import LATENT_CHANNELS, pixel_frames
 from ..sf_model.pipeline import stream_video
 from ..sf_model.vae import (VAECheckpointError, WanVAE, WanVAEConfig, infer_vae_config, to_wan_layout,
                             vae_from_state_dict)
-from .logic_live import LiveFrameSender, to_uint8_frames
+from .live import LiveFrameSender, to_uint8_frames
 
 
 @dataclass
@@ -91,7 +91,8 @@ def check_wan21_state_dict(state_dict: Mapping[str, torch.Tensor]) -> WanVAEConf
 
 def image_frames(vae: WanVAE, latent_frames: int, continued: bool) -> int:
     """Pixel frames of ``latent_frames`` latents: 1 + 4(n-1) from the start, 4n when continuing a video."""
-    return latent_frames * vae.config.temporal_factor if continued else vae.pixel_frames(latent_frames)
+    temporal = vae.config.temporal_factor
+    return latent_frames * temporal if continued else pixel_frames(latent_frames, temporal)
 
 
 def write_frames(images: torch.Tensor, start: int, decoded: torch.Tensor) -> torch.Tensor:
@@ -118,7 +119,7 @@ def run_decoded_stream(model, vae: WanVAE, context, *, num_frames: int, height: 
     scale = vae.config.spatial_factor
     images = None
     chunks = -(-num_frames // opts.frames_per_block)
-    skip = 0 if prefix is None else vae.pixel_frames(prefix.shape[2])
+    skip = 0 if prefix is None else pixel_frames(prefix.shape[2], vae.config.temporal_factor)
     latents = []
     gen = stream_video(model, vae, context, num_frames=num_frames, height=height, width=width, seed=seed,
                        options=opts, prefix=prefix, on_step=on_step, check_cancel=check_cancel, as_uint8=False)
@@ -146,7 +147,7 @@ def run_decoded_stream(model, vae: WanVAE, context, *, num_frames: int, height: 
 def decode_latents(vae: WanVAE, raw: torch.Tensor, chunk: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Raw latents (CPU) -> IMAGE-layout frames [B, N, H, W, 3] float32 CPU (into ``out`` if given), decoded
     ``chunk`` latent frames at a time (what core's VAEDecode gives, without the whole video's activations)."""
-    n = vae.pixel_frames(raw.shape[2])
+    n = pixel_frames(raw.shape[2], vae.config.temporal_factor)
     scale = vae.config.spatial_factor
     shape = (raw.shape[0], n, raw.shape[3] * scale, raw.shape[4] * scale, 3)
     images = torch.empty(shape, dtype=torch.float32) if out is None else out

@@ -1,0 +1,149 @@
+"""'Save/Load Text Embeddings': their specs, CONDITIONING <-> text-embedding tensors, text embeddings on
+disk and their model folder (no ComfyUI import).
+
+A core CONDITIONING is a list of ``[tensor [B, tokens, dim], {extra...}]`` entries. For Wan the tensor
+holds umT5-XXL hidden states (dim 4096), zero-padded to at least 512 tokens by core's tokenizer.
+
+The folder bookkeeping works on a ``folder_paths``-like module passed in (tests use a fake); only the
+long-stable public surface of ComfyUI's ``folder_paths`` is used: ``folder_names_and_paths``, ``models_dir``,
+``get_output_directory``, ``get_folder_paths``, ``get_filename_list``, ``get_full_path``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+
+from ..sf_model.text_embeds import EMBED_FORMAT, EMBED_KEY, load_text_embeds, save_text_embeds  # noqa: F401
+from .schema import CAT_CONDITIONING, InputSpec, NodeSpec, OutputSpec
+
+TEXT_EMBEDS = "text_embeds"
+EMBED_EXTENSIONS = {".safetensors"}
+EMBED_FOLDERS = (TEXT_EMBEDS, "output")
+
+SAVE_EMBEDS = NodeSpec(
+    node_id="SelfForcingSaveTextEmbeds",
+    display_name="Save Text Embeddings",
+    category=CAT_CONDITIONING,
+    description="Saves a CONDITIONING (umT5 hidden states) to a safetensors file, so later runs can load it "
+                "with 'Load Text Embeddings' without keeping the 11 GB text encoder loaded.",
+    inputs=(
+        InputSpec("conditioning", "CONDITIONING", "The encoded prompt (CLIPTextEncode with a 'wan' CLIP)."),
+        InputSpec("filename_prefix", "STRING", "File name prefix; a counter and .safetensors are added. May "
+                  "contain sub-folders (e.g. 'cats/walk').", default="prompt"),
+        InputSpec("folder", "COMBO", "text_embeds: models/text_embeds (listed by 'Load Text Embeddings'); "
+                  "output: ComfyUI's output folder, under text_embeds/ (also listed).",
+                  default=TEXT_EMBEDS, options=EMBED_FOLDERS),
+    ),
+    outputs=(OutputSpec("STRING", "filename", "The saved file, as 'Load Text Embeddings' lists it."),),
+    is_output_node=True,
+)
+
+LOAD_EMBEDS = NodeSpec(
+    node_id="SelfForcingLoadTextEmbeds",
+    display_name="Load Text Embeddings",
+    category=CAT_CONDITIONING,
+    description="Loads text embeddings saved by 'Save Text Embeddings' as a CONDITIONING.",
+    inputs=(
+        InputSpec("embeds_name", "COMBO", "A .safetensors file in models/text_embeds or output/text_embeds.",
+                  options_source=TEXT_EMBEDS),
+    ),
+    outputs=(OutputSpec("CONDITIONING", "conditioning", "The saved prompt embedding [1, tokens, 4096]."),),
+)
+
+
+def tensor_of(conditioning) -> torch.Tensor:
+    """The prompt tensor [B, tokens, dim] of a one-prompt CONDITIONING."""
+    if not isinstance(conditioning, (list, tuple)) or not conditioning:
+        raise ValueError("the conditioning is empty; connect a CONDITIONING from CLIPTextEncode (CLIPLoader type "
+                         "'wan') or 'Load Text Embeddings'")
+    if len(conditioning) > 1:
+        raise ValueError(f"the conditioning holds {len(conditioning)} prompts (ConditioningCombine?); Self Forcing "
+                         "takes one prompt: connect a single CLIPTextEncode")
+    entry = conditioning[0]
+    tensor = entry[0] if isinstance(entry, (list, tuple)) else entry
+    if not isinstance(tensor, torch.Tensor) or tensor.ndim != 3:
+        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise ValueError(f"the conditioning is not a text-encoder output [batch, tokens, dim] (got {shape})")
+    return tensor
+
+
+def context_from_conditioning(conditioning, text_dim: int, text_len: int) -> torch.Tensor:
+    """The prompt tensor [B, <=text_len, text_dim] of a one-prompt CONDITIONING (float32, on its device).
+
+    Tokens beyond ``text_len`` are dropped (Wan truncates prompts to 512 tokens).
+    """
+    tensor = tensor_of(conditioning)
+    if tensor.shape[-1] != text_dim:
+        raise ValueError(
+            f"positive has width {tensor.shape[-1]} but the model expects {text_dim}: encode the prompt with the "
+            "umT5-XXL text encoder (CLIPLoader type 'wan', umt5_xxl_fp8_e4m3fn_scaled.safetensors)")
+    return tensor[:, :text_len].to(torch.float32)
+
+
+def conditioning_from_context(context: torch.Tensor) -> list:
+    """Wrap a prompt tensor [B, tokens, dim] as a core CONDITIONING."""
+    if context.ndim != 3:
+        raise ValueError(f"text embeddings must be [batch, tokens, dim], got shape {tuple(context.shape)}")
+    return [[context, {"pooled_output": None}]]
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9._\-/ ]")
+
+
+def next_embed_path(folder: str, prefix: str) -> tuple[str, str]:
+    """A new file path ``folder/prefix_00001.safetensors`` (counter past existing files).
+
+    Returns (absolute path, path relative to ``folder``). Refuses prefixes that leave ``folder``.
+    """
+    prefix = (prefix or "prompt").strip().replace("\\", "/")
+    prefix = _SAFE.sub("_", prefix).strip("/") or "prompt"
+    root = os.path.abspath(folder)
+    sub, base = os.path.split(prefix)
+    target_dir = os.path.abspath(os.path.join(root, sub))
+    if os.path.commonpath([root, target_dir]) != root:
+        raise ValueError(f"filename_prefix '{prefix}' points outside {root}; use a relative name like 'cats/walk'")
+    os.makedirs(target_dir, exist_ok=True)
+    pattern = re.compile(re.escape(base) + r"_(\d{5})\.safetensors$")
+    used = [int(m.group(1)) for name in os.listdir(target_dir) if (m := pattern.match(name))]
+    name = f"{base}_{max(used, default=0) + 1:05d}.safetensors"
+    path = os.path.join(target_dir, name)
+    return path, os.path.relpath(path, root).replace(os.sep, "/")
+
+
+# -- the text_embeds model folder -----------------------------------------------------------------------
+def register_text_embeds_folder(fp) -> list[str]:
+    """Make ``text_embeds`` a model folder: models/text_embeds and <output>/text_embeds.
+
+    Paths that extra_model_paths.yaml already registered stay in front (the first path is where
+    'Save Text Embeddings' writes); an empty extension set (yaml-created: "all files") is kept as is.
+    Idempotent. Returns the folder's paths.
+    """
+    ours = [os.path.join(fp.models_dir, TEXT_EMBEDS), os.path.join(fp.get_output_directory(), TEXT_EMBEDS)]
+    table = fp.folder_names_and_paths
+    if TEXT_EMBEDS in table:
+        paths, exts = table[TEXT_EMBEDS]
+        paths = list(paths)
+        for p in ours:
+            if p not in paths:
+                paths.append(p)
+        if exts:  # a non-empty set: make sure ours is accepted
+            exts = set(exts) | EMBED_EXTENSIONS
+        table[TEXT_EMBEDS] = (paths, exts)
+    else:
+        table[TEXT_EMBEDS] = (ours, set(EMBED_EXTENSIONS))
+    cache = getattr(fp, "filename_list_cache", None)
+    if isinstance(cache, dict):
+        cache.pop(TEXT_EMBEDS, None)
+    return list(table[TEXT_EMBEDS][0])
+
+
+def save_folder(fp, choice: str) -> str:
+    """Folder 'Save Text Embeddings' writes to: the first text_embeds path, or <output>/text_embeds."""
+    if choice == "output":
+        return os.path.join(fp.get_output_directory(), TEXT_EMBEDS)
+    if choice != TEXT_EMBEDS:
+        raise ValueError(f"folder '{choice}' is not one of: text_embeds, output")
+    return fp.get_folder_paths(TEXT_EMBEDS)[0]
