@@ -24,13 +24,10 @@ import time
 import torch
 
 from self_forcing.sf_model.config import TINY, WAN_1_3B
+from self_forcing.sf_model.latent_format import latent_frames, pixel_frames
 from self_forcing.sf_model.model import CausalWanModel
 from self_forcing.sf_model.sampler import StreamOptions, stream
 from self_forcing.sf_model.speed import compile_blocks, fuse_gelu, use_cuda_graphs, use_fused_kernels
-
-
-def pixel_frames(latent_frames: int) -> int:
-    return 1 + 4 * (latent_frames - 1)
 
 
 def build(args, dtype, device):
@@ -108,7 +105,7 @@ def run_video(model, context, args, opts, device, frames, on_chunk=None, host=No
 
 
 def short_run(model, context, args, opts, device):
-    frames = (args.frames - 1) // 4 + 1
+    frames = latent_frames(args.frames)
     run_video(model, context, args, opts, device, frames)  # warm-up (and compilation)
     totals, firsts, per_chunk = [], [], []
     if device.type == "cuda":
@@ -161,7 +158,7 @@ def end_to_end(model, vae, context, args, opts, device, overlap=True):
     """Text context -> last pixel frame on the host (uint8), decode overlapped with generation."""
     from self_forcing.sf_model.pipeline import stream_video
 
-    frames = (args.frames - 1) // 4 + 1
+    frames = latent_frames(args.frames)
 
     def once():
         if device.type == "cuda":
@@ -184,7 +181,7 @@ def end_to_end(model, vae, context, args, opts, device, overlap=True):
 
 def decode_only(vae, args, device):
     """Whole-video streamed decode of random latents in chunks of --fpb (no generator running)."""
-    frames = (args.frames - 1) // 4 + 1
+    frames = latent_frames(args.frames)
     z = torch.randn(1, 16, frames, args.height // 8, args.width // 8, device=device, dtype=vae.dtype)
     timer = Timer(device)
 
@@ -238,7 +235,7 @@ def long_run(model, context, args, device):
 
 def check_accuracy(args, device, context):
     """Optimised path (this run's settings) vs eager fp32 on the same weights: relative error of x0."""
-    frames = min(6, (args.frames - 1) // 4 + 1)
+    frames = min(6, latent_frames(args.frames))
     ref_args = argparse.Namespace(**{**vars(args), "compile": "none", "fuse_qkv": False, "fuse_gelu": False,
                                              "fused_kernels": False, "fp8": False, "cuda_graphs": False})
     ref, _ = build(ref_args, torch.float32, device)
@@ -265,7 +262,7 @@ def profile_video(model, context, args, opts, device):
     """Kernel time by category for one streamed video, and GPU busy time vs wall time."""
     from torch.profiler import ProfilerActivity, profile
 
-    frames = (args.frames - 1) // 4 + 1
+    frames = latent_frames(args.frames)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
@@ -303,7 +300,7 @@ def host_profile(model, context, args, opts, device, top: int = 14):
     import cProfile
     import pstats
 
-    frames = (args.frames - 1) // 4 + 1
+    frames = latent_frames(args.frames)
     prof, host = cProfile.Profile(), []
     prof.enable()
     marks, _ = run_video(model, context, args, opts, device, frames, host=host)

@@ -17,6 +17,7 @@ import torch
 from self_forcing.sf_model.checkpoint import load_model
 from self_forcing.sf_model.sampler import StreamOptions, generate
 from self_forcing.sf_model.speed import use_fused_kernels
+from self_forcing.sf_model.window import CachePolicy, checkpoint_frames_per_block
 from self_forcing.toy.bundle import encode_prompt, latents_to_video
 from self_forcing.training.drift import frame_metrics
 from self_forcing.toy.world import sample_scene
@@ -34,8 +35,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     loaded = load_model(args.model, device=args.device, dtype=torch.float32)
     meta = loaded.meta
-    opts = StreamOptions(frames_per_block=meta.get("frames_per_block", 3), steps=meta.get("steps", (1000, 750, 500, 250)),
-                         shift=meta.get("shift", 5.0), window=12)
+    opts = StreamOptions.from_meta(meta, CachePolicy.rolling(checkpoint_frames_per_block(meta), 12))
     prompts = [sample_scene(1000 + i).prompt for i in range(args.prompts)]
     keys = ("count_error", "colour_error", "saturation_error", "sharpness_error", "background_error")
     sums = {mode: {k: [] for k in keys} for mode in ("exact", "fp8")}

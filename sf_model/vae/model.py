@@ -27,6 +27,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from .. import latent_format as frames_rule
 from .layers import (
     AttentionBlock,
     Cache,
@@ -260,11 +261,11 @@ class WanVAE(nn.Module):
     # ---- frame arithmetic -------------------------------------------------------------------
     def pixel_frames(self, latent_frames: int) -> int:
         """Pixel frames decoded from ``latent_frames`` latent frames (1 + 4(n-1) for Wan2.1)."""
-        return 0 if latent_frames <= 0 else 1 + self.config.temporal_factor * (latent_frames - 1)
+        return frames_rule.pixel_frames(latent_frames, self.config.temporal_factor)
 
     def latent_frames(self, pixel_frames: int) -> int:
         """Latent frames encoded from ``pixel_frames`` frames (1 + (T-1)//4; extra frames are dropped)."""
-        return 0 if pixel_frames <= 0 else 1 + (pixel_frames - 1) // self.config.temporal_factor
+        return frames_rule.latent_frames(pixel_frames, self.config.temporal_factor)
 
     # ---- one chunk (no validation; cache is updated in place) --------------------------------
     # Activations run channels-last (NDHWC): the norms reduce over contiguous channels and
