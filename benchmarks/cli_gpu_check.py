@@ -38,7 +38,7 @@ def ref(dtype, fused):
     m = load_model(f"{root}/dit.safetensors", device="cuda", dtype=dtype).model
     if fused: use_fused_kernels(m)
     v = load_vae(f"{root}/vae.safetensors", device="cuda", dtype=dtype)
-    opts = StreamOptions(frames_per_block=3, partial_last_block=True)
+    opts = StreamOptions(frames_per_block=3, partial_last_chunk=True)
     return torch.cat([c.frames[0] for c in stream_video(m, v, ctx.cuda(), num_frames=9, height=6, width=8, seed=4, options=opts)]).numpy()
 
 for dtype, name, fused in ((torch.float32, "fp32", False), (torch.bfloat16, "bf16", False), (torch.bfloat16, "bf16", True)):

@@ -18,7 +18,7 @@ from self_forcing.sf_model import model as model_mod
 from self_forcing.sf_model.config import TINY, WanConfig
 from self_forcing.sf_model.mask import token_mask
 from self_forcing.sf_model.model import CausalWanModel
-from self_forcing.sf_model.sampler import StreamOptions, block_plan, generate
+from self_forcing.sf_model.sampler import StreamOptions, chunk_plan, generate
 from self_forcing.sf_model.speed import compile_blocks, use_cuda_graphs, use_fused_kernels
 
 
@@ -39,8 +39,8 @@ def incremental(m, x, t, ctx, fpb, window, sink):
     text = m.encode_text(ctx)
     _, _, f, h, w = x.shape
     cache = m.new_cache(x.shape[0], (h // 2) * (w // 2), window=window or f, sink=sink)
-    return torch.cat([m.forward_block(x[:, :, s:s + n], t[:, s:s + n], text, cache, s)
-                      for s, n in block_plan(0, f, fpb)], 2)
+    return torch.cat([m.forward_chunk(x[:, :, s:s + n], t[:, s:s + n], text, cache, s)
+                      for s, n in chunk_plan(0, f, fpb)], 2)
 
 
 def main():

@@ -64,7 +64,7 @@ def main(argv=None):
 
         def fwd():
             cache.frames_written = history
-            return model.forward_block(x, t, text, cache, history)
+            return model.forward_chunk(x, t, text, cache, history)
 
         with torch.no_grad():
             for _ in range(3):

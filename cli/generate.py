@@ -220,7 +220,7 @@ def sampling_options(args, meta: dict, num_frames: int):
     from ..sf_model.schedule import parse_steps
 
     steps = parse_steps(args.steps) if args.steps else None
-    return StreamOptions.from_meta(meta, cache_policy(args, meta, num_frames), steps=steps, partial_last_block=True)
+    return StreamOptions.from_meta(meta, cache_policy(args, meta, num_frames), steps=steps, partial_last_chunk=True)
 
 
 def _cache_note(opts) -> str:

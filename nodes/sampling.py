@@ -197,7 +197,7 @@ def run_options(frames_per_block: int, steps: str, shift: float, context_noise: 
     cache = cache_policy(long_video, frames_per_block=frames_per_block, total_frames=total_frames, meta=meta,
                          rope_max_frames=rope_max_frames)
     return StreamOptions.from_policy(cache, steps=parse_steps(steps), shift=shift, context_noise=context_noise,
-                                     partial_last_block=True)
+                                     partial_last_chunk=True)
 
 
 def model_bytes(model: torch.nn.Module) -> int:

@@ -1,4 +1,4 @@
-"""KV caches for block-by-block (incremental) sampling.
+"""KV caches for chunk by chunk (incremental) sampling.
 
 One ``KVCache`` holds, for every layer, preallocated self-attention keys (stored after RoPE, so they
 carry their absolute positions) and values. Frames live in slots:
@@ -6,10 +6,10 @@ carry their absolute positions) and values. Frames live in slots:
 - the first ``sink`` frames of the video occupy fixed sink slots and are never evicted;
 - every later frame p goes to ring slot ``sink + (p - sink) % window``.
 
-A forward over the block [start, start + F) writes its K/V into its own slots and attends to every
+A forward over the chunk [start, start + F) writes its K/V into its own slots and attends to every
 valid slot. Because RoPE is already applied, key order does not matter for attention, so the ring never
-shifts memory: the valid slots always form the prefix [0, n_valid) and the block sees exactly the sink
-frames plus the last ``window`` frames (its own included). Re-running the same block (the denoising
+shifts memory: the valid slots always form the prefix [0, n_valid) and the chunk sees exactly the sink
+frames plus the last ``window`` frames (its own included). Re-running the same chunk (the denoising
 passes and the clean context pass) overwrites the same slots. The *fixed* policy (the released Self
 Forcing checkpoint: a cache for the whole video) is the case ``window = video length, sink = 0``.
 Memory is bounded by ``sink + window`` frames whatever the video length. All bookkeeping is in Python
@@ -25,7 +25,7 @@ import torch
 
 @dataclass(frozen=True)
 class CachePlan:
-    """Where one forward's block goes: contiguous runs of (slot, offset in block, frames)."""
+    """Where one forward's chunk goes: contiguous runs of (slot, offset in chunk, frames)."""
 
     start_frame: int
     frames: int
@@ -59,16 +59,16 @@ class KVCache:
         return frame if frame < self.sink else self.sink + (frame - self.sink) % self.window
 
     def begin(self, start_frame: int, frames: int) -> CachePlan:
-        """Plan the write of block [start_frame, start_frame + frames) before a forward."""
+        """Plan the write of chunk [start_frame, start_frame + frames) before a forward."""
         if frames > self.window:
-            raise ValueError(f"a block of {frames} frames does not fit a cache window of {self.window} "
+            raise ValueError(f"a chunk of {frames} frames does not fit a cache window of {self.window} "
                              "frames; use a window of at least frames_per_block")
         if start_frame > self.frames_written:
-            raise ValueError(f"block starts at frame {start_frame} but the cache holds only "
-                             f"{self.frames_written} frames: blocks must be written in order")
+            raise ValueError(f"chunk starts at frame {start_frame} but the cache holds only "
+                             f"{self.frames_written} frames: chunks must be written in order")
         if start_frame + frames < self.frames_written:
-            raise ValueError(f"block [{start_frame}, {start_frame + frames}) is older than the newest "
-                             f"cached frame {self.frames_written - 1}; only the newest block can be re-run")
+            raise ValueError(f"chunk [{start_frame}, {start_frame + frames}) is older than the newest "
+                             f"cached frame {self.frames_written - 1}; only the newest chunk can be re-run")
         runs: list[list[int]] = []
         for i in range(frames):
             s = self.slot(start_frame + i)
@@ -84,7 +84,7 @@ class KVCache:
 
     # -- per-layer work ----------------------------------------------------------------------
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store the block's keys/values [B, F*frame_tokens, H, D] into its slots."""
+        """Store the chunk's keys/values [B, F*frame_tokens, H, D] into its slots."""
         ft = self.frame_tokens
         kc, vc = self.k[layer], self.v[layer]
         for slot, off, n in self.plan.runs:
@@ -101,7 +101,7 @@ class KVCache:
         return self.k[layer, :, :n], self.v[layer, :, :n]
 
     def valid_with_current(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Like ``valid`` but the current block's slots hold the given tensors (which may carry gradient,
+        """Like ``valid`` but the current chunk's slots hold the given tensors (which may carry gradient,
         while the cache itself only ever stores detached values). Same key order as ``valid``."""
         ft, end = self.frame_tokens, self.plan.valid_frames
         kc, vc = self.k[layer], self.v[layer]
@@ -120,7 +120,7 @@ class KVCache:
 
     # -- lifetime ----------------------------------------------------------------------------
     def reset(self) -> None:
-        """Forget every frame without reallocating (the next block must start at frame 0)."""
+        """Forget every frame without reallocating (the next chunk must start at frame 0)."""
         self.frames_written = 0
         self.plan = None
 

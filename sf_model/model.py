@@ -11,11 +11,11 @@ Two ways to run the same weights:
 
 - ``forward(x, t, context, frames_per_block=..)``: the whole sequence under a block-causal mask
   (training, teacher; ``frames_per_block=None`` is Wan's bidirectional model);
-- ``forward_block(x, t, text, cache, start_frame)``: one block against a ``KVCache`` (sampling).
+- ``forward_chunk(x, t, text, cache, start_frame)``: one chunk against a ``KVCache`` (sampling).
 
 Inference speed-ups live in ``sf_model.speed`` and are switched on from outside through hook
 points: ``CausalWanModel.inference_trunk`` (gradient-free forwards), ``CausalWanModel.chunk_graphs``
-(CUDA-graph replay of ``forward_block``), ``Block.ffn_first`` and ``Block.pre_attention`` /
+(CUDA-graph replay of ``forward_chunk``), ``Block.ffn_first`` and ``Block.pre_attention`` /
 ``Block.post_attention``. This module imports none of it.
 """
 
@@ -191,7 +191,7 @@ class Head(nn.Module):
 
 
 class CausalWanModel(nn.Module):
-    """Wan2.1 DiT with a block-causal full-sequence forward and a KV-cached block forward."""
+    """Wan2.1 DiT with a block-causal full-sequence forward and a KV-cached chunk forward."""
 
     def __init__(self, config: WanConfig, attn_backend: str = "auto"):
         super().__init__()
@@ -213,7 +213,7 @@ class CausalWanModel(nn.Module):
         #   gradient-free forwards instead of the block loop; its ``graph_key`` attribute (if any)
         #   names its variant in the CUDA-graph situation key.
         self.inference_trunk: Callable | None = None
-        # chunk_graphs: replays forward_block from CUDA graphs (accepts / situation / run / clear).
+        # chunk_graphs: replays forward_chunk from CUDA graphs (accepts / situation / run / clear).
         self.chunk_graphs = None
 
     # -- properties --------------------------------------------------------------------------
@@ -335,7 +335,7 @@ class CausalWanModel(nn.Module):
         """Flow prediction [B, out_dim, F, H, W] (float32) for the whole latent sequence.
 
         ``context`` is text states [B, L, text_dim] or a prepared ``TextContext``. Frames attend
-        bidirectionally inside blocks of ``frames_per_block`` and causally across blocks (None: one block,
+        bidirectionally inside chunks of ``frames_per_block`` and causally across chunks (None: one chunk,
         Wan's bidirectional model); ``window``/``sink`` restrict history like a rolling cache.
         """
         text = context if isinstance(context, TextContext) else self.encode_text(context)
@@ -353,17 +353,17 @@ class CausalWanModel(nn.Module):
 
         return self._run(x, t, text, start_frame, attend_for_layer, extend_positions)
 
-    # -- (b) one block against a KV cache ----------------------------------------------------
-    def forward_block(self, x: torch.Tensor, t, text: TextContext, cache: KVCache, start_frame: int,
+    # -- (b) one chunk against a KV cache ----------------------------------------------------
+    def forward_chunk(self, x: torch.Tensor, t, text: TextContext, cache: KVCache, start_frame: int,
                       *, routing_topk: int | None = None, extend_positions: bool = False) -> torch.Tensor:
-        """Flow prediction for one block of frames starting at ``start_frame``, attending to the cache.
+        """Flow prediction for one chunk of frames starting at ``start_frame``, attending to the cache.
 
-        The block's K/V are written into its cache slots (overwriting a previous pass of the same block).
-        With ``routing_topk`` the block attends to the sink, the top-k history frames and itself.
+        The chunk's K/V are written into its cache slots (overwriting a previous pass of the same chunk).
+        With ``routing_topk`` the chunk attends to the sink, the top-k history frames and itself.
         """
         fr, hh, ww = self.latent_grid(x)
         if hh * ww != cache.frame_tokens:
-            raise ValueError(f"the cache was built for {cache.frame_tokens} tokens per frame, this block has "
+            raise ValueError(f"the cache was built for {cache.frame_tokens} tokens per frame, this chunk has "
                              f"{hh * ww}; build a new cache for a new resolution")
         cache.begin(start_frame, fr)
         backend = self.attn_backend

@@ -1,7 +1,7 @@
 """Self-resampling of history (Resampling Forcing; Self-Forcing++'s backward noise re-injection).
 
 Before continuing a video, the last ``frames`` latent frames of the history are noised to a strength
-and re-denoised autoregressively by the model itself, block by block against a cache prefilled with the
+and re-denoised autoregressively by the model itself, chunk by chunk against a cache prefilled with the
 untouched history. The context the model then attends to is in its own output distribution, not a
 VAE-encoded real video or a drifted rollout. Strength 0 returns the history unchanged.
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .noise import chunk_noise
-from .sampler import StreamOptions, block_plan, commit_block, denoise_block, prefill, prepare
+from .sampler import StreamOptions, chunk_plan, commit_chunk, denoise_chunk, prefill, prepare
 from .schedule import add_noise, make_steps
 
 RESAMPLE_SEED_OFFSET = 0x5E5A
@@ -65,12 +65,12 @@ def resample_history(model, context, history: torch.Tensor, *, frames: int, stre
         with torch.no_grad():
             if keep:
                 prefill(model, text, cache, x[:, :, :keep], opts, check_cancel)
-            for ci, (start, n) in enumerate(block_plan(keep, total, opts.frames_per_block)):
+            for ci, (start, n) in enumerate(chunk_plan(keep, total, opts.frames_per_block)):
                 noise = chunk_noise(seed + RESAMPLE_SEED_OFFSET, ci, len(steps), (b, c, n, h, w), model.device)
                 noisy = add_noise(x[:, :, start:start + n], noise[0], steps[0].sigma)
-                x0 = denoise_block(model, text, cache, start, [noisy, *noise[1:len(steps)]], steps, opts,
+                x0 = denoise_chunk(model, text, cache, start, [noisy, *noise[1:len(steps)]], steps, opts,
                                    check_cancel=check_cancel)
-                commit_block(model, text, cache, start, x0, opts)
+                commit_chunk(model, text, cache, start, x0, opts)
                 out[:, :, start:start + n] = x0.to(out.dtype)
     finally:
         cache.release()

@@ -1,7 +1,7 @@
 """History routing: attend to the top-k most relevant cached frames (Resampling Forcing).
 
 Every cached frame is summarised by its mean key (kept by ``KVCache`` when built with
-``key_means=True``). For each head, the current block's mean query scores the history frames; the block
+``key_means=True``). For each head, the current chunk's mean query scores the history frames; the chunk
 then attends to the sink frames, the top-k history frames and itself. Selection happens on the device
 (``topk`` + ``gather``), so shapes stay static and nothing syncs with the host.
 """
@@ -24,8 +24,8 @@ def history_frames(cache: KVCache) -> int:
 
 def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int,
                      topk: int) -> torch.Tensor:
-    """Attention of the current block (q/k/v [B, L, H, D], already written to the cache) over
-    [sink | top-k history frames | current block]. Returns [B, L, H, D]."""
+    """Attention of the current chunk (q/k/v [B, L, H, D], already written to the cache) over
+    [sink | top-k history frames | current chunk]. Returns [B, L, H, D]."""
     plan = cache.plan
     ft, device = cache.frame_tokens, q.device
     b, _, h, d = q.shape
@@ -33,7 +33,7 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: K
 
     slots = torch.arange(cache.capacity, device=device)
     candidate = (slots < plan.valid_frames) & (slots >= sink_valid)
-    for slot, _, n in plan.runs:  # exclude the current block's own slots
+    for slot, _, n in plan.runs:  # exclude the current chunk's own slots
         candidate &= (slots < slot) | (slots >= slot + n)
 
     q_mean = q.float().mean(1)  # [B, H, D]

@@ -1,11 +1,11 @@
-"""The streaming chunk sampler of Self Forcing: one block of frames at a time against a KV cache.
+"""The streaming chunk sampler of Self Forcing: one chunk of frames at a time against a KV cache.
 
-Per block: start from noise; for each step predict x0 (flow -> x0) and, unless it is the last step,
+Per chunk: start from noise; for each step predict x0 (flow -> x0) and, unless it is the last step,
 re-noise x0 with fresh noise to the next step's level; then run one forward on the final x0 at
-``context_noise`` to write the block's clean K/V into the cache, and move on. ``stream`` is a Python
+``context_noise`` to write the chunk's clean K/V into the cache, and move on. ``stream`` is a Python
 generator that yields every finished chunk as soon as it exists (right after its last denoising pass;
-the clean cache pass follows when the next chunk is requested). The same ``denoise_block`` /
-``commit_block`` functions drive the trainer's rollouts (with an exit step and gradient at that step).
+the clean cache pass follows when the next chunk is requested). The same ``denoise_chunk`` /
+``commit_chunk`` functions drive the trainer's rollouts (with an exit step and gradient at that step).
 
 Noise is drawn on the CPU from a generator seeded per chunk (``sf_model.noise``), so a seed gives the
 same video on every device and every chunk is reproducible on its own.
@@ -33,13 +33,13 @@ class StreamOptions:
     steps: Sequence[float] = DEFAULT_STEPS
     warp: bool = True                 # index the shifted 1000-entry table with the nominal steps
     shift: float = DEFAULT_SHIFT
-    context_noise: float = 0.0        # timestep of the clean pass that writes a block's K/V
+    context_noise: float = 0.0        # timestep of the clean pass that writes a chunk's K/V
     window: int | None = None         # None: cache the whole video (fixed); int: rolling window of W frames
     sink: int = 0                     # first S frames always kept in the cache
-    routing_topk: int | None = None   # attend to the top-k history frames (plus sink and current block)
+    routing_topk: int | None = None   # attend to the top-k history frames (plus sink and current chunk)
     extend_positions: bool = False    # allow RoPE positions beyond the model's table (long rolling videos)
     final_context_pass: bool = False  # also write the last chunk's clean K/V (needed only to continue)
-    partial_last_block: bool = False  # allow a frame count that is not a multiple of frames_per_block
+    partial_last_chunk: bool = False  # allow a frame count that is not a multiple of frames_per_block
 
     def __post_init__(self):
         object.__setattr__(self, "steps", tuple(self.steps))
@@ -51,8 +51,8 @@ class StreamOptions:
     @classmethod
     def from_policy(cls, cache: CachePolicy, *, steps: Sequence[float] = DEFAULT_STEPS, shift: float = DEFAULT_SHIFT,
                     warp: bool = True, context_noise: float = 0.0, **flags) -> "StreamOptions":
-        """The options of a run with the cache ``cache`` (its block size, window, sink, routing and position
-        rule); ``flags``: ``final_context_pass``, ``partial_last_block``."""
+        """The options of a run with the cache ``cache`` (its chunk size, window, sink, routing and position
+        rule); ``flags``: ``final_context_pass``, ``partial_last_chunk``."""
         return cls(frames_per_block=cache.frames_per_block, steps=steps, warp=warp, shift=shift,
                    context_noise=context_noise, window=cache.window, sink=cache.sink,
                    routing_topk=cache.routing_topk, extend_positions=cache.extend_positions, **flags)
@@ -87,16 +87,16 @@ class Cancelled(Exception):
     """Raised by a ``check_cancel`` callback to stop sampling (any exception works)."""
 
 
-def block_plan(start: int, total: int, frames_per_block: int) -> list[tuple[int, int]]:
-    """(start_frame, frames) of each block covering [start, total); the last one may be shorter."""
+def chunk_plan(start: int, total: int, frames_per_block: int) -> list[tuple[int, int]]:
+    """(start_frame, frames) of each chunk covering [start, total); the last one may be shorter."""
     return [(s, min(frames_per_block, total - s)) for s in range(start, total, frames_per_block)]
 
 
-def denoise_block(model, text: TextContext, cache: KVCache, start: int, noise: Sequence[torch.Tensor],
+def denoise_chunk(model, text: TextContext, cache: KVCache, start: int, noise: Sequence[torch.Tensor],
                   steps: Sequence[Step], opts: StreamOptions, *, exit_index: int | None = None,
                   grad_at_exit: bool = False, on_pass: Callable[[int, torch.Tensor], None] | None = None,
                   check_cancel: Callable[[], None] | None = None) -> torch.Tensor:
-    """Few-step denoising of one block from ``noise[0]``; returns x0 [B, C, F, H, W] (float32).
+    """Few-step denoising of one chunk from ``noise[0]``; returns x0 [B, C, F, H, W] (float32).
 
     ``exit_index`` stops after that step (Self Forcing's random exit); with ``grad_at_exit`` only the
     exit step's forward records gradient (the cache is always written from detached K/V).
@@ -110,7 +110,7 @@ def denoise_block(model, text: TextContext, cache: KVCache, start: int, noise: S
             check_cancel()
         t = torch.full((b, f), steps[i].timestep, device=x.device, dtype=torch.float32)
         with torch.set_grad_enabled(grad_at_exit and i == last):
-            flow = model.forward_block(x, t, text, cache, start, routing_topk=opts.routing_topk,
+            flow = model.forward_chunk(x, t, text, cache, start, routing_topk=opts.routing_topk,
                                        extend_positions=opts.extend_positions)
             x0 = x - steps[i].sigma * flow
         if on_pass is not None:
@@ -120,23 +120,23 @@ def denoise_block(model, text: TextContext, cache: KVCache, start: int, noise: S
     return x0
 
 
-def commit_block(model, text: TextContext, cache: KVCache, start: int, x0: torch.Tensor,
+def commit_chunk(model, text: TextContext, cache: KVCache, start: int, x0: torch.Tensor,
                  opts: StreamOptions) -> None:
-    """Write the block's clean K/V: one forward on x0 at timestep ``context_noise`` (no gradient)."""
+    """Write the chunk's clean K/V: one forward on x0 at timestep ``context_noise`` (no gradient)."""
     b, f = x0.shape[0], x0.shape[2]
     t = torch.full((b, f), float(opts.context_noise), device=x0.device, dtype=torch.float32)
     with torch.no_grad():
-        model.forward_block(x0.detach(), t, text, cache, start, routing_topk=opts.routing_topk,
+        model.forward_chunk(x0.detach(), t, text, cache, start, routing_topk=opts.routing_topk,
                             extend_positions=opts.extend_positions)
 
 
 def prefill(model, text: TextContext, cache: KVCache, prefix: torch.Tensor, opts: StreamOptions,
             check_cancel: Callable[[], None] | None = None) -> None:
     """Fill the cache with given clean latents (image-to-video: 1 frame; continuation: many)."""
-    for start, frames in block_plan(0, prefix.shape[2], opts.frames_per_block):
+    for start, frames in chunk_plan(0, prefix.shape[2], opts.frames_per_block):
         if check_cancel is not None:
             check_cancel()
-        commit_block(model, text, cache, start, prefix[:, :, start:start + frames], opts)
+        commit_chunk(model, text, cache, start, prefix[:, :, start:start + frames], opts)
 
 
 def prepare(model, context, batch_hint: int | None = None) -> TextContext:
@@ -165,11 +165,11 @@ def check_request(model, num_frames: int, height: int, width: int, prefix, opts:
         if prefix.device != model.device:
             raise ValueError(f"prefix latents are on {prefix.device} but the model is on {model.device}")
     fpb = opts.frames_per_block
-    if num_frames % fpb and not opts.partial_last_block:
+    if num_frames % fpb and not opts.partial_last_chunk:
         lo, hi = num_frames - num_frames % fpb, num_frames - num_frames % fpb + fpb
         hint = f"use {lo} or {hi}" if lo else f"use {hi}"
         raise ValueError(f"{num_frames} latent frames is not a multiple of frames_per_block {fpb}; {hint} "
-                         "(or allow a shorter last block with partial_last_block=True)")
+                         "(or allow a shorter last chunk with partial_last_chunk=True)")
     total = num_frames + (prefix.shape[2] if prefix is not None else 0)
     model.rope.check_frames(0, total, opts.extend_positions)
     return total
@@ -207,7 +207,7 @@ def stream(model, context, *, num_frames: int, height: int, width: int, seed: in
             raise ValueError("history routing needs a cache built with key_means=True")
         cache.reset()
     start0 = prefix.shape[2] if prefix is not None else 0
-    plan = block_plan(start0, total, opts.frames_per_block)
+    plan = chunk_plan(start0, total, opts.frames_per_block)
     passes_total = len(plan) * len(steps)
     shape_of = lambda f: (batch, model.config.in_dim, f, height, width)  # noqa: E731
     noise_source = NoiseStream(seed, model.device, math.prod(shape_of(opts.frames_per_block)))
@@ -222,7 +222,7 @@ def stream(model, context, *, num_frames: int, height: int, width: int, seed: in
                     on_step(StepEvent(ci, i, len(steps), ci * len(steps) + i + 1, passes_total, x0))
 
             with torch.no_grad():
-                x0 = denoise_block(model, text, cache, start, noise, steps, opts, on_pass=on_pass,
+                x0 = denoise_chunk(model, text, cache, start, noise, steps, opts, on_pass=on_pass,
                                    check_cancel=check_cancel)
             # The chunk is final after its last denoising pass: hand it out before the clean context
             # pass, which runs when the consumer asks for the next chunk (lower first-chunk latency,
@@ -231,7 +231,7 @@ def stream(model, context, *, num_frames: int, height: int, width: int, seed: in
             if ci < len(plan) - 1 or opts.final_context_pass:
                 if check_cancel is not None:
                     check_cancel()
-                commit_block(model, text, cache, start, x0, opts)
+                commit_chunk(model, text, cache, start, x0, opts)
     finally:
         if own:
             cache.release()

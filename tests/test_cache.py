@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from self_forcing.sf_model.cache import KVCache
-from self_forcing.sf_model.sampler import StreamOptions, block_plan, stream
+from self_forcing.sf_model.sampler import StreamOptions, chunk_plan, stream
 
 
 def inputs(frames, h=4, w=6, seed=0):
@@ -20,8 +20,8 @@ def run_blocks(model, x, t, ctx, fpb, window, sink):
     _, _, frames, h, w = x.shape
     text = model.encode_text(ctx)
     cache = model.new_cache(1, (h // 2) * (w // 2), window=window, sink=sink)
-    outs = [model.forward_block(x[:, :, s:s + n], t[:, s:s + n], text, cache, s)
-            for s, n in block_plan(0, frames, fpb)]
+    outs = [model.forward_chunk(x[:, :, s:s + n], t[:, s:s + n], text, cache, s)
+            for s, n in chunk_plan(0, frames, fpb)]
     return torch.cat(outs, 2)
 
 
@@ -74,7 +74,7 @@ def test_window_and_sink_equal_explicitly_masked_attention(tiny_model, monkeypat
 def test_valid_slots_hold_exactly_sink_and_last_window_frames(fpb, window, sink):
     cache = KVCache(1, 1, 2, 1, 2, window=window, sink=sink, dtype=torch.float32, device="cpu")
     slot_frame = {}
-    for start, n in block_plan(0, 40, fpb):
+    for start, n in chunk_plan(0, 40, fpb):
         plan = cache.begin(start, n)
         for i in range(n):
             slot_frame[cache.slot(start + i)] = start + i
@@ -112,10 +112,10 @@ def test_rerunning_a_block_overwrites_its_own_slots(tiny_model):
     text = tiny_model.encode_text(ctx)
     cache = tiny_model.new_cache(1, 6, window=6)
     with torch.no_grad():
-        tiny_model.forward_block(x[:, :, :3], t[:, :3], text, cache, 0)
-        noisy = tiny_model.forward_block(x[:, :, 3:], t[:, 3:] * 0 + 1000, text, cache, 3)  # a noisy pass
+        tiny_model.forward_chunk(x[:, :, :3], t[:, :3], text, cache, 0)
+        noisy = tiny_model.forward_chunk(x[:, :, 3:], t[:, 3:] * 0 + 1000, text, cache, 3)  # a noisy pass
         assert cache.frames_written == 6
-        out = tiny_model.forward_block(x[:, :, 3:], t[:, 3:], text, cache, 3)  # same block again
+        out = tiny_model.forward_chunk(x[:, :, 3:], t[:, 3:], text, cache, 3)  # same block again
         ref = tiny_model(x, t, ctx, frames_per_block=3)[:, :, 3:]
     assert cache.frames_written == 6
     assert rel(out, ref) <= 1e-5 and rel(noisy, ref) > 1e-3
@@ -127,9 +127,9 @@ def test_reset_reuses_buffers_and_gives_identical_results(tiny_model):
     cache = tiny_model.new_cache(1, 6, window=6)
     ptr = cache.k.data_ptr()
     with torch.no_grad():
-        a = [tiny_model.forward_block(x[:, :, s:s + 3], t[:, s:s + 3], text, cache, s) for s in (0, 3)]
+        a = [tiny_model.forward_chunk(x[:, :, s:s + 3], t[:, s:s + 3], text, cache, s) for s in (0, 3)]
         cache.reset()
-        b = [tiny_model.forward_block(x[:, :, s:s + 3], t[:, s:s + 3], text, cache, s) for s in (0, 3)]
+        b = [tiny_model.forward_chunk(x[:, :, s:s + 3], t[:, s:s + 3], text, cache, s) for s in (0, 3)]
     assert cache.k.data_ptr() == ptr
     assert all(torch.equal(p, q) for p, q in zip(a, b))
 
@@ -140,7 +140,7 @@ def test_cache_refuses_out_of_order_blocks():
     with pytest.raises(ValueError, match="in order"):
         cache.begin(6, 3)
     cache.begin(3, 3)
-    with pytest.raises(ValueError, match="only the newest block"):
+    with pytest.raises(ValueError, match="only the newest chunk"):
         cache.begin(0, 3)
     with pytest.raises(ValueError, match="does not fit"):
         cache.begin(6, 7)

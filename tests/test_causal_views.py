@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from self_forcing.sf_model.mask import frame_visibility
-from self_forcing.sf_model.sampler import block_plan
+from self_forcing.sf_model.sampler import chunk_plan
 
 
 def inputs(frames=9, h=4, w=6, seed=0, text_dim=32):
@@ -19,8 +19,8 @@ def incremental(model, x, t, ctx, fpb, window=None, sink=0):
     _, _, frames, h, w = x.shape
     text = model.encode_text(ctx)
     cache = model.new_cache(1, (h // 2) * (w // 2), window=window or frames, sink=sink)
-    outs = [model.forward_block(x[:, :, s:s + n], t[:, s:s + n], text, cache, s)
-            for s, n in block_plan(0, frames, fpb)]
+    outs = [model.forward_chunk(x[:, :, s:s + n], t[:, s:s + n], text, cache, s)
+            for s, n in chunk_plan(0, frames, fpb)]
     return torch.cat(outs, 2)
 
 

@@ -35,7 +35,7 @@ def reference_frames(loaded, num_frames: int, seed: int) -> np.ndarray:
     """The frames the CLI should produce: sample the latents here, decode them chunk by chunk, quantise."""
     meta = loaded.meta
     opts = StreamOptions(frames_per_block=meta["frames_per_block"], steps=meta["steps"], shift=meta["shift"],
-                         warp=meta["warp"], context_noise=meta["context_noise"], partial_last_block=True)
+                         warp=meta["warp"], context_noise=meta["context_noise"], partial_last_chunk=True)
     ctx = encode_prompt(loaded, DEFAULT_PROMPT, "cpu")
     h, w = meta["toy"]["latent_size"]
     lat = generate(loaded.model, ctx, num_frames=num_frames, height=h, width=w, seed=seed, options=opts)
@@ -60,7 +60,7 @@ def kinds(data: bytes) -> list[bytes]:
 def test_stream_file_is_playable_while_it_grows_and_raw_stdout_is_exact(toy, tmp_path, monkeypatch, capsysbinary):
     out = tmp_path / "live.mp4"
     denoised = []
-    real_denoise = sampler_module.denoise_block
+    real_denoise = sampler_module.denoise_chunk
 
     def counting_denoise(*args, **kwargs):
         denoised.append(1)
@@ -74,7 +74,7 @@ def test_stream_file_is_playable_while_it_grows_and_raw_stdout_is_exact(toy, tmp
         data = out.read_bytes()
         seen.append((len(denoised), kinds(data), decode(io.BytesIO(data))))
 
-    monkeypatch.setattr(sampler_module, "denoise_block", counting_denoise)
+    monkeypatch.setattr(sampler_module, "denoise_chunk", counting_denoise)
     monkeypatch.setattr(FragmentedMP4Writer, "write", spying_write)
     rc = main(["generate", "--frames", "7", "--seed", "2", "--stream", "--out", str(out), "--raw", "-",
                "--no-progress"])
@@ -118,13 +118,13 @@ def test_fragmented_mp4_to_stdout_and_raw_to_a_fifo(toy, tmp_path, monkeypatch, 
             while chunk := fh.read(4096):
                 received.extend(chunk)
 
-    real_denoise = sampler_module.denoise_block
+    real_denoise = sampler_module.denoise_chunk
 
     def chatty_denoise(*args, **kwargs):  # a library that prints while stdout carries the video
         print("chatter from a library")
         return real_denoise(*args, **kwargs)
 
-    monkeypatch.setattr(sampler_module, "denoise_block", chatty_denoise)
+    monkeypatch.setattr(sampler_module, "denoise_chunk", chatty_denoise)
     thread = threading.Thread(target=reader, daemon=True)
     thread.start()
     rc = main(["generate", "--frames", "6", "--seed", "1", "--stream", "--out", "-", "--raw", str(fifo)])

@@ -65,7 +65,7 @@ def reference(files, dtype=torch.float32, seed=5) -> np.ndarray:
     model = load_model(files["dit"], dtype=dtype).model
     vae = load_vae(files["vae"], dtype=dtype)
     ctx, _ = load_text_embeds(files["embeds"])
-    opts = StreamOptions(frames_per_block=3, steps=(1000, 750, 500, 250), shift=5.0, partial_last_block=True)
+    opts = StreamOptions(frames_per_block=3, steps=(1000, 750, 500, 250), shift=5.0, partial_last_chunk=True)
     chunks = stream_video(model, vae, ctx.float(), num_frames=LATENT_FRAMES, height=HEIGHT // 8, width=WIDTH // 8,
                           seed=seed, options=opts)
     return torch.cat([c.frames[0] for c in chunks]).numpy()

@@ -8,10 +8,10 @@ import torch
 
 from self_forcing.sf_model.config import TINY
 from self_forcing.sf_model.sampler import StreamOptions, generate
-from self_forcing.sf_model.speed import BlockGraphs, use_cuda_graphs, use_fused_kernels
+from self_forcing.sf_model.speed import ChunkGraphs, use_cuda_graphs, use_fused_kernels
 
 
-class StandInGraphs(BlockGraphs):
+class StandInGraphs(ChunkGraphs):
     """Records by running the forward on the static inputs; a replay re-runs that recorded forward
     on the static inputs, with the cache plan of the recording, into the recorded output tensor."""
 
@@ -119,7 +119,7 @@ def test_gradient_forwards_and_cpu_tensors_stay_eager(make_tiny):
     use_cuda_graphs(model, False)
     assert model.chunk_graphs is None
     with pytest.raises(ValueError, match="max_graphs"):
-        BlockGraphs(0)
+        ChunkGraphs(0)
 
 
 def test_a_recording_failure_falls_back_to_eager_for_good(make_tiny):

@@ -49,7 +49,7 @@ def test_t2v_returns_core_wan21_latent_equal_to_the_model_sampler(tiny_model):
     h = handle_for(tiny_model)
     out = sample_video(h, prompt(), width=64, height=32, length=25, seed=3, steps=STEPS, shift=5.0)
     assert out.shape == (1, 16, 7, 4, 8) and out.dtype == torch.float32 and out.device.type == "cpu"
-    opts = StreamOptions(frames_per_block=3, steps=(1000, 750, 500, 250), shift=5.0, partial_last_block=True)
+    opts = StreamOptions(frames_per_block=3, steps=(1000, 750, 500, 250), shift=5.0, partial_last_chunk=True)
     ref = generate(tiny_model, prompt()[0][0], num_frames=7, height=4, width=8, seed=3, options=opts)
     assert torch.equal(out, to_raw(ref))  # raw VAE latents: the model's output with Wan 2.1 mean/std undone
     again = sample_video(h, prompt(), width=64, height=32, length=25, seed=3)
@@ -101,7 +101,7 @@ def test_long_video_options_map_to_a_rolling_cache(tiny_model):
     rolled = sample_video(h, prompt(), width=32, height=32, length=45, seed=1,
                           long_video=LongVideoOptions("rolling", window=3, sink=1, routing_topk=0))
     ref = generate(tiny_model, prompt()[0][0], num_frames=12, height=4, width=4, seed=1,
-                   options=StreamOptions(window=3, sink=1, extend_positions=True, partial_last_block=True))
+                   options=StreamOptions(window=3, sink=1, extend_positions=True, partial_last_chunk=True))
     assert rolled.shape[2] == 12 and torch.equal(rolled, to_raw(ref))
     full = sample_video(h, prompt(), width=32, height=32, length=45, seed=1)
     assert torch.equal(rolled[:, :, :3], full[:, :, :3])  # the first chunk sees the same context
@@ -134,7 +134,7 @@ def test_extend_continues_from_the_resampled_history(tiny_model):
     new = extend_video(h, prompt(), hist, extend_frames=12, history_frames=2, resample_strength=0.4, seed=9,
                        output="new frames only")
     ctx = prompt()[0][0]
-    opts = StreamOptions(partial_last_block=True)
+    opts = StreamOptions(partial_last_chunk=True)
     prefix = resample_history(tiny_model, ctx, to_model_space(hist["samples"]), frames=2, strength=0.4, seed=9,
                               options=opts)
     ref = generate(tiny_model, ctx, num_frames=3, height=4, width=8, seed=9, options=opts, prefix=prefix)

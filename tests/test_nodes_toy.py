@@ -40,7 +40,7 @@ def cli_options(meta, window):
     return StreamOptions(frames_per_block=int(meta["frames_per_block"]), steps=tuple(meta["steps"]),
                          shift=float(meta["shift"]), warp=bool(meta.get("warp", True)),
                          context_noise=float(meta["context_noise"]), window=window, sink=0,
-                         extend_positions=window is not None, partial_last_block=True)
+                         extend_positions=window is not None, partial_last_chunk=True)
 
 
 # -- the shipped checkpoint -------------------------------------------------------------------------------

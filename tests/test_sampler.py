@@ -5,7 +5,7 @@ import torch
 
 from self_forcing.sf_model.resample import resample_history
 from self_forcing.sf_model.noise import NoiseStream, chunk_noise
-from self_forcing.sf_model.sampler import Cancelled, StreamOptions, block_plan, generate, stream
+from self_forcing.sf_model.sampler import Cancelled, StreamOptions, chunk_plan, generate, stream
 from self_forcing.sf_model.schedule import make_steps, parse_steps, sigma_table
 
 
@@ -64,15 +64,15 @@ def test_stream_matches_manual_reference_loop(tiny_model):
     cache = tiny_model.new_cache(1, 6, window=6)
     ref = []
     with torch.no_grad():
-        for ci, (start, n) in enumerate(block_plan(0, 6, 3)):
+        for ci, (start, n) in enumerate(chunk_plan(0, 6, 3)):
             noise = chunk_noise(3, ci, 4, (1, 16, n, 4, 6), "cpu")
             x = noise[0]
             for i, s in enumerate(steps):
-                flow = tiny_model.forward_block(x, torch.full((1, n), s.timestep), text, cache, start)
+                flow = tiny_model.forward_chunk(x, torch.full((1, n), s.timestep), text, cache, start)
                 x0 = x - s.sigma * flow
                 if i + 1 < len(steps):
                     x = (1 - steps[i + 1].sigma) * x0 + steps[i + 1].sigma * noise[i + 1]
-            tiny_model.forward_block(x0, torch.zeros(1, n), text, cache, start)
+            tiny_model.forward_chunk(x0, torch.zeros(1, n), text, cache, start)
             ref.append(x0)
     assert torch.equal(out, torch.cat(ref, 2))
 
@@ -113,13 +113,13 @@ def test_prefix_prefills_the_cache_like_generated_history(tiny_model):
     # chunk seeds restart at 0 for the continuation, so compare with a run whose chunk 0 noise matches
     text = tiny_model.encode_text(ctx())
     cache = tiny_model.new_cache(1, 6, window=9)
-    from self_forcing.sf_model.sampler import commit_block, denoise_block
+    from self_forcing.sf_model.sampler import commit_chunk, denoise_chunk
 
     opts = StreamOptions()
     with torch.no_grad():
-        commit_block(tiny_model, text, cache, 0, full[:, :, :3], opts)
-        commit_block(tiny_model, text, cache, 3, full[:, :, 3:6], opts)
-        ref = denoise_block(tiny_model, text, cache, 6, chunk_noise(2, 0, 4, (1, 16, 3, 4, 6), "cpu"),
+        commit_chunk(tiny_model, text, cache, 0, full[:, :, :3], opts)
+        commit_chunk(tiny_model, text, cache, 3, full[:, :, 3:6], opts)
+        ref = denoise_chunk(tiny_model, text, cache, 6, chunk_noise(2, 0, 4, (1, 16, 3, 4, 6), "cpu"),
                             make_steps(), opts)
     assert torch.equal(cont[0].latents, ref)
 

@@ -7,7 +7,7 @@ import torch
 from self_forcing.sf_model.cache import KVCache
 from self_forcing.sf_model.config import TINY
 from self_forcing.sf_model.noise import chunk_noise
-from self_forcing.sf_model.sampler import StreamOptions, commit_block, denoise_block, generate
+from self_forcing.sf_model.sampler import StreamOptions, commit_chunk, denoise_chunk, generate
 from self_forcing.sf_model.schedule import make_steps
 from self_forcing.training.dmd import rollout
 from self_forcing.training.models import build_model
@@ -81,9 +81,9 @@ def reference_block1_grads(model, exit_index):
     cache = new_cache(model)
     noise = noise_source()
     with torch.no_grad():
-        x0 = denoise_block(model, text, cache, 0, noise(0, 3, exit_index + 1), STEPS, OPTS, exit_index=exit_index)
-        commit_block(model, text, cache, 0, x0, OPTS)
-    x1 = denoise_block(model, text, cache, 3, noise(1, 3, exit_index + 1), STEPS, OPTS, exit_index=exit_index,
+        x0 = denoise_chunk(model, text, cache, 0, noise(0, 3, exit_index + 1), STEPS, OPTS, exit_index=exit_index)
+        commit_chunk(model, text, cache, 0, x0, OPTS)
+    x1 = denoise_chunk(model, text, cache, 3, noise(1, 3, exit_index + 1), STEPS, OPTS, exit_index=exit_index,
                        grad_at_exit=True)
     return grads_of(model, x1.square().mean())
 
@@ -116,7 +116,7 @@ def test_first_block_gets_gradient_only_from_its_own_output():
     got = grads_of(model, video[:, :, :3].square().mean())
     text = model.encode_text(context())
     cache = new_cache(model)
-    x0 = denoise_block(model, text, cache, 0, noise_source()(0, 3, 3), STEPS, OPTS, exit_index=2, grad_at_exit=True)
+    x0 = denoise_chunk(model, text, cache, 0, noise_source()(0, 3, 3), STEPS, OPTS, exit_index=2, grad_at_exit=True)
     want = grads_of(model, x0.square().mean())
     for name in want:
         assert torch.allclose(got[name], want[name], rtol=1e-5, atol=1e-8), name
@@ -125,14 +125,14 @@ def test_first_block_gets_gradient_only_from_its_own_output():
 def test_only_exit_step_forwards_record_gradient(monkeypatch):
     model = make_model()
     calls = []
-    original = model.forward_block
+    original = model.forward_chunk
 
     def spy(*args, **kwargs):
         out = original(*args, **kwargs)
         calls.append(out.requires_grad)
         return out
 
-    monkeypatch.setattr(model, "forward_block", spy)
+    monkeypatch.setattr(model, "forward_chunk", spy)
     run_rollout(model, 2)
     # per block: steps 0..2 (only step 2 with grad), then the no-grad clean pass of block 0
     assert calls == [False, False, True, False, False, False, True]

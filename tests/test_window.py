@@ -33,9 +33,9 @@ def test_the_constructor_validates_and_derives_the_position_rule():
 
 
 def test_stream_options_are_built_from_the_policy_and_checked_by_the_same_rules():
-    opts = StreamOptions.from_policy(CachePolicy.rolling(3, 6, 1, 2), steps=(1000, 500), partial_last_block=True)
+    opts = StreamOptions.from_policy(CachePolicy.rolling(3, 6, 1, 2), steps=(1000, 500), partial_last_chunk=True)
     assert (opts.frames_per_block, opts.window, opts.sink, opts.routing_topk, opts.extend_positions) == (3, 6, 1, 2, True)
-    assert opts.steps == (1000, 500) and opts.partial_last_block
+    assert opts.steps == (1000, 500) and opts.partial_last_chunk
     meta = {"steps": [1000, 500], "shift": 3.0, "warp": False, "context_noise": 10.0}
     stored = StreamOptions.from_meta(meta, CachePolicy.fixed(1))
     assert (stored.steps, stored.shift, stored.warp, stored.context_noise, stored.window) == ((1000, 500), 3.0, False,

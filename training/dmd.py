@@ -2,9 +2,9 @@
 
 Generator update (every ``critic_ratio`` steps)
     The student rolls out a whole clip block by block through a KV cache by calling the sampler's own
-    ``denoise_block`` (with ``exit_index`` and ``grad_at_exit=True``) and ``commit_block``: steps before the
+    ``denoise_chunk`` (with ``exit_index`` and ``grad_at_exit=True``) and ``commit_chunk``: steps before the
     exit run without gradient, the exit step's forward records gradient, and the block's clean K/V are
-    written by a no-grad pass. The cache only ever stores detached K/V (``forward_block`` writes
+    written by a no-grad pass. The cache only ever stores detached K/V (``forward_chunk`` writes
     ``k.detach()``), so a block's gradient flows through its own exit-step forward only -- unlike the
     official code's in-place writes, which leak gradient into earlier blocks. One exit step per rollout
     (the same for every block), drawn from the run's seed and broadcast from rank 0.
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..sf_model.cache import KVCache
-from ..sf_model.sampler import StreamOptions, block_plan, commit_block, denoise_block
+from ..sf_model.sampler import StreamOptions, chunk_plan, commit_chunk, denoise_chunk
 from ..sf_model.schedule import Step, add_noise, make_steps, shift_sigma
 from .config import TrainConfig
 from .engine import (Runtime, Trainable, accumulate, broadcast_int, generator, run_loop, sample_indices,
@@ -43,7 +43,7 @@ STAGE = "dmd"
 def rollout(model, text, *, batch: int, clip_shape: Sequence[int], steps: Sequence[Step], opts: StreamOptions,
             exit_index: int, noise_for: Callable[[int, int, int], list[torch.Tensor]], grad: bool,
             cache_dtype: torch.dtype, cache: KVCache | None = None) -> torch.Tensor:
-    """Generate a clip [B, C, F, H, W] block by block with the sampler's ``denoise_block``/``commit_block``.
+    """Generate a clip [B, C, F, H, W] block by block with the sampler's ``denoise_chunk``/``commit_chunk``.
 
     ``model``: a CausalWanModel or an ``engine.Wrapped``; ``text``: its ``encode_text`` output (carrying
     gradient when the text path should train); ``noise_for(block, frames, count)`` -> ``count`` noise
@@ -57,15 +57,15 @@ def rollout(model, text, *, batch: int, clip_shape: Sequence[int], steps: Sequen
     if cache is None:
         cache = KVCache(cfg.num_layers, batch, (h // ph) * (w // pw), cfg.num_heads, cfg.head_dim, window=f,
                         dtype=cache_dtype, device=model.device)
-    plan = block_plan(0, f, opts.frames_per_block)
+    plan = chunk_plan(0, f, opts.frames_per_block)
     outs = []
     for bi, (start, n) in enumerate(plan):
         noise = noise_for(bi, n, exit_index + 1)
-        x0 = denoise_block(model, text, cache, start, noise, steps, opts, exit_index=exit_index,
+        x0 = denoise_chunk(model, text, cache, start, noise, steps, opts, exit_index=exit_index,
                            grad_at_exit=grad)
         outs.append(x0)
         if bi < len(plan) - 1:
-            commit_block(model, text, cache, start, x0, opts)
+            commit_chunk(model, text, cache, start, x0, opts)
     return torch.cat(outs, dim=2)
 
 

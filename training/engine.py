@@ -3,7 +3,7 @@
 - ``Runtime``: device, autocast precision and the torch.distributed process group (``torchrun`` sets
   RANK/WORLD_SIZE/LOCAL_RANK; gloo on the CPU, nccl on CUDA).
 - ``Wrapped``: a model as the stages call it. Under torchrun every call (full-sequence ``forward`` and the
-  sampler's ``forward_block``) goes through PyTorch ``DistributedDataParallel``, so gradients are
+  sampler's ``forward_chunk``) goes through PyTorch ``DistributedDataParallel``, so gradients are
   all-reduced by DDP itself (the sampler functions receive the wrapper, not a copy of their loop).
 - ``Trainable``: AdamW + warmup + gradient clipping + EMA of one model; ``accumulate`` runs micro-steps
   under ``no_sync`` with bf16 autocast.
@@ -152,7 +152,7 @@ def sample_indices(step: int, micro: int, rt: Runtime, batch: int, accum: int) -
 
 # -- models under DDP ------------------------------------------------------------------------------
 class _Dispatch(nn.Module):
-    """Lets DDP's forward run any method of the model (``forward`` or ``forward_block``)."""
+    """Lets DDP's forward run any method of the model (``forward`` or ``forward_chunk``)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -166,8 +166,8 @@ class _Dispatch(nn.Module):
 class Wrapped:
     """A CausalWanModel as the trainer calls it; routed through DDP when distributed.
 
-    It exposes what the sampler functions use (``forward_block``, ``config``, ``device``, ``dtype``,
-    ``rope``, ``encode_text``), so ``sf_model.sampler.denoise_block(wrapped, ...)`` runs the real sampler
+    It exposes what the sampler functions use (``forward_chunk``, ``config``, ``device``, ``dtype``,
+    ``rope``, ``encode_text``), so ``sf_model.sampler.denoise_chunk(wrapped, ...)`` runs the real sampler
     code while DDP sees every forward.
     """
 
@@ -188,8 +188,8 @@ class Wrapped:
     def __call__(self, *args, **kwargs):
         return self._call("forward", *args, **kwargs)
 
-    def forward_block(self, *args, **kwargs):
-        return self._call("forward_block", *args, **kwargs)
+    def forward_chunk(self, *args, **kwargs):
+        return self._call("forward_chunk", *args, **kwargs)
 
     def no_sync(self):
         return self.ddp.no_sync() if self.ddp is not None else contextlib.nullcontext()

@@ -4,7 +4,7 @@ The model itself only offers hook points, which these functions fill:
 
 - ``model.inference_trunk``: run gradient-free forwards through a ``trunk.FusedTrunk`` (fused
   elementwise kernels from ``kernels``, optionally FP8 GEMMs from ``fp8``) instead of the block loop;
-- ``model.chunk_graphs``: replay KV-cached block forwards from CUDA graphs (``graphs.BlockGraphs``);
+- ``model.chunk_graphs``: replay KV-cached chunk forwards from CUDA graphs (``graphs.ChunkGraphs``);
 - ``Block.ffn_first``: the FFN's first GEMM with a GELU epilogue (``kernels.ffn_first_gelu``);
 - ``Block.pre_attention`` / ``Block.post_attention``: torch.compile'd versions of the code around attention.
 
@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import torch
 
-from .graphs import BlockGraphs
+from .graphs import ChunkGraphs
 from .kernels import ffn_first_gelu
 from .trunk import FusedTrunk
 
-__all__ = ["BlockGraphs", "FusedTrunk", "compile_blocks", "fuse_gelu", "use_cuda_graphs", "use_fused_kernels"]
+__all__ = ["ChunkGraphs", "FusedTrunk", "compile_blocks", "fuse_gelu", "use_cuda_graphs", "use_fused_kernels"]
 
 
 def _drop_recordings(model) -> None:
@@ -52,13 +52,13 @@ def use_fused_kernels(model, enabled: bool = True, fp8: bool = False):
     return model
 
 
-def use_cuda_graphs(model, enabled: bool = True, max_graphs: int = 32, graphs: BlockGraphs | None = None):
+def use_cuda_graphs(model, enabled: bool = True, max_graphs: int = 32, graphs: ChunkGraphs | None = None):
     """Replay each KV-cached block forward from a recorded CUDA graph (``graphs``): the same kernels,
     so the same numbers, without the host's per-kernel launch cost. Used on CUDA for gradient-free
     forwards without history routing; other calls run as before. The graphs keep their own
     activation memory (one shared pool, about one forward's worth).
-    ``graphs``: a ready ``BlockGraphs`` (or subclass) to use instead of a new one."""
-    model.chunk_graphs = (graphs or BlockGraphs(max_graphs)) if enabled else None
+    ``graphs``: a ready ``ChunkGraphs`` (or subclass) to use instead of a new one."""
+    model.chunk_graphs = (graphs or ChunkGraphs(max_graphs)) if enabled else None
     return model
 
 

@@ -1,14 +1,14 @@
-"""CUDA graphs of the KV-cached block forward (inference speed-up, exact).
+"""CUDA graphs of the KV-cached chunk forward (inference speed-up, exact).
 
-A block forward is some hundreds of small kernels, each queued from Python; where the host needs
+A chunk forward is some hundreds of small kernels, each queued from Python; where the host needs
 about as long to queue them as the GPU needs to run them, the host sets the pace. A CUDA graph
 replays the whole forward with one launch (figures: benchmarks/NOTES.md). Switched on with
 ``sf_model.speed.use_cuda_graphs(model)``, which sets ``model.chunk_graphs``.
 
-A graph is recorded for each distinct *situation* of ``CausalWanModel.forward_block``: the block's
+A graph is recorded for each distinct *situation* of ``CausalWanModel.forward_chunk``: the chunk's
 shape and dtype, the cache slots it writes and reads (``CachePlan.runs`` / ``valid_frames``), and the
 address of the KV cache it reads and writes in place. Everything that changes between calls in the
-same situation -- the latents, the timesteps, the RoPE angles of the block's absolute position -- is
+same situation -- the latents, the timesteps, the RoPE angles of the chunk's absolute position -- is
 copied into the graph's static input buffers before each replay, and the prompt's cross-attention
 K/V into one static copy shared by all graphs (once per prompt). So the 5 forwards
 of a chunk share one graph, and with a rolling cache the slot pattern repeats every few chunks, so
@@ -51,7 +51,7 @@ class _Graph:
     out: torch.Tensor
 
 
-class BlockGraphs:
+class ChunkGraphs:
     """Recorded forwards keyed by situation (see the module docstring)."""
 
     def __init__(self, max_graphs: int = 32):
