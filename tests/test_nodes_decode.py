@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from self_forcing.nodes import decode as logic_decode
+from self_forcing.nodes import decode as decode_nodes
 from self_forcing.nodes.decode import StreamDecode, VaeViews, check_wan21_state_dict, decode_latents
 from self_forcing.nodes.live import (LiveFrameOptions, LiveFrameSender, decode_frames_event, encode_frames_event,
                                            fit_size, selected_frames)
@@ -102,7 +102,7 @@ def test_without_a_vae_nothing_is_decoded(tiny_model, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the decoder must not run without a VAE")
 
-    monkeypatch.setattr(logic_decode, "stream_video", boom)
+    monkeypatch.setattr(decode_nodes, "stream_video", boom)
     monkeypatch.setattr("self_forcing.nodes.sampling.run_decoded_stream", boom)
     out = sample_video(handle_for(tiny_model), prompt(), width=64, height=32, length=9, seed=0)
     assert isinstance(out, torch.Tensor) and out.shape == (1, 16, 3, 4, 8)

@@ -133,7 +133,7 @@ def test_v3_entrypoint_without_node_class_mappings():
     assert listed == set(catalogue.NODES_BY_ID) == classes  # every spec has a class, every class is registered
 
 
-def test_logic_modules_do_not_import_comfyui():
+def test_plain_node_modules_do_not_import_comfyui():
     comfy = {"comfy", "comfy_api", "folder_paths", "server", "nodes", "latent_preview", "execution"}
     for path in [p for p in (REPO / "nodes").glob("*.py") if p.name != "comfy.py"] + [REPO / "sf_model" / "weights.py"]:
         for n in ast.walk(_module(path)):
