@@ -15,7 +15,10 @@ the command line overrides any value (parsed as a TOML value).
 from __future__ import annotations
 
 import dataclasses
-import tomllib
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
