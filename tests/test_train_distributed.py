@@ -13,30 +13,13 @@ WORKER = textwrap.dedent('''
     import json, sys
     import torch
     from self_forcing.training.config import load_config
-    from self_forcing.training.engine import init_runtime, key_seed, shutdown
+    from self_forcing.training.engine import init_runtime, shutdown
+    from self_forcing.training.data import RandomWorld
     from self_forcing.training.stages import run_stages
-
-    class World:
-        """Random but sample-keyed data: item i of a stream is the same whoever draws it."""
-        kind = "toy"
-        clip_shape = (16, 6, 4, 4)
-
-        def _randn(self, shape, *key):
-            return torch.randn(shape, generator=torch.Generator().manual_seed(key_seed(*key)))
-
-        def contexts(self, indices, device, stream):
-            return torch.stack([self._randn((4, 16), "ctx", stream, i) for i in indices]).to(device)
-
-        def uncond(self, batch, device):
-            return torch.zeros(batch, 4, 16, device=device)
-
-        def clips(self, indices, device, stream):
-            return torch.stack([self._randn(self.clip_shape, "clip", stream, i) * 0.5 + 0.3
-                                for i in indices]).to(device)
 
     cfg = load_config(data=json.loads(sys.argv[1]))
     rt = init_runtime("cpu")
-    run_stages(cfg, ["teacher", "ode_pairs", "ode_init", "dmd"], rt, World())
+    run_stages(cfg, ["teacher", "ode_pairs", "ode_init", "dmd"], rt, RandomWorld(clip_mean=0.3))
     shutdown(rt)
 ''')
 

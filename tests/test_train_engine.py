@@ -7,31 +7,13 @@ import pytest
 import torch
 
 from self_forcing.training.config import load_config, parse_override
-from self_forcing.training.engine import (EMA, JsonlLog, Runtime, atomic_torch_save, key_seed, read_jsonl,
+from self_forcing.training.engine import (EMA, JsonlLog, Runtime, atomic_torch_save, read_jsonl,
                                           sample_indices)
+from self_forcing.training.data import RandomWorld as World
 from self_forcing.training.stages import resolve_stages, run_stages
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training", "configs")
 CPU = Runtime(device=torch.device("cpu"))
-
-
-class World:
-    """Sample-keyed random data standing in for a world (the toy world has its own tests)."""
-
-    kind = "toy"
-    clip_shape = (16, 6, 4, 4)
-
-    def _randn(self, shape, *key):
-        return torch.randn(shape, generator=torch.Generator().manual_seed(key_seed(*key)))
-
-    def contexts(self, indices, device, stream):
-        return torch.stack([self._randn((4, 16), "ctx", stream, i) for i in indices]).to(device)
-
-    def uncond(self, batch, device):
-        return torch.zeros(batch, 4, 16, device=device)
-
-    def clips(self, indices, device, stream):
-        return torch.stack([self._randn(self.clip_shape, "clip", stream, i) * 0.5 for i in indices]).to(device)
 
 
 def tiny_config(out_dir, **tables):

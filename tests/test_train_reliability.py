@@ -8,6 +8,7 @@ import torch
 
 from self_forcing.training.config import load_config
 from self_forcing.training.engine import Checkpointer, Runtime, Trainable, generator, read_jsonl, run_loop
+from self_forcing.training.data import RandomWorld as World
 from self_forcing.training.stages import run_stages
 
 CPU = Runtime(device=torch.device("cpu"))
@@ -93,25 +94,6 @@ def test_log_has_each_step_once_after_kills_before_the_first_checkpoint(tmp_path
     end, _ = run(tmp_path, every=100)
     assert end.completed
     assert logged_steps(tmp_path) == list(range(1, TOTAL + 1))
-
-
-class World:
-    """Sample-keyed random clips and contexts (the shape of test_train_engine's stand-in world)."""
-
-    kind = "toy"
-    clip_shape = (16, 6, 4, 4)
-
-    def _randn(self, shape, *key):
-        return torch.randn(shape, generator=generator(*key))
-
-    def contexts(self, indices, device, stream):
-        return torch.stack([self._randn((4, 16), "ctx", stream, i) for i in indices]).to(device)
-
-    def uncond(self, batch, device):
-        return torch.zeros(batch, 4, 16, device=device)
-
-    def clips(self, indices, device, stream):
-        return torch.stack([self._randn(self.clip_shape, "clip", stream, i) * 0.5 for i in indices]).to(device)
 
 
 def test_stage_log_has_each_step_once_after_two_early_kills(tmp_path):

@@ -157,6 +157,34 @@ class WanWorld:
                          "(set world.teacher_path) and no video clips are needed")
 
 
+class RandomWorld:
+    """Random but sample-keyed data of a given shape: item i of a stream is the same whoever draws it (any
+    process, any batch split). For smoke tests, memory/speed benchmarks and the distributed-equivalence
+    checks, where what the model learns does not matter."""
+
+    kind = "toy"
+
+    def __init__(self, clip_shape=(16, 6, 4, 4), text_len: int = 4, text_dim: int = 16, clip_scale: float = 0.5,
+                 clip_mean: float = 0.0):
+        self.clip_shape = tuple(clip_shape)
+        self.text_len, self.text_dim = text_len, text_dim
+        self.clip_scale, self.clip_mean = clip_scale, clip_mean
+
+    @staticmethod
+    def _randn(shape, *key) -> torch.Tensor:
+        return torch.randn(shape, generator=torch.Generator().manual_seed(key_seed(*key)))
+
+    def contexts(self, indices, device, stream: str) -> torch.Tensor:
+        return torch.stack([self._randn((self.text_len, self.text_dim), "ctx", stream, i) for i in indices]).to(device)
+
+    def uncond(self, batch: int, device) -> torch.Tensor:
+        return torch.zeros(batch, self.text_len, self.text_dim, device=device)
+
+    def clips(self, indices, device, stream: str) -> torch.Tensor:
+        return torch.stack([self._randn(self.clip_shape, "clip", stream, i) * self.clip_scale + self.clip_mean
+                            for i in indices]).to(device)
+
+
 def make_world(cfg: TrainConfig, device=None):
     """The world of a config (toy: builds the toy text encoder and codec from ``toy_parts``)."""
     if cfg.world.kind == "wan":
