@@ -2,7 +2,7 @@
 
     self-forcing generate --prompt "a red circle and a blue square bouncing on a black background" \
         --frames 48 --raw demo.rgb            # the demo (scripts/demo.sh), raw rgb24 frames instead of an mp4
-    python docs/images/contact_sheet.py demo.rgb docs/images/demo_contact_sheet.png
+    python scripts/contact_sheet.py demo.rgb docs/images/demo_contact_sheet.png
 
 Needs Pillow and numpy (both in the ".[test]" extra).
 """
