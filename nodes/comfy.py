@@ -30,8 +30,8 @@ from .long_video import OPTIONS, LongVideoOptions
 from .model import LOADER, MODEL_FOLDER, describe, load_handle, model_choices
 from .sampling import EXTEND, SAMPLER, RunHooks, extend_video, sample_video
 from .schema import InputSpec, NodeSpec, OutputSpec, check_inputs
-from .text import (LOAD_EMBEDS, SAVE_EMBEDS, TEXT_EMBEDS, conditioning_from_context, load_text_embeds, next_embed_path,
-                   register_text_embeds_folder, save_folder, save_text_embeds, tensor_of)
+from .text import (LOAD_EMBEDS, SAVE_EMBEDS, TEXT_EMBEDS, conditioning_from_context, load_text_embeds,
+                   register_text_embeds_folder, save_embeds, save_folder, tensor_of)
 from .toy import (TOY_DECODE, TOY_ENCODE, TOY_LOADER, decode_toy_latent, describe_toy, encode_toy_prompt, require_toy,
                   toy_model_path)
 
@@ -370,8 +370,8 @@ class SelfForcingSaveTextEmbeds(io.ComfyNode):
     @classmethod
     def execute(cls, conditioning, filename_prefix: str = "prompt", folder: str = TEXT_EMBEDS) -> io.NodeOutput:
         ensure_folders()
-        path, rel = next_embed_path(save_folder(folder_paths, folder), filename_prefix)
-        save_text_embeds(path, tensor_of(conditioning), meta={"saved_by": "SelfForcingSaveTextEmbeds"})
+        path, rel = save_embeds(save_folder(folder_paths, folder), filename_prefix, tensor_of(conditioning),
+                                meta={"saved_by": "SelfForcingSaveTextEmbeds"})
         return io.NodeOutput(rel, ui=ui.PreviewText(f"saved {rel}\n({path})"))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 
 import torch
 
@@ -91,12 +92,16 @@ def conditioning_from_context(context: torch.Tensor) -> list:
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9._\-/ ]")
+_CLAIM_TRIES = 10000  # file numbers tried past the highest existing one
 
 
 def next_embed_path(folder: str, prefix: str) -> tuple[str, str]:
-    """A new file path ``folder/prefix_00001.safetensors`` (counter past existing files).
+    """Claim a new file ``folder/prefix_00001.safetensors`` (counter past existing files).
 
-    Returns (absolute path, path relative to ``folder``). Refuses prefixes that leave ``folder``.
+    The file is created empty and exclusively (``O_CREAT | O_EXCL``), so saves running at the same time with
+    one prefix never get the same name: a number another save took moves on to the next. Fill it with
+    ``write_embeds`` (or use ``save_embeds``, which does both). Returns (absolute path, path relative to
+    ``folder``). Refuses prefixes that leave ``folder``.
     """
     prefix = (prefix or "prompt").strip().replace("\\", "/")
     prefix = _SAFE.sub("_", prefix).strip("/") or "prompt"
@@ -106,11 +111,47 @@ def next_embed_path(folder: str, prefix: str) -> tuple[str, str]:
     if os.path.commonpath([root, target_dir]) != root:
         raise ValueError(f"filename_prefix '{prefix}' points outside {root}; use a relative name like 'cats/walk'")
     os.makedirs(target_dir, exist_ok=True)
-    pattern = re.compile(re.escape(base) + r"_(\d{5})\.safetensors$")
+    pattern = re.compile(re.escape(base) + r"_(\d{5,})\.safetensors$")
     used = [int(m.group(1)) for name in os.listdir(target_dir) if (m := pattern.match(name))]
-    name = f"{base}_{max(used, default=0) + 1:05d}.safetensors"
-    path = os.path.join(target_dir, name)
-    return path, os.path.relpath(path, root).replace(os.sep, "/")
+    number = max(used, default=0) + 1
+    for _ in range(_CLAIM_TRIES):
+        path = os.path.join(target_dir, f"{base}_{number:05d}.safetensors")
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except FileExistsError:  # taken meanwhile (another save) or not a file: try the next number
+            number += 1
+            continue
+        return path, os.path.relpath(path, root).replace(os.sep, "/")
+    raise ValueError(f"could not find a free file name for filename_prefix '{prefix}' in {target_dir} "
+                     f"(tried {_CLAIM_TRIES} numbers); use another prefix")
+
+
+def write_embeds(path: str, context: torch.Tensor, meta: dict | None = None) -> None:
+    """Write text embeddings into ``path`` atomically: a temporary file in the same folder, then
+    ``os.replace`` onto the name (readers see the empty claim or the whole file, never a part)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".sf_embeds_", suffix=".partial", dir=folder)
+    os.close(fd)
+    try:
+        save_text_embeds(tmp, context, meta=meta)
+        os.replace(tmp, path)
+    finally:
+        for leftover in (tmp, tmp + ".tmp"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+
+
+def save_embeds(folder: str, prefix: str, context: torch.Tensor, meta: dict | None = None) -> tuple[str, str]:
+    """'Save Text Embeddings': claim the next ``prefix_NNNNN.safetensors`` in ``folder`` and write ``context``
+    into it atomically; safe to run from several threads at once. Returns (absolute path, relative path)."""
+    path, rel = next_embed_path(folder, prefix)
+    try:
+        write_embeds(path, context, meta)
+    except BaseException:
+        if os.path.isfile(path) and os.path.getsize(path) == 0:  # our empty claim: give the number back
+            os.remove(path)
+        raise
+    return path, rel
 
 
 # -- the text_embeds model folder -----------------------------------------------------------------------

@@ -1,0 +1,151 @@
+"""Reliability holes of the nodes (concurrent saves, paths, clear errors, shared model handles, queue-time checks).
+
+The node classes of ``nodes/comfy.py`` run here against small stand-ins for the few ComfyUI modules they import
+(``comfy.model_management``, ``comfy.utils``, ``folder_paths``, ``comfy_api.latest``), so their ``execute`` and
+``validate_inputs`` are exercised as ComfyUI calls them, on the CPU and without ComfyUI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import os
+import sys
+import threading
+import types
+
+import pytest
+import torch
+
+from self_forcing.nodes import text
+from self_forcing.sf_model.text_embeds import load_text_embeds
+
+DIM = 32
+
+
+# -- stand-ins for the ComfyUI modules comfy.py imports ------------------------------------------------
+class _Widget:
+    io_type = "*"
+
+    class Input:
+        def __init__(self, name, **kw):
+            self.name, self.kw = name, kw
+
+    class Output:
+        def __init__(self, **kw):
+            self.kw = kw
+
+
+def _socket(io_type):
+    return type(io_type, (_Widget,), {"io_type": io_type})
+
+
+@dataclasses.dataclass
+class _Schema:
+    node_id: str
+    display_name: str = ""
+    category: str = ""
+    description: str = ""
+    inputs: list = dataclasses.field(default_factory=list)
+    outputs: list = dataclasses.field(default_factory=list)
+    is_output_node: bool = False
+
+
+class _NodeOutput:
+    def __init__(self, *values, ui=None):
+        self.values, self.ui = values, ui
+
+
+def _fake_comfyui(fp) -> dict:
+    io = types.SimpleNamespace(ComfyNode=type("ComfyNode", (), {}), Schema=_Schema, NodeOutput=_NodeOutput,
+                               Custom=_socket)
+    for name in ("Int", "Float", "String", "Boolean", "Combo", "Latent", "Conditioning", "Image", "Video", "Vae"):
+        setattr(io, name, _socket(name.upper()))
+    latest = types.ModuleType("comfy_api.latest")
+    latest.io, latest.ui = io, types.SimpleNamespace(PreviewText=lambda t: t)
+    latest.ComfyExtension = type("ComfyExtension", (), {})
+    mm = types.ModuleType("comfy.model_management")
+    mm.get_torch_device = mm.unet_offload_device = mm.intermediate_device = lambda: torch.device("cpu")
+    mm.free_memory = mm.load_models_gpu = lambda *a, **k: None
+    mm.soft_empty_cache = mm.throw_exception_if_processing_interrupted = lambda *a, **k: None
+    mm.should_use_bf16 = lambda *a, **k: False
+    utils = types.ModuleType("comfy.utils")
+    utils.ProgressBar = lambda total: types.SimpleNamespace(update_absolute=lambda *a, **k: None)
+    comfy = types.ModuleType("comfy")
+    comfy.model_management, comfy.utils = mm, utils
+    api = types.ModuleType("comfy_api")
+    api.latest = latest
+    return {"comfy": comfy, "comfy.model_management": mm, "comfy.utils": utils, "comfy_api": api,
+            "comfy_api.latest": latest, "folder_paths": fp}
+
+
+def fake_folder_paths(root) -> types.ModuleType:
+    fp = types.ModuleType("folder_paths")
+    fp.models_dir = os.path.join(root, "models")
+    fp.folder_names_and_paths = {"diffusion_models": ([os.path.join(fp.models_dir, "diffusion_models")], {".pt"})}
+    fp.filename_list_cache = {}
+    fp.get_output_directory = lambda: os.path.join(root, "output")
+    fp.get_folder_paths = lambda name: list(fp.folder_names_and_paths[name][0])
+
+    def get_full_path(name, filename):
+        for folder in fp.get_folder_paths(name):
+            path = os.path.join(folder, filename)
+            if os.path.isfile(path):
+                return path
+        return None
+
+    fp.get_full_path = get_full_path
+    fp.get_filename_list = lambda name: sorted(
+        os.path.relpath(os.path.join(d, f), folder).replace(os.sep, "/")
+        for folder in fp.get_folder_paths(name) for d, _, files in os.walk(folder) for f in files)
+    return fp
+
+
+@pytest.fixture
+def comfy(tmp_path, monkeypatch):
+    """``self_forcing.nodes.comfy`` imported against the stand-ins; ``comfy.fp`` is the fake folder_paths."""
+    fp = fake_folder_paths(str(tmp_path))
+    for name, module in _fake_comfyui(fp).items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.delitem(sys.modules, "self_forcing.nodes.comfy", raising=False)
+    module = importlib.import_module("self_forcing.nodes.comfy")
+    module.ensure_folders()
+    module.fp = fp
+    yield module
+    sys.modules.pop("self_forcing.nodes.comfy", None)
+
+
+def cond(seed=0, batch=1, tokens=5):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(batch, tokens, DIM, generator=g), {"pooled_output": None}]]
+
+
+def embeds_dir(comfy) -> str:
+    return comfy.fp.get_folder_paths(text.TEXT_EMBEDS)[0]
+
+
+# -- 7: concurrent saves with one prefix ---------------------------------------------------------------
+def test_concurrent_saves_with_one_prefix_each_get_their_own_file(comfy):
+    node, n = comfy.SelfForcingSaveTextEmbeds, 8
+    start, results, errors = threading.Barrier(n), [None] * n, []
+
+    def save(i):
+        try:
+            start.wait()
+            results[i] = node.execute(cond(seed=i), filename_prefix="race", folder=text.TEXT_EMBEDS).values[0]
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=save, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(set(results)) == n, results  # every run names its own file
+    files = sorted(f for f in os.listdir(embeds_dir(comfy)) if f.startswith("race_"))
+    assert files == [f"race_{i:05d}.safetensors" for i in range(1, n + 1)], files  # no temporary files left
+    for i, rel in enumerate(results):
+        saved, _ = load_text_embeds(os.path.join(embeds_dir(comfy), rel))
+        assert torch.equal(saved, cond(seed=i)[0][0])  # with its own content
