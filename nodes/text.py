@@ -95,22 +95,31 @@ _SAFE = re.compile(r"[^A-Za-z0-9._\-/ ]")
 _CLAIM_TRIES = 10000  # file numbers tried past the highest existing one
 
 
+def _check_inside(root: str, target_dir: str, prefix: str) -> None:
+    """Refuse a target folder outside ``root``, by name ('..') or through a symbolic link (real paths compared)."""
+    real_root = os.path.realpath(root)
+    if (os.path.commonpath([root, target_dir]) != root
+            or os.path.commonpath([real_root, os.path.realpath(target_dir)]) != real_root):
+        raise ValueError(f"filename_prefix '{prefix}' points outside {root} (through '..' or a linked folder); use a "
+                         "relative name like 'cats/walk' whose folders lie inside it")
+
+
 def next_embed_path(folder: str, prefix: str) -> tuple[str, str]:
     """Claim a new file ``folder/prefix_00001.safetensors`` (counter past existing files).
 
     The file is created empty and exclusively (``O_CREAT | O_EXCL``), so saves running at the same time with
     one prefix never get the same name: a number another save took moves on to the next. Fill it with
     ``write_embeds`` (or use ``save_embeds``, which does both). Returns (absolute path, path relative to
-    ``folder``). Refuses prefixes that leave ``folder``.
+    ``folder``). Refuses prefixes that leave ``folder``, also through a symbolic link.
     """
     prefix = (prefix or "prompt").strip().replace("\\", "/")
     prefix = _SAFE.sub("_", prefix).strip("/") or "prompt"
     root = os.path.abspath(folder)
     sub, base = os.path.split(prefix)
     target_dir = os.path.abspath(os.path.join(root, sub))
-    if os.path.commonpath([root, target_dir]) != root:
-        raise ValueError(f"filename_prefix '{prefix}' points outside {root}; use a relative name like 'cats/walk'")
+    _check_inside(root, target_dir, prefix)  # before creating anything
     os.makedirs(target_dir, exist_ok=True)
+    _check_inside(root, target_dir, prefix)  # a link made meanwhile
     pattern = re.compile(re.escape(base) + r"_(\d{5,})\.safetensors$")
     used = [int(m.group(1)) for name in os.listdir(target_dir) if (m := pattern.match(name))]
     number = max(used, default=0) + 1

@@ -149,3 +149,24 @@ def test_concurrent_saves_with_one_prefix_each_get_their_own_file(comfy):
     for i, rel in enumerate(results):
         saved, _ = load_text_embeds(os.path.join(embeds_dir(comfy), rel))
         assert torch.equal(saved, cond(seed=i)[0][0])  # with its own content
+
+
+# -- 8: a symlinked sub-folder must not lead out of the embeds folder ----------------------------------
+def test_a_symlinked_subfolder_cannot_lead_outside_the_embeds_folder(comfy, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root = embeds_dir(comfy)
+    os.makedirs(root, exist_ok=True)
+    os.symlink(outside, os.path.join(root, "linkdir"))
+    with pytest.raises(ValueError, match="filename_prefix 'linkdir/escaped' points outside"):
+        comfy.SelfForcingSaveTextEmbeds.execute(cond(), filename_prefix="linkdir/escaped", folder=text.TEXT_EMBEDS)
+    with pytest.raises(ValueError, match="points outside"):
+        comfy.SelfForcingSaveTextEmbeds.execute(cond(), filename_prefix="linkdir/new/escaped", folder=text.TEXT_EMBEDS)
+    assert list(outside.iterdir()) == []  # nothing written (or created) outside
+    # A symlink inside the folder that stays inside is fine, and so is an embeds folder that is itself a link.
+    os.makedirs(os.path.join(root, "real"))
+    os.symlink(os.path.join(root, "real"), os.path.join(root, "alias"))
+    assert comfy.SelfForcingSaveTextEmbeds.execute(cond(), filename_prefix="alias/ok").values[0] == "alias/ok_00001.safetensors"
+    linked_root = tmp_path / "linked_root"
+    os.symlink(root, linked_root)
+    assert text.save_embeds(str(linked_root), "sub/x", cond()[0][0])[1] == "sub/x_00001.safetensors"
