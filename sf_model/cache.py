@@ -12,8 +12,9 @@ shifts memory: the valid slots always form the prefix [0, n_valid) and the chunk
 frames plus the last ``window`` frames (its own included). Re-running the same chunk (the denoising
 passes and the clean context pass) overwrites the same slots. The *fixed* policy (the released Self
 Forcing checkpoint: a cache for the whole video) is the case ``window = video length, sink = 0``.
-Memory is bounded by ``sink + window`` frames whatever the video length. All bookkeeping is in Python
-ints: no device-to-host synchronisation.
+Memory is bounded by ``sink + window`` frames whatever the video length, and the sampler never asks for
+more slots than its run has frames (``sf_model.window.cache_slots``; a ring of 0 frames is a cache of sink
+slots only). All bookkeeping is in Python ints: no device-to-host synchronisation.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ class KVCache:
     def __init__(self, num_layers: int, batch: int, frame_tokens: int, num_heads: int, head_dim: int,
                  *, window: int, sink: int = 0, dtype: torch.dtype, device: torch.device,
                  key_means: bool = False):
-        if window < 1:
-            raise ValueError(f"cache window must be >= 1 latent frame, got {window}")
+        if window < 0 or window + sink < 1:
+            raise ValueError(f"cache window must be >= 1 latent frame (or 0 next to a sink), got {window}")
         if sink < 0:
             raise ValueError(f"sink must be >= 0 frames, got {sink}")
         self.num_layers, self.batch, self.frame_tokens = num_layers, batch, frame_tokens
@@ -56,11 +57,16 @@ class KVCache:
 
     # -- bookkeeping -------------------------------------------------------------------------
     def slot(self, frame: int) -> int:
-        return frame if frame < self.sink else self.sink + (frame - self.sink) % self.window
+        if frame < self.sink:
+            return frame
+        if not self.window:
+            raise ValueError(f"frame {frame} is past the {self.sink} sink slots of a cache without a ring")
+        return self.sink + (frame - self.sink) % self.window
 
     def begin(self, start_frame: int, frames: int) -> CachePlan:
         """Plan the write of chunk [start_frame, start_frame + frames) before a forward."""
-        if frames > self.window:
+        ring = start_frame + frames - max(start_frame, self.sink)  # the chunk's frames past the sink
+        if ring > self.window:
             raise ValueError(f"a chunk of {frames} frames does not fit a cache window of {self.window} "
                              "frames; use a window of at least frames_per_block")
         if start_frame > self.frames_written:

@@ -17,6 +17,7 @@ import torch
 from .noise import chunk_noise
 from .sampler import StreamOptions, chunk_plan, commit_chunk, denoise_chunk, prefill, prepare
 from .schedule import add_noise, make_steps
+from .window import cache_slots
 
 RESAMPLE_SEED_OFFSET = 0x5E5A
 
@@ -55,8 +56,8 @@ def resample_history(model, context, history: torch.Tensor, *, frames: int, stre
     model.rope.check_frames(0, total, opts.extend_positions)
     b, c, _, h, w = history.shape
     ph, pw = model.config.patch_size[1:]
-    window = opts.window if opts.window is not None else total
-    cache = model.new_cache(b, (h // ph) * (w // pw), window=window, sink=opts.sink,
+    window, sink = cache_slots(opts.window, opts.sink, total)  # no more slots than the history has frames
+    cache = model.new_cache(b, (h // ph) * (w // pw), window=window, sink=sink,
                             key_means=opts.routing_topk is not None)
     keep = total - frames
     out = history.clone()

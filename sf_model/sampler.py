@@ -22,7 +22,7 @@ import torch
 from .cache import KVCache, TextContext
 from .noise import NoiseStream
 from .schedule import DEFAULT_SHIFT, DEFAULT_STEPS, Step, add_noise, make_steps
-from .window import CachePolicy, check_cache
+from .window import CachePolicy, cache_slots, check_cache
 
 
 @dataclass(frozen=True)
@@ -195,13 +195,14 @@ def stream(model, context, *, num_frames: int, height: int, width: int, seed: in
     steps = make_steps(opts.steps, opts.shift, opts.warp)
     ph, pw = model.config.patch_size[1:]
     frame_tokens = (height // ph) * (width // pw)
-    window = opts.window if opts.window is not None else total
+    window, sink = cache_slots(opts.window, opts.sink, total)  # no more slots than the run has frames
     own = cache is None
     if own:
-        cache = model.new_cache(batch, frame_tokens, window=window, sink=opts.sink,
+        cache = model.new_cache(batch, frame_tokens, window=window, sink=sink,
                                 key_means=opts.routing_topk is not None)
     else:
-        if (cache.frame_tokens, cache.batch, cache.window, cache.sink) != (frame_tokens, batch, window, opts.sink):
+        fits = ((window, sink), (opts.window if opts.window is not None else total, opts.sink))
+        if (cache.frame_tokens, cache.batch) != (frame_tokens, batch) or (cache.window, cache.sink) not in fits:
             raise ValueError("the given cache does not match this request (tokens per frame, batch, window, sink)")
         if opts.routing_topk is not None and cache.key_mean is None:
             raise ValueError("history routing needs a cache built with key_means=True")

@@ -19,6 +19,7 @@ checkpoint was trained on, else a rolling window of that length with the checkpo
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -43,8 +44,22 @@ def routing_error(window: int | None, routing_topk: int | None) -> str | None:
             f"frame; use a routing_topk below {window}, or 0 to switch routing off")
 
 
+def whole_frames(name: str, value) -> int:
+    """``value`` as an int, or a ValueError naming ``name`` (floats -- NaN included --, strings and bools are
+    refused: a frame count is a whole number)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be a whole number of latent frames, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
 def check_cache(frames_per_block: int, window: int | None, sink: int, routing_topk: int | None) -> None:
     """Raise ValueError (with a fix-it text) unless these cache settings can run."""
+    whole_frames("frames_per_block", frames_per_block)
+    whole_frames("sink", sink)
+    if window is not None:
+        whole_frames("the rolling window", window)
+    if routing_topk is not None:
+        whole_frames("routing_topk", routing_topk)
     if frames_per_block < 1:
         raise ValueError(f"frames_per_block must be >= 1, got {frames_per_block}")
     if window is not None and window < 1:
@@ -69,6 +84,9 @@ class CachePolicy:
     routing_topk: int | None = None
 
     def __post_init__(self):
+        whole_frames("sink", self.sink)  # before a fixed cache drops it: a NaN sink is refused, not ignored
+        if self.routing_topk is not None:
+            whole_frames("routing_topk", self.routing_topk)
         if self.routing_topk == 0:
             object.__setattr__(self, "routing_topk", None)
         if self.window is None and self.sink:  # a fixed cache never evicts: a sink means nothing there
@@ -94,8 +112,8 @@ class CachePolicy:
         return self.is_rolling
 
     def cache_frames(self, total_frames: int) -> int:
-        """Latent frames the cache holds for a run of ``total_frames`` (prefix included)."""
-        return (self.window if self.is_rolling else total_frames) + self.sink
+        """Latent frame slots the cache of a run of ``total_frames`` (prefix included) allocates."""
+        return sum(cache_slots(self.window, self.sink, total_frames))
 
     def fixed_cache_error(self, total_frames: int, rope_max_frames: int) -> str | None:
         """A fixed cache must keep every absolute position inside the model's RoPE table."""
@@ -108,6 +126,23 @@ class CachePolicy:
         text = f"rolling window {self.window}" + (f" + sink {self.sink}" if self.sink else "") \
             if self.is_rolling else "full cache"
         return text + (f", routing top {self.routing_topk}" if self.routing_topk else "")
+
+
+def cache_slots(window: int | None, sink: int, total_frames: int) -> tuple[int, int]:
+    """(ring window, sink) of the KV cache a run of ``total_frames`` latent frames (prefix included) allocates:
+    never more slots than the run has frames, with the same attention as the requested ``window``/``sink``.
+
+    A fixed cache (``window=None``) is a ring as long as the video. A rolling window whose ring would never
+    wrap (``window + sink >= total_frames``) keeps every frame in the slot of its index either way, so it is
+    cut to the frames that exist (the sink keeps its meaning for routing; a ring of 0 frames when the sink
+    alone covers the video).
+    """
+    if total_frames < 1:
+        raise ValueError(f"a run needs at least 1 latent frame, got {total_frames}")
+    if window is None:
+        return total_frames, 0
+    sink = min(sink, total_frames)
+    return min(window, total_frames - sink), sink
 
 
 # -- what a checkpoint says about itself ----------------------------------------------------------------
