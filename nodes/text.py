@@ -11,6 +11,7 @@ long-stable public surface of ComfyUI's ``folder_paths`` is used: ``folder_names
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import tempfile
@@ -93,6 +94,45 @@ def conditioning_from_context(context: torch.Tensor) -> list:
 
 _SAFE = re.compile(r"[^A-Za-z0-9._\-/ ]")
 _CLAIM_TRIES = 10000  # file numbers tried past the highest existing one
+_COUNTER_SUFFIX = "_00001.safetensors"  # what is added to the prefix's file name part
+_TEMP_NAME_LEN = 32  # the longest temporary file name ``write_embeds`` uses (.sf_embeds_XXXXXXXX.partial.tmp)
+
+
+def _path_limit(path: str, name: str, default: int) -> int:
+    """A ``pathconf`` limit of the file system of ``path`` (or of its nearest existing parent)."""
+    while path and not os.path.isdir(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        return int(os.pathconf(path, name))
+    except (AttributeError, OSError, ValueError):  # no pathconf (Windows) or no answer: the common limit
+        return default
+
+
+def _check_lengths(root: str, sub: str, base: str) -> None:
+    """Every folder name, the file name and the whole path of a prefix within the file system's limits (raises
+    ValueError before anything is created)."""
+    limit = _path_limit(root, "PC_NAME_MAX", 255)
+    for part in (sub.split("/") if sub else []):
+        if len(part.encode()) > limit:
+            raise ValueError(f"filename_prefix: the folder name '{part[:24]}...' has {len(part.encode())} characters; "
+                             f"the file system allows at most {limit} characters per name")
+    longest = limit - len(_COUNTER_SUFFIX)
+    if len(base.encode()) > longest:
+        raise ValueError(f"filename_prefix is too long: its file name part '{base[:24]}...' has "
+                         f"{len(base.encode())} characters, at most {longest} characters are allowed (the file system "
+                         f"allows {limit} per name, and '{_COUNTER_SUFFIX}' is added)")
+    path_max = _path_limit(root, "PC_PATH_MAX", 4096)
+    folder = os.path.join(root, sub)
+    longest_path = len(folder.encode()) + 1 + max(len(base.encode()) + len(_COUNTER_SUFFIX), _TEMP_NAME_LEN)
+    if longest_path >= path_max:
+        raise ValueError(f"filename_prefix is too long: the file would be {longest_path} characters from the root of "
+                         f"the file system, at most {path_max - 1} are allowed; use a shorter prefix or fewer sub-folders")
+
+
+def _too_long(prefix: str, error: OSError) -> ValueError:
+    return ValueError(f"filename_prefix '{prefix[:40]}...' makes a path the file system refuses as too long "
+                      f"({error.strerror}: {len(error.filename or '')} characters); use a shorter prefix or fewer "
+                      "sub-folders")
 
 
 def _check_inside(root: str, target_dir: str, prefix: str) -> None:
@@ -110,7 +150,8 @@ def next_embed_path(folder: str, prefix: str) -> tuple[str, str]:
     The file is created empty and exclusively (``O_CREAT | O_EXCL``), so saves running at the same time with
     one prefix never get the same name: a number another save took moves on to the next. Fill it with
     ``write_embeds`` (or use ``save_embeds``, which does both). Returns (absolute path, path relative to
-    ``folder``). Refuses prefixes that leave ``folder``, also through a symbolic link.
+    ``folder``). Refuses prefixes that leave ``folder``, also through a symbolic link, and names longer than
+    the file system allows (ValueError naming the limit).
     """
     prefix = (prefix or "prompt").strip().replace("\\", "/")
     prefix = _SAFE.sub("_", prefix).strip("/") or "prompt"
@@ -118,7 +159,13 @@ def next_embed_path(folder: str, prefix: str) -> tuple[str, str]:
     sub, base = os.path.split(prefix)
     target_dir = os.path.abspath(os.path.join(root, sub))
     _check_inside(root, target_dir, prefix)  # before creating anything
-    os.makedirs(target_dir, exist_ok=True)
+    _check_lengths(root, sub, base)
+    try:
+        os.makedirs(target_dir, exist_ok=True)
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            raise _too_long(prefix, e) from None
+        raise
     _check_inside(root, target_dir, prefix)  # a link made meanwhile
     pattern = re.compile(re.escape(base) + r"_(\d{5,})\.safetensors$")
     used = [int(m.group(1)) for name in os.listdir(target_dir) if (m := pattern.match(name))]
@@ -130,6 +177,10 @@ def next_embed_path(folder: str, prefix: str) -> tuple[str, str]:
         except FileExistsError:  # taken meanwhile (another save) or not a file: try the next number
             number += 1
             continue
+        except OSError as e:
+            if e.errno == errno.ENAMETOOLONG:
+                raise _too_long(prefix, e) from None
+            raise
         return path, os.path.relpath(path, root).replace(os.sep, "/")
     raise ValueError(f"could not find a free file name for filename_prefix '{prefix}' in {target_dir} "
                      f"(tried {_CLAIM_TRIES} numbers); use another prefix")

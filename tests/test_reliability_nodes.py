@@ -170,3 +170,19 @@ def test_a_symlinked_subfolder_cannot_lead_outside_the_embeds_folder(comfy, tmp_
     linked_root = tmp_path / "linked_root"
     os.symlink(root, linked_root)
     assert text.save_embeds(str(linked_root), "sub/x", cond()[0][0])[1] == "sub/x_00001.safetensors"
+
+
+# -- 11: one clear error instead of a raw traceback ----------------------------------------------------
+def test_an_over_long_filename_prefix_is_refused_naming_the_input_and_the_limit(comfy):
+    node = comfy.SelfForcingSaveTextEmbeds
+    limit = os.pathconf(comfy.fp.models_dir if os.path.isdir(comfy.fp.models_dir) else "/", "PC_NAME_MAX")
+    longest = limit - len("_00001.safetensors")
+    with pytest.raises(ValueError, match=rf"filename_prefix is too long.*at most {longest} characters") as e:
+        node.execute(cond(), filename_prefix="p" * 300)
+    assert not isinstance(e.value, OSError)
+    with pytest.raises(ValueError, match=rf"filename_prefix.*folder name.*at most {limit} characters"):
+        node.execute(cond(), filename_prefix="d" * 300 + "/x")
+    with pytest.raises(ValueError, match="filename_prefix .* too long"):  # each name fits, the whole path does not
+        node.execute(cond(), filename_prefix="/".join(["d" * 200] * 30) + "/x")
+    assert node.execute(cond(), filename_prefix="p" * longest).values[0] == "p" * longest + "_00001.safetensors"
+    assert os.listdir(embeds_dir(comfy)) == ["p" * longest + "_00001.safetensors"]  # nothing else left behind
