@@ -56,8 +56,9 @@ LOAD_EMBEDS = NodeSpec(
 )
 
 
-def tensor_of(conditioning) -> torch.Tensor:
-    """The prompt tensor [B, tokens, dim] of a one-prompt CONDITIONING."""
+def tensor_of(conditioning, name: str = "conditioning") -> torch.Tensor:
+    """The prompt tensor [B, tokens, dim] of a one-prompt CONDITIONING (``name``: the input, for the errors);
+    refuses an empty one (batch 0 or no tokens)."""
     if not isinstance(conditioning, (list, tuple)) or not conditioning:
         raise ValueError("the conditioning is empty; connect a CONDITIONING from CLIPTextEncode (CLIPLoader type "
                          "'wan') or 'Load Text Embeddings'")
@@ -69,6 +70,12 @@ def tensor_of(conditioning) -> torch.Tensor:
     if not isinstance(tensor, torch.Tensor) or tensor.ndim != 3:
         shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
         raise ValueError(f"the conditioning is not a text-encoder output [batch, tokens, dim] (got {shape})")
+    if tensor.shape[0] == 0:
+        raise ValueError(f"{name} holds no prompt (batch 0, shape {tuple(tensor.shape)}); connect one encoded prompt "
+                         "(CLIPTextEncode or 'Load Text Embeddings')")
+    if tensor.shape[1] == 0:
+        raise ValueError(f"{name} has no tokens (shape {tuple(tensor.shape)}); connect an encoded prompt "
+                         "(CLIPTextEncode or 'Load Text Embeddings')")
     return tensor
 
 
@@ -77,7 +84,7 @@ def context_from_conditioning(conditioning, text_dim: int, text_len: int) -> tor
 
     Tokens beyond ``text_len`` are dropped (Wan truncates prompts to 512 tokens).
     """
-    tensor = tensor_of(conditioning)
+    tensor = tensor_of(conditioning, "positive")
     if tensor.shape[-1] != text_dim:
         raise ValueError(
             f"positive has width {tensor.shape[-1]} but the model expects {text_dim}: encode the prompt with the "

@@ -186,3 +186,37 @@ def test_an_over_long_filename_prefix_is_refused_naming_the_input_and_the_limit(
         node.execute(cond(), filename_prefix="/".join(["d" * 200] * 30) + "/x")
     assert node.execute(cond(), filename_prefix="p" * longest).values[0] == "p" * longest + "_00001.safetensors"
     assert os.listdir(embeds_dir(comfy)) == ["p" * longest + "_00001.safetensors"]  # nothing else left behind
+
+
+def tiny_handle(model, **kw):
+    from self_forcing.nodes.model import ModelHandle
+    from self_forcing.sf_model.checkpoint import LoadedModel
+
+    fields = dict(load_device=torch.device("cpu"), offload_device=torch.device("cpu"), dtype=torch.float32)
+    fields.update(kw)
+    return ModelHandle(LoadedModel(model, model.config, "test layout", {}), "tiny.safetensors", **fields)
+
+
+@pytest.mark.parametrize("shape, match", [((0, 5, DIM), "batch 0"), ((1, 0, DIM), "no tokens")])
+def test_an_empty_conditioning_is_one_clear_error(comfy, tiny_model, shape, match):
+    from self_forcing.nodes.sampling import extend_video, sample_video
+
+    empty = [[torch.zeros(shape), {"pooled_output": None}]]
+    h = tiny_handle(tiny_model)
+    with pytest.raises(ValueError, match=f"positive.*{match}"):
+        sample_video(h, empty, width=32, height=32, length=5, seed=0)
+    with pytest.raises(ValueError, match=f"positive.*{match}"):
+        extend_video(h, empty, {"samples": torch.zeros(1, 16, 2, 4, 4)}, extend_frames=4, history_frames=1,
+                     resample_strength=0.3, seed=0)
+    with pytest.raises(ValueError, match=f"conditioning.*{match}"):
+        comfy.SelfForcingSaveTextEmbeds.execute(empty, filename_prefix="empty")
+    assert not os.path.exists(embeds_dir(comfy)) or os.listdir(embeds_dir(comfy)) == []
+
+
+def test_steps_inf_is_one_clear_error_at_queue_time_and_at_run_time(comfy, tiny_model):
+    from self_forcing.nodes.sampling import sample_video
+
+    for steps in ("inf", "1000, inf", "-inf", "nan", "1e400"):
+        with pytest.raises(ValueError, match="steps"):
+            sample_video(tiny_handle(tiny_model), cond(), width=32, height=32, length=5, seed=0, steps=steps)
+        assert "steps" in comfy.check_inputs(comfy.SAMPLER, steps=steps)
