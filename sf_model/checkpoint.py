@@ -231,6 +231,32 @@ def split_bundle(tensors: Mapping[str, torch.Tensor], names) -> tuple[dict, dict
     return rest, extras
 
 
+def non_finite_tensor(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of the first floating tensor holding NaN or Inf, else None.
+
+    One pass per tensor at load: ``aminmax`` propagates NaN and Inf and needs no mask the size of the tensor,
+    so it costs far less than ``isfinite(t).all()`` (float8, which it does not take, is widened first).
+    """
+    for name, t in tensors.items():
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        if t.element_size() == 1:
+            t = t.to(torch.float16)
+        lo, hi = torch.aminmax(t.detach())
+        if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+            return name
+    return None
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], source: str, error=None) -> None:
+    """Refuse weights holding NaN or Inf (``error``, default CheckpointError): they would give a black video."""
+    bad = non_finite_tensor(tensors)
+    if bad is not None:
+        raise (error or CheckpointError)(
+            f"{source}: tensor '{bad}' holds NaN or Inf values (a diverged training run or a damaged file); "
+            "refusing to load it")
+
+
 def load_state_dict_file(path: str) -> tuple[dict[str, torch.Tensor], WanConfig, str, dict, dict]:
     """Read a file and return (bare Wan state dict, config, layout, meta, bundled extras)."""
     obj, file_meta = read_file(path)
@@ -242,6 +268,9 @@ def load_state_dict_file(path: str) -> tuple[dict[str, torch.Tensor], WanConfig,
             raise CheckpointError(f"{path}: unreadable '{FORMAT_KEY}' metadata: {e}") from e
     obj, extras = split_bundle(obj, meta.get("bundle", []))
     sd, layout = normalize_state_dict(obj)
+    check_finite(sd, path)
+    for name, part in extras.items():
+        check_finite({f"{name}.{k}": v for k, v in part.items()}, path)
     if extras:
         layout += ", bundled: " + ", ".join(extras)
     try:

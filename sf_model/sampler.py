@@ -21,7 +21,7 @@ import torch
 
 from .cache import KVCache, TextContext
 from .noise import NoiseStream
-from .schedule import DEFAULT_SHIFT, DEFAULT_STEPS, Step, add_noise, make_steps
+from .schedule import DEFAULT_SHIFT, DEFAULT_STEPS, Step, add_noise, finite_number, make_steps
 from .window import CachePolicy, cache_slots, check_cache
 
 
@@ -42,9 +42,11 @@ class StreamOptions:
     partial_last_chunk: bool = False  # allow a frame count that is not a multiple of frames_per_block
 
     def __post_init__(self):
+        if isinstance(self.steps, (str, bytes)):
+            raise ValueError(f"steps must be a list of timesteps, got the text {self.steps!r} (see parse_steps)")
         object.__setattr__(self, "steps", tuple(self.steps))
         check_cache(self.frames_per_block, self.window, self.sink, self.routing_topk)
-        if not 0 <= self.context_noise <= 1000:
+        if not 0 <= finite_number("context_noise", self.context_noise) <= 1000:
             raise ValueError(f"context_noise is a timestep in [0, 1000], got {self.context_noise}")
         make_steps(self.steps, self.shift, self.warp)  # validates the step list
 
@@ -144,6 +146,11 @@ def prepare(model, context, batch_hint: int | None = None) -> TextContext:
         return context
     if not isinstance(context, torch.Tensor):
         raise ValueError(f"context must be a tensor of text states or a TextContext, got {type(context).__name__}")
+    if context.is_floating_point() and context.numel():  # once per run (one device sync), not per chunk
+        lo, hi = torch.aminmax(context.detach())
+        if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+            raise ValueError("the text context holds NaN or Inf values, which would give NaN latents (a black "
+                             "video); check the text encoder or the saved embeddings")
     with torch.no_grad():
         return model.encode_text(context)
 

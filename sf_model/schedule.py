@@ -9,6 +9,7 @@ The official code builds a 1000-entry table ``sigma_i = shift(1 - i/1000)`` (flo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -49,11 +50,25 @@ def sigma_for_timestep(t: float, shift: float) -> float:
     return float(sigma_table(shift)[i])
 
 
+def finite_number(name: str, value) -> float:
+    """``value`` as a float, or a ValueError naming ``name`` (NaN, Inf and non-numbers are refused)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return number
+
+
 def make_steps(steps=DEFAULT_STEPS, shift: float = DEFAULT_SHIFT, warp: bool = True) -> list[Step]:
     """The denoising steps. With ``warp`` the nominal integers in (0, 1000] index the shifted table."""
-    steps = [float(s) for s in steps]
+    if isinstance(steps, (str, bytes)):
+        raise ValueError(f"steps must be a list of timesteps, got the text {steps!r} (see parse_steps)")
+    steps = [finite_number("every step", s) for s in steps]
     if not steps:
         raise ValueError(f"the step list is empty; the default is {format_steps(DEFAULT_STEPS)}")
+    shift = finite_number("shift", shift)
     if shift <= 0:
         raise ValueError(f"shift must be > 0, got {shift}")
     if any(b >= a for a, b in zip(steps, steps[1:])):

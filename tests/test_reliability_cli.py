@@ -20,3 +20,22 @@ def test_a_huge_window_and_sink_run_like_the_video_length(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 0, err  # was: a raw allocator traceback asking for 105 GB (window) + 1 PB (sink)
     assert time.monotonic() - start < 60 and (tmp_path / "x.mp4").stat().st_size > 0
+
+
+# -- item 4: a checkpoint with NaN weights is refused, not turned into a black video ----------------------
+def test_a_toy_checkpoint_with_nan_weights_exits_2_naming_the_tensor(tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from self_forcing.cli.generate import default_model_path
+
+    with safe_open(default_model_path(), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["head.head.weight"] = tensors["head.head.weight"].clone()
+    tensors["head.head.weight"][0, 0] = float("nan")
+    save_file(tensors, tmp_path / "nan_toy.safetensors", metadata=meta)
+    out = tmp_path / "x.mp4"
+    rc = generate("--model", tmp_path / "nan_toy.safetensors", "--frames", 3, "--out", out)
+    err = capsys.readouterr().err
+    assert rc == 2 and "tensor 'head.head.weight' holds NaN or Inf" in err, err
+    assert not out.exists()

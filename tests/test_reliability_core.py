@@ -88,3 +88,67 @@ def test_cache_policy_and_stream_options_refuse_absurd_inputs_with_a_clear_messa
         for build in (CachePolicy, StreamOptions):
             with pytest.raises(ValueError, match=match):
                 build(**{"frames_per_block": 3, **kwargs})
+
+
+# -- item 4: NaN/Inf weights, text contexts and schedule numbers are refused ------------------------------
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_weights_with_nan_or_inf_are_refused_at_load_naming_the_tensor(make_tiny, tmp_path, bad):
+    from self_forcing.sf_model.checkpoint import CheckpointError, load_model, save_model
+
+    model = make_tiny(TINY, seed=1)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd["blocks.1.ffn.0.weight"][5, 7] = bad  # one value in the middle of a later tensor
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        path = tmp_path / f"bad_{dtype}.safetensors"
+        save_model(path, sd, TINY, dtype=dtype)
+        with pytest.raises(CheckpointError, match=r"tensor 'blocks\.1\.ffn\.0\.weight' holds NaN or Inf"):
+            load_model(path)
+    pt = tmp_path / "bad.pt"  # a training checkpoint layout: the name is the bare Wan name
+    torch.save({"generator_ema": {f"model.{k}": v for k, v in sd.items()}}, pt)
+    with pytest.raises(CheckpointError, match=r"'blocks\.1\.ffn\.0\.weight' holds NaN or Inf"):
+        load_model(pt)
+    save_model(tmp_path / "good.safetensors", model, TINY)
+    assert load_model(tmp_path / "good.safetensors").config == TINY
+
+
+def test_a_vae_with_nan_weights_is_refused(tmp_path):
+    from self_forcing.sf_model.vae import load_vae
+    from self_forcing.sf_model.vae.checkpoint import VAECheckpointError, save_vae
+    from self_forcing.sf_model.vae.model import WanVAE, WanVAEConfig
+
+    vae = WanVAE(WanVAEConfig(dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1))
+    name = next(k for k, v in vae.state_dict().items() if v.is_floating_point() and v.numel() > 4)
+    with torch.no_grad():
+        vae.state_dict()[name].view(-1)[3] = math.nan
+    save_vae(tmp_path / "vae.safetensors", vae)
+    with pytest.raises(VAECheckpointError, match=f"'{name}' holds NaN or Inf"):
+        load_vae(tmp_path / "vae.safetensors")
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_nan_or_inf_text_context_is_refused_before_sampling(make_tiny, bad):
+    model = make_tiny(TINY, seed=2)
+    ctx = CTX.clone()
+    ctx[0, 4, 9] = bad
+    with pytest.raises(ValueError, match="text context holds NaN or Inf"):
+        generate(model, ctx, num_frames=3, height=4, width=6)
+    history = torch.randn(1, 16, 6, 4, 6)
+    with pytest.raises(ValueError, match="text context holds NaN or Inf"):
+        resample_history(model, ctx, history, frames=3, strength=0.5)
+
+
+def test_non_finite_shift_steps_and_context_noise_are_refused():
+    from self_forcing.sf_model.schedule import make_steps
+
+    for shift in (math.nan, math.inf, "abc", None):
+        with pytest.raises(ValueError, match="shift must be a (finite )?number"):
+            StreamOptions(shift=shift)
+        with pytest.raises(ValueError, match="shift must be a (finite )?number"):
+            make_steps((1000, 500), shift)
+    with pytest.raises(ValueError, match="every step must be a finite number"):
+        StreamOptions(steps=(1000, math.nan))
+    with pytest.raises(ValueError, match="steps must be a list of timesteps"):
+        StreamOptions(steps="1000, 500")
+    for noise in (math.nan, "x"):
+        with pytest.raises(ValueError, match="context_noise must be a (finite )?number"):
+            StreamOptions(context_noise=noise)

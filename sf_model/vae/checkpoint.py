@@ -19,7 +19,7 @@ from typing import Dict, Iterable, List, Mapping, Optional
 import torch
 from safetensors.torch import save_file as _st_save_file
 
-from ..checkpoint import CheckpointError, CheckpointNotFound, mismatch_report, read_file
+from ..checkpoint import CheckpointError, CheckpointNotFound, check_finite, mismatch_report, read_file
 from ..checkpoint import short_list as _short
 from .model import WanVAE, WanVAEConfig
 
@@ -44,7 +44,9 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
         raise
     except CheckpointError as e:
         raise VAECheckpointError(str(e)) from e
-    return _flatten_checkpoint(obj, os.fspath(path))
+    sd = _flatten_checkpoint(obj, os.fspath(path))
+    check_finite(sd, os.fspath(path), VAECheckpointError)
+    return sd
 
 
 def _flatten_checkpoint(obj, path: str) -> StateDict:
