@@ -3,7 +3,8 @@ choice, devices, the model dropdown, the report."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 import torch
 
@@ -66,9 +67,30 @@ def model_choices(files: list[str], official_names: list[str]) -> list[str]:
     return list(files) + sorted(n for n in official_names if n not in present)
 
 
+class Users:
+    """How many runs are using a handle's model right now: a lock and a counter (``sampling.model_on_device``).
+
+    A copy of a handle (``copy.deepcopy``, pickling) holds a copy of the model, so it starts with no users.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.count = 0
+
+    def __deepcopy__(self, memo) -> "Users":
+        return Users()
+
+    def __reduce__(self):
+        return (Users, ())
+
+
 @dataclass
 class ModelHandle:
-    """What flows on the SELF_FORCING_MODEL socket: the model plus where it runs and rests."""
+    """What flows on the SELF_FORCING_MODEL socket: the model plus where it runs and rests.
+
+    ``users`` counts the runs using the model at this moment (several threads may share one handle): the
+    first to enter moves the weights to ``load_device``, the last to leave parks them on ``offload_device``.
+    """
 
     loaded: LoadedModel
     name: str
@@ -76,6 +98,7 @@ class ModelHandle:
     offload_device: torch.device
     dtype: torch.dtype
     keep_loaded: bool = False
+    users: Users = field(default_factory=Users, init=False, repr=False, compare=False)
 
     @property
     def model(self):

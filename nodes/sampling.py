@@ -229,22 +229,29 @@ def run_bytes(cfg, opts: StreamOptions, total_frames: int, lat_h: int, lat_w: in
 
 @contextmanager
 def model_on_device(handle: ModelHandle, hooks: RunHooks, extra_bytes: int = 0):
-    """Move the weights to the load device for a run and back to the offload device afterwards.
+    """Use the model on its load device for a run; park it on the offload device when no run uses it any more.
 
-    Before the run, ComfyUI is asked to free room for the weights (if they must move) and ``extra_bytes``.
+    Runs sharing the handle (other threads) are counted (``handle.users``): the first to enter moves the weights
+    to the load device, the last to leave parks them (unless ``keep_loaded``), so one run ending never moves
+    the weights out from under another. Before the run, ComfyUI is asked to free room for the weights (if
+    they must move) and ``extra_bytes``.
     """
-    model = handle.model
-    moving = model.device != handle.load_device
-    need = extra_bytes + (model_bytes(model) if moving else 0)
-    if need and hooks.free_memory is not None:
-        hooks.free_memory(need, handle.load_device)
-    if moving:
-        model.to(handle.load_device)
+    model, users = handle.model, handle.users
+    with users.lock:
+        moving = model.device != handle.load_device
+        need = extra_bytes + (model_bytes(model) if moving else 0)
+        if need and hooks.free_memory is not None:
+            hooks.free_memory(need, handle.load_device)
+        if moving:
+            model.to(handle.load_device)
+        users.count += 1
     try:
         yield model
     finally:
-        if not handle.keep_loaded and handle.offload_device != handle.load_device:
-            model.to(handle.offload_device)
+        with users.lock:
+            users.count -= 1
+            if users.count == 0 and not handle.keep_loaded and handle.offload_device != handle.load_device:
+                model.to(handle.offload_device)
 
 
 class _Progress:

@@ -220,3 +220,55 @@ def test_steps_inf_is_one_clear_error_at_queue_time_and_at_run_time(comfy, tiny_
         with pytest.raises(ValueError, match="steps"):
             sample_video(tiny_handle(tiny_model), cond(), width=32, height=32, length=5, seed=0, steps=steps)
         assert "steps" in comfy.check_inputs(comfy.SAMPLER, steps=steps)
+
+
+# -- 15: one model handle used by two runs at once -----------------------------------------------------
+def test_a_run_ending_does_not_park_the_model_under_another_run(make_tiny):
+    """Two runs share a handle whose offload device differs from the load device ('meta' stands in for the
+    offload device: parking there drops the weights, so a run that loses them fails). The second run must see
+    the model on the load device all along, and the model is parked exactly once, when the last run ends."""
+    from self_forcing.nodes.sampling import RunHooks, sample_video
+
+    model = make_tiny()
+    h = tiny_handle(model, offload_device=torch.device("meta"))
+    moves, real_to = [], model.to
+
+    def recording_to(*args, **kwargs):
+        moves.append(torch.device(args[0]))
+        return real_to(*args, **kwargs)
+
+    model.to = recording_to
+    a_in, b_in, a_done = threading.Event(), threading.Event(), threading.Event()
+    b_seen, errors = [], {}
+
+    def a_check():
+        if not a_in.is_set():
+            a_in.set()
+            assert b_in.wait(10)  # B is inside its run before A finishes
+
+    def b_check():
+        b_seen.append(model.device)
+        if not b_in.is_set():
+            b_in.set()
+            a_done.wait(10)  # ... and goes on after A has finished
+
+    def run(name, check, done=None):
+        try:
+            sample_video(h, cond(), width=32, height=32, length=25, seed=0, hooks=RunHooks(check_cancel=check))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors[name] = e
+        finally:
+            if done is not None:
+                done.set()
+
+    a = threading.Thread(target=run, args=("A", a_check, a_done))
+    b = threading.Thread(target=run, args=("B", b_check))
+    a.start()
+    assert a_in.wait(10)
+    b.start()
+    a.join(30)
+    b.join(30)
+    assert not errors, errors
+    assert len(b_seen) > 1 and all(d == torch.device("cpu") for d in b_seen), b_seen
+    assert moves == [torch.device("meta")]  # parked once, by the last run to leave
+    assert model.device.type == "meta"
