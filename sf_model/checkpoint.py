@@ -27,12 +27,21 @@ from typing import Mapping
 
 import torch
 
-from .config import WanConfig, infer_config
+from .config import WanConfig, check_field, infer_config
 
 FORMAT_KEY = "self_forcing"
 FORMAT_VERSION = 1
 WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 TOP_LEVEL_CHOICES = ("generator_ema", "generator", "model", "state_dict", "module")
+# Sampling defaults a checkpoint may store, checked by the config's rule (sf_model.config.check_field);
+# ``model`` (the WanConfig) is checked by WanConfig.from_dict, ``steps`` and ``context_noise`` by StreamOptions.
+META_FIELDS = {
+    "frames_per_block": ("int", 1, 1 << 10),
+    "train_frames": ("int", 1, 1 << 16),
+    "sink": ("int", 0, 1 << 16),
+    "shift": ("float", 0.0, 1e6),
+    "warp": ("bool", None, None),
+}
 
 
 class CheckpointError(ValueError):
@@ -257,6 +266,23 @@ def check_finite(tensors: Mapping[str, torch.Tensor], source: str, error=None) -
             "refusing to load it")
 
 
+def check_meta(meta, path: str) -> None:
+    """Refuse metadata of the wrong shape or out of range (CheckpointError naming the field)."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: the '{FORMAT_KEY}' metadata must be a JSON object, got {type(meta).__name__}")
+    try:
+        for name, (kind, low, high) in META_FIELDS.items():
+            if meta.get(name) is not None:
+                check_field(name, meta[name], kind, low, high)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: metadata {e}") from None
+    bundle = meta.get("bundle", [])
+    if not isinstance(bundle, list) or not all(isinstance(n, str) for n in bundle):
+        raise CheckpointError(f"{path}: metadata 'bundle' must be a list of part names, got {bundle!r}")
+    if "toy" in meta and not isinstance(meta["toy"], dict):
+        raise CheckpointError(f"{path}: metadata 'toy' must be a JSON object, got {type(meta['toy']).__name__}")
+
+
 def load_state_dict_file(path: str) -> tuple[dict[str, torch.Tensor], WanConfig, str, dict, dict]:
     """Read a file and return (bare Wan state dict, config, layout, meta, bundled extras)."""
     obj, file_meta = read_file(path)
@@ -266,6 +292,7 @@ def load_state_dict_file(path: str) -> tuple[dict[str, torch.Tensor], WanConfig,
             meta = json.loads(file_meta[FORMAT_KEY])
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{path}: unreadable '{FORMAT_KEY}' metadata: {e}") from e
+    check_meta(meta, path)
     obj, extras = split_bundle(obj, meta.get("bundle", []))
     sd, layout = normalize_state_dict(obj)
     check_finite(sd, path)
@@ -276,7 +303,8 @@ def load_state_dict_file(path: str) -> tuple[dict[str, torch.Tensor], WanConfig,
     try:
         config = WanConfig.from_dict(meta["model"]) if "model" in meta else infer_config(sd)
     except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{path}: {e}") from e
+        where = "the metadata's model config: " if "model" in meta else ""
+        raise CheckpointError(f"{path}: {where}{e}") from e
     return sd, config, layout, meta, extras
 
 

@@ -3,11 +3,60 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Mapping
 
 import torch
+
+# What a config field may hold: (kind, lowest, highest) -- kind "int", "float" (finite, above its lowest),
+# "bool" or "patch" (three ints). The ceilings are far above any Wan model and keep a damaged or hostile
+# checkpoint's metadata from asking for absurd memory (a RoPE table of 1e12 frames) before anything is
+# checked against the weights.
+CONFIG_FIELDS: dict[str, tuple] = {
+    "dim": ("int", 1, 1 << 16),
+    "ffn_dim": ("int", 1, 1 << 18),
+    "num_heads": ("int", 1, 1 << 10),
+    "num_layers": ("int", 1, 1 << 10),
+    "patch_size": ("patch", 1, 64),
+    "in_dim": ("int", 1, 1 << 12),
+    "out_dim": ("int", 1, 1 << 12),
+    "text_dim": ("int", 1, 1 << 16),
+    "text_len": ("int", 1, 1 << 16),
+    "freq_dim": ("int", 2, 1 << 16),
+    "qk_norm": ("bool", None, None),
+    "cross_attn_norm": ("bool", None, None),
+    "eps": ("float", 0.0, 1.0),
+    "rope_theta": ("float", 0.0, 1e12),
+    "rope_max_frames": ("int", 1, 1 << 16),
+}
+
+
+def check_field(name: str, value, kind: str, low=None, high=None):
+    """``value`` checked against one table row (see ``CONFIG_FIELDS``); ValueError naming ``name`` if not."""
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+        return value
+    if kind == "patch":
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 3:
+            raise ValueError(f"{name} must be three integers (frames, height, width), got {value!r}")
+        return tuple(check_field(f"{name}[{i}]", v, "int", low, high) for i, v in enumerate(value))
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+        value = int(value)
+    else:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        value = float(value)
+    above = value > low if kind == "float" else value >= low
+    if not (above and value <= high):
+        bounds = f"({low}, {high}]" if kind == "float" else f"[{low}, {high}]"
+        raise ValueError(f"{name} must be in {bounds}, got {value}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -33,11 +82,14 @@ class WanConfig:
     rope_max_frames: int = 1024
 
     def __post_init__(self):
+        for name, (kind, low, high) in CONFIG_FIELDS.items():
+            object.__setattr__(self, name, check_field(name, getattr(self, name), kind, low, high))
+        if self.freq_dim % 2:
+            raise ValueError(f"freq_dim {self.freq_dim} must be even (cos and sin halves)")
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
-        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
 
     @property
     def head_dim(self) -> int:
@@ -56,11 +108,15 @@ class WanConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "WanConfig":
+        """A config from a dict (checkpoint metadata): every field is checked against ``CONFIG_FIELDS``
+        (ValueError naming the field)."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"the model config must be a JSON object of fields, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
+        unknown = set(map(str, d)) - names
         if unknown:
             raise ValueError(f"unknown WanConfig fields: {sorted(unknown)}")
-        return cls(**{k: (tuple(v) if k == "patch_size" else v) for k, v in d.items()})
+        return cls(**d)
 
     def replace(self, **changes) -> "WanConfig":
         return dataclasses.replace(self, **changes)

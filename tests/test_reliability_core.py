@@ -152,3 +152,58 @@ def test_non_finite_shift_steps_and_context_noise_are_refused():
     for noise in (math.nan, "x"):
         with pytest.raises(ValueError, match="context_noise must be a (finite )?number"):
             StreamOptions(context_noise=noise)
+
+
+# -- item 6: checkpoint metadata is checked, not trusted ---------------------------------------------------
+def write_with_meta(path, model, info):
+    """A safetensors file with the model's weights and ``info`` as the self_forcing metadata (any JSON)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, str(path), metadata={"self_forcing": json.dumps(info)})
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rope_max_frames": 1e12}, r"rope_max_frames must be an integer, got 1000000000000\.0"),
+    ({"rope_max_frames": 10 ** 12}, r"rope_max_frames must be in \[1, 65536\], got 1000000000000"),
+    ({"num_heads": 0}, r"num_heads must be in \[1, 1024\], got 0"),
+    ({"dim": "abc"}, r"dim must be an integer, got 'abc'"),
+    ({"qk_norm": "yes"}, r"qk_norm must be true or false"),
+    ({"eps": float("nan")}, r"eps must be a finite number"),
+    ({"patch_size": [1, 2]}, r"patch_size must be three integers"),
+    ({"freq_dim": 31}, r"freq_dim 31 must be even"),
+])
+def test_bad_model_config_metadata_raises_the_loaders_error_naming_the_field(make_tiny, tmp_path, change, message):
+    from self_forcing.sf_model.checkpoint import CheckpointError, load_model
+
+    path = write_with_meta(tmp_path / "m.safetensors", make_tiny(TINY), {"model": {**TINY.to_dict(), **change}})
+    with pytest.raises(CheckpointError, match=message):
+        load_model(path)
+
+
+@pytest.mark.parametrize("info, message", [
+    ([1, 2, 3], "metadata must be a JSON object, got list"),
+    ({"model": [1, 2]}, "model config must be a JSON object of fields, got list"),
+    ({"frames_per_block": "abc"}, "frames_per_block must be an integer"),
+    ({"sink": -1}, r"sink must be in \[0, 65536\]"),
+    ({"shift": float("nan")}, "shift must be a finite number"),
+    ({"bundle": "toy_text"}, "'bundle' must be a list of part names"),
+    ({"toy": [1]}, "'toy' must be a JSON object"),
+])
+def test_metadata_of_the_wrong_shape_raises_the_loaders_error(make_tiny, tmp_path, info, message):
+    from self_forcing.sf_model.checkpoint import CheckpointError, load_model
+
+    path = write_with_meta(tmp_path / "m.safetensors", make_tiny(TINY), info)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(path)
+
+
+def test_a_config_built_in_code_is_checked_by_the_same_table():
+    with pytest.raises(ValueError, match=r"num_heads must be in \[1, 1024\], got 0"):
+        TINY.replace(num_heads=0)
+    with pytest.raises(ValueError, match="num_layers must be an integer"):
+        TINY.replace(num_layers=2.5)
+    assert TINY.replace(patch_size=[1, 2, 2]).patch_size == (1, 2, 2)
