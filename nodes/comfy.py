@@ -29,7 +29,7 @@ from .live import EVENT, LIVE, LiveFrameOptions, LiveFrameSender
 from .long_video import OPTIONS, LongVideoOptions
 from .model import LOADER, MODEL_FOLDER, describe, load_handle, model_choices
 from .sampling import EXTEND, SAMPLER, RunHooks, extend_video, sample_video
-from .schema import InputSpec, NodeSpec, OutputSpec, check_inputs
+from .schema import InputSpec, NodeSpec, OutputSpec, check_inputs, check_values
 from .text import (LOAD_EMBEDS, SAVE_EMBEDS, TEXT_EMBEDS, conditioning_from_context, load_text_embeds,
                    register_text_embeds_folder, save_embeds, save_folder, tensor_of)
 from .toy import (TOY_DECODE, TOY_ENCODE, TOY_LOADER, decode_toy_latent, describe_toy, encode_toy_prompt, require_toy,
@@ -262,7 +262,7 @@ class SelfForcingLongVideoOptions(io.ComfyNode):
 
     @classmethod
     def execute(cls, cache: str = "rolling", window: int = 21, sink: int = 3, routing_topk: int = 0) -> io.NodeOutput:
-        return io.NodeOutput(LongVideoOptions(cache=cache, window=window, sink=sink, routing_topk=routing_topk))
+        return io.NodeOutput(LongVideoOptions(cache=cache, window=window, sink=sink, routing_topk=routing_topk).check())
 
 
 def _latent(samples, model) -> dict:
@@ -302,6 +302,9 @@ class SelfForcingSampler(io.ComfyNode):
     def execute(cls, model, positive, width: int, height: int, length: int, seed: int, frames_per_block: int = 3,
                 steps: str = DEFAULT_STEPS_TEXT, shift: float = 5.0, context_noise: float = 0.0,
                 options=None, vae=None, live_frames=None) -> io.NodeOutput:
+        # Linked values never reached validate_inputs: the spec's limits, checked before anything uses them.
+        check_values(SAMPLER, width=width, height=height, length=length, seed=seed, frames_per_block=frames_per_block,
+                     shift=shift, context_noise=context_noise)
         decode = None
         if vae is not None:
             prompt = positive[0][0] if positive and positive[0] else None
@@ -332,6 +335,9 @@ class SelfForcingExtendVideo(io.ComfyNode):
                 seed: int, frames_per_block: int = 3, steps: str = DEFAULT_STEPS_TEXT, shift: float = 5.0,
                 context_noise: float = 0.0, output: str = "joined", options=None, vae=None,
                 live_frames=None) -> io.NodeOutput:
+        check_values(EXTEND, extend_frames=extend_frames, history_frames=history_frames,
+                     resample_strength=resample_strength, seed=seed, frames_per_block=frames_per_block, shift=shift,
+                     context_noise=context_noise, output=output)  # linked values never reached validate_inputs
         decode = None
         if vae is not None:
             samples = latent.get("samples") if isinstance(latent, dict) else latent

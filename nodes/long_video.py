@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from ..sf_model.window import CachePolicy, default_policy, routing_error
-from .schema import CAT_SAMPLING, OPTIONS_TYPE, InputSpec, NodeSpec, OutputSpec
+from .schema import CAT_SAMPLING, OPTIONS_TYPE, InputSpec, NodeSpec, OutputSpec, check_inputs
 
 CACHE_POLICIES = ("fixed", "rolling")
 NODE_NAME = "Self Forcing Long-Video Options"
@@ -25,6 +25,14 @@ class LongVideoOptions:
     window: int = 21
     sink: int = 3
     routing_topk: int = 0
+
+    def check(self) -> "LongVideoOptions":
+        """These settings against the node's spec: ranges, options and the routing rule (raises ValueError)."""
+        ok = check_inputs(OPTIONS, cache=self.cache, window=self.window, sink=self.sink,
+                          routing_topk=self.routing_topk)
+        if ok is not True:
+            raise ValueError(f"{NODE_NAME}: {ok}")
+        return self
 
     def policy(self, frames_per_block: int) -> CachePolicy:
         """The cache of these settings (raises ValueError with a fix-it text); 'fixed' ignores window and sink."""

@@ -142,6 +142,17 @@ def check_inputs(spec: NodeSpec, **values) -> bool | str:
     return True
 
 
+def check_values(spec: NodeSpec, **values) -> None:
+    """The run-time twin of ``check_inputs``' first half: every given value against its input's limits (number,
+    range, static options), raising ValueError naming the input. Inputs linked from another node reach
+    ``validate_inputs`` as None, and the plain functions are called from Python too, so ``execute`` checks
+    the values it gets (None still means 'not given')."""
+    for name, value in values.items():
+        err = spec.input(name).check(value)
+        if err:
+            raise ValueError(err)
+
+
 # -- the /object_info view of a spec (what ComfyUI serves for our nodes) ----------------------------------
 def _input_info(spec: InputSpec, options: list | None) -> list:
     opts: dict[str, Any] = {"tooltip": spec.tooltip}

@@ -272,3 +272,30 @@ def test_a_run_ending_does_not_park_the_model_under_another_run(make_tiny):
     assert len(b_seen) > 1 and all(d == torch.device("cpu") for d in b_seen), b_seen
     assert moves == [torch.device("meta")]  # parked once, by the last run to leave
     assert model.device.type == "meta"
+
+
+# -- 16 d: a value above its maximum names the maximum (at queue time and at run time) -----------------
+def test_a_value_above_its_maximum_reports_the_maximum_also_at_run_time(comfy, tiny_model):
+    """Queue time had it; a value linked from another node only reaches execute, which reported the 4k+1 rule
+    (suggesting 99997 or 100001) but not the maximum."""
+    from self_forcing.nodes.sampling import EXTEND, SAMPLER
+    from self_forcing.nodes.schema import check_inputs
+
+    h = tiny_handle(tiny_model)
+    sampler, extend = comfy.SelfForcingSampler, comfy.SelfForcingExtendVideo
+    top = SAMPLER.input("length").max
+    assert check_inputs(SAMPLER, length=100000) == f"length 100000 is above the maximum {top}"
+    with pytest.raises(ValueError, match=f"^length 100000 is above the maximum {top}$"):
+        sampler.execute(h, cond(), width=32, height=32, length=100000, seed=0)
+    with pytest.raises(ValueError, match="frames_per_block 50 is above the maximum 21"):
+        sampler.execute(h, cond(), width=32, height=32, length=5, seed=0, frames_per_block=50)
+    with pytest.raises(ValueError, match="shift 0.5 is below the minimum 1"):
+        sampler.execute(h, cond(), width=32, height=32, length=5, seed=0, shift=0.5)
+    top = EXTEND.input("extend_frames").max
+    latent = {"samples": torch.zeros(1, 16, 2, 4, 4)}
+    with pytest.raises(ValueError, match=f"extend_frames 100000 is above the maximum {top}"):
+        extend.execute(h, cond(), latent, extend_frames=100000, history_frames=1, resample_strength=0.3, seed=0)
+    with pytest.raises(ValueError, match="resample_strength 2 is above the maximum 1"):
+        extend.execute(h, cond(), latent, extend_frames=4, history_frames=1, resample_strength=2, seed=0)
+    with pytest.raises(ValueError, match="sink 100 is above the maximum 64"):
+        comfy.SelfForcingLongVideoOptions.execute(cache="rolling", window=21, sink=100)
