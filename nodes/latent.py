@@ -27,7 +27,7 @@ import torch
 from ..sf_model.latent_format import (SPATIAL_STRIDE, TEMPORAL_STRIDE, latent_frames, preview_strip, to_model_space,
                                       to_raw)
 from ..toy.bundle import CODEC_PART, TEXT_PART, is_toy_bundle, latents_to_frames, toy_parts
-from .validate import check_length, check_size, first_error
+from .validate import check_length, check_size, first_error, not_a_number
 
 WAN21 = "wan21"
 TOY = "self_forcing_toy"
@@ -76,7 +76,8 @@ class LatentSpace:
         """Width/height a multiple of stride x patch; Wan lengths 4k+1 (toy: any length >= 1)."""
         multiple = self.spatial * max(patch[1], patch[2])
         if self.is_toy:
-            frames = None if length >= 1 else f"length {length} must be at least 1 frame"
+            frames = not_a_number("length", length) or (
+                None if length >= 1 else f"length {length} must be at least 1 frame")
         else:
             frames = check_length(length)
         err = first_error(check_size("width", width, multiple), check_size("height", height, multiple), frames)

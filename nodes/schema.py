@@ -14,6 +14,7 @@ inputs it names) are derived from it. Cross-field rules are attached to the node
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -33,6 +34,11 @@ SEED_MAX = 0xFFFFFFFFFFFFFFFF
 
 # A cross-field rule: the values named in a node's validate_inputs (None = linked or not given) -> error or None.
 Rule = Callable[[Mapping[str, Any]], "str | None"]
+
+
+def is_number(value) -> bool:
+    """An int or float (numpy scalars included), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _number(value) -> str:
@@ -84,14 +90,16 @@ class InputSpec:
         if value is None:
             return None
         if self.type in ("INT", "FLOAT"):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                return f"{self.name} {value!r} is not a number"
+            if not is_number(value):
+                return f"{self.name} must be a number, got {value!r}"
             if isinstance(value, float) and math.isnan(value):
                 return f"{self.name} is not a number (NaN); use a value in {self.bounds or 'its range'}"
             if self.min is not None and value < self.min:
                 return f"{self.name} {value} is below the minimum {self.min}"
             if self.max is not None and value > self.max:
                 return f"{self.name} {value} is above the maximum {self.max}"
+            if self.type == "INT" and not isinstance(value, numbers.Integral) and not float(value).is_integer():
+                return f"{self.name} must be a whole number, got {value}"
         elif self.type == "COMBO" and self.options and value not in self.options:
             return f"{self.name} '{value}' is not one of: {', '.join(map(str, self.options))}"
         return None
@@ -145,8 +153,7 @@ def check_inputs(spec: NodeSpec, **values) -> bool | str:
 def check_values(spec: NodeSpec, **values) -> None:
     """The run-time twin of ``check_inputs``' first half: every given value against its input's limits (number,
     range, static options), raising ValueError naming the input. Inputs linked from another node reach
-    ``validate_inputs`` as None, and the plain functions are called from Python too, so ``execute`` checks
-    the values it gets (None still means 'not given')."""
+    ``validate_inputs`` as None, so a node's ``execute`` checks the values it gets (None: not given)."""
     for name, value in values.items():
         err = spec.input(name).check(value)
         if err:

@@ -132,8 +132,9 @@ def _check_lengths(root: str, sub: str, base: str) -> None:
     folder = os.path.join(root, sub)
     longest_path = len(folder.encode()) + 1 + max(len(base.encode()) + len(_COUNTER_SUFFIX), _TEMP_NAME_LEN)
     if longest_path >= path_max:
-        raise ValueError(f"filename_prefix is too long: the file would be {longest_path} characters from the root of "
-                         f"the file system, at most {path_max - 1} are allowed; use a shorter prefix or fewer sub-folders")
+        raise ValueError(f"filename_prefix is too long: the file would be {longest_path} characters from the root "
+                         f"of the file system, at most {path_max - 1} are allowed; use a shorter prefix or fewer "
+                         "sub-folders")
 
 
 def _too_long(prefix: str, error: OSError) -> ValueError:

@@ -9,6 +9,7 @@ routing) are ``sf_model.window``'s, the step list's ``sf_model.schedule.parse_st
 
 from __future__ import annotations
 
+import numbers
 from typing import Iterable
 
 from ..sf_model.latent_format import TEMPORAL_STRIDE
@@ -21,10 +22,19 @@ def _nearest(candidates: Iterable[int], minimum: int) -> str:
     return " or ".join(str(x) for x in sorted({x for x in candidates if x >= minimum}))
 
 
+def not_a_number(name: str, value) -> str | None:
+    """The error for a value that is not a number (plain Python callers; the nodes' specs say it first)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return f"{name} must be a number, got {value!r}"
+    return None
+
+
 def check_length(length: int | None) -> str | None:
     """A Wan video length must be 4k+1 frames."""
     if length is None:
         return None
+    if err := not_a_number("length", length):
+        return err
     if length < 1:
         return f"length {length} must be at least 1 frame (use 1, 5, ..., 81)"
     if (length - 1) % TEMPORAL_STRIDE:
@@ -38,6 +48,8 @@ def check_size(name: str, value: int | None, multiple: int = SIZE_MULTIPLE) -> s
     """Pixel width/height must be a positive multiple of ``multiple`` (16 for Wan)."""
     if value is None:
         return None
+    if err := not_a_number(name, value):
+        return err
     if value < multiple:
         return f"{name} {value} is too small; use at least {multiple}"
     if value % multiple:
@@ -50,6 +62,8 @@ def check_extend_frames(frames: int | None) -> str | None:
     """Frames added by an extension: whole latent frames, i.e. a positive multiple of 4."""
     if frames is None:
         return None
+    if err := not_a_number("extend_frames", frames):
+        return err
     if frames < TEMPORAL_STRIDE:
         return f"extend_frames {frames} is too small; add at least {TEMPORAL_STRIDE} frames"
     if frames % TEMPORAL_STRIDE:

@@ -166,7 +166,8 @@ def test_a_symlinked_subfolder_cannot_lead_outside_the_embeds_folder(comfy, tmp_
     # A symlink inside the folder that stays inside is fine, and so is an embeds folder that is itself a link.
     os.makedirs(os.path.join(root, "real"))
     os.symlink(os.path.join(root, "real"), os.path.join(root, "alias"))
-    assert comfy.SelfForcingSaveTextEmbeds.execute(cond(), filename_prefix="alias/ok").values[0] == "alias/ok_00001.safetensors"
+    saved = comfy.SelfForcingSaveTextEmbeds.execute(cond(), filename_prefix="alias/ok").values[0]
+    assert saved == "alias/ok_00001.safetensors"
     linked_root = tmp_path / "linked_root"
     os.symlink(root, linked_root)
     assert text.save_embeds(str(linked_root), "sub/x", cond()[0][0])[1] == "sub/x_00001.safetensors"
@@ -299,3 +300,31 @@ def test_a_value_above_its_maximum_reports_the_maximum_also_at_run_time(comfy, t
         extend.execute(h, cond(), latent, extend_frames=4, history_frames=1, resample_strength=2, seed=0)
     with pytest.raises(ValueError, match="sink 100 is above the maximum 64"):
         comfy.SelfForcingLongVideoOptions.execute(cache="rolling", window=21, sink=100)
+
+
+# -- 16 b: a non-number in a number field names the input and says it must be a number ----------------
+def test_a_non_number_in_a_number_field_names_the_input(comfy, tiny_model):
+    from self_forcing.nodes.live import LIVE
+    from self_forcing.nodes.long_video import OPTIONS
+    from self_forcing.nodes.sampling import SAMPLER, sample_video
+    from self_forcing.nodes.schema import check_inputs
+
+    h = tiny_handle(tiny_model)
+    assert check_inputs(SAMPLER, width="abc") == "width must be a number, got 'abc'"
+    assert check_inputs(OPTIONS, window=[3]) == "window must be a number, got [3]"
+    assert check_inputs(LIVE, quality=True) == "quality must be a number, got True"
+    assert check_inputs(SAMPLER, frames_per_block=2.5) == "frames_per_block must be a whole number, got 2.5"
+    for name in ("width", "height", "length", "seed", "frames_per_block", "shift", "context_noise"):
+        values = dict(width=32, height=32, length=5, seed=0)
+        values[name] = "x"
+        with pytest.raises(ValueError, match=f"^{name} must be a number, got 'x'$"):
+            comfy.SelfForcingSampler.execute(h, cond(), **values)
+    with pytest.raises(ValueError, match="window must be a number, got 'x'"):
+        comfy.SelfForcingLongVideoOptions.execute(cache="rolling", window="x")
+    with pytest.raises(ValueError, match="every_nth must be a number, got 'x'"):
+        comfy.SelfForcingLiveFrames.execute(every_nth="x")
+    # the plain function (Python callers): the size and length rules say so too instead of a TypeError
+    with pytest.raises(ValueError, match="width must be a number, got '32'"):
+        sample_video(h, cond(), width="32", height=32, length=5, seed=0)
+    with pytest.raises(ValueError, match="length must be a number, got '5'"):
+        sample_video(h, cond(), width=32, height=32, length="5", seed=0)
