@@ -3,8 +3,9 @@
 Imported only inside ComfyUI (the package root's ``comfy_entrypoint`` returns ``SelfForcingExtension``).
 Each node class is thin: its schema is built from its spec and ``execute`` calls the plain functions of the
 node's subject module (``model``, ``long_video``, ``sampling``, ``live``, ``text``, ``toy``); its
-``validate_inputs`` is ``schema.check_inputs`` of the spec. Uses the public V3 API (``comfy_api.latest``)
-and long-stable modules: ``comfy.model_management``, ``comfy.utils.ProgressBar``, ``folder_paths``.
+``validate_inputs`` is ``schema.validate_node`` of the spec (``check_inputs``, raised so that ComfyUI reports it
+once). Uses the public V3 API (``comfy_api.latest``) and long-stable modules: ``comfy.model_management``,
+``comfy.utils.ProgressBar``, ``folder_paths``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from .live import EVENT, LIVE, LiveFrameOptions, LiveFrameSender
 from .long_video import OPTIONS, LongVideoOptions
 from .model import LOADER, MODEL_FOLDER, describe, load_handle, model_choices
 from .sampling import EXTEND, SAMPLER, RunHooks, extend_video, sample_video
-from .schema import InputSpec, NodeSpec, OutputSpec, check_inputs, check_values
+from .schema import InputSpec, NodeSpec, OutputSpec, check_values, validate_node
 from .text import (LOAD_EMBEDS, SAVE_EMBEDS, TEXT_EMBEDS, conditioning_from_context, load_text_embeds,
                    register_text_embeds_folder, save_embeds, save_folder, tensor_of)
 from .toy import (TOY_DECODE, TOY_ENCODE, TOY_LOADER, decode_toy_latent, describe_toy, encode_toy_prompt, require_toy,
@@ -258,7 +259,7 @@ class SelfForcingLongVideoOptions(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, cache=None, window=None, sink=None, routing_topk=None):
-        return check_inputs(OPTIONS, cache=cache, window=window, sink=sink, routing_topk=routing_topk)
+        return validate_node(OPTIONS, cache=cache, window=window, sink=sink, routing_topk=routing_topk)
 
     @classmethod
     def execute(cls, cache: str = "rolling", window: int = 21, sink: int = 3, routing_topk: int = 0) -> io.NodeOutput:
@@ -293,10 +294,10 @@ class SelfForcingSampler(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, width=None, height=None, length=None, frames_per_block=None, steps=None, shift=None,
                         context_noise=None):
-        # Linked inputs arrive as None; naming an input here switches off core's min/max check for it,
-        # so check_inputs checks the spec's ranges too.
-        return check_inputs(SAMPLER, width=width, height=height, length=length, frames_per_block=frames_per_block,
-                            steps=steps, shift=shift, context_noise=context_noise)
+        # Linked inputs arrive as None; naming an input here switches off core's min/max check for it, so the
+        # spec's ranges are checked here too. A problem raises (core reports a returned text once per input).
+        return validate_node(SAMPLER, width=width, height=height, length=length, frames_per_block=frames_per_block,
+                             steps=steps, shift=shift, context_noise=context_noise)
 
     @classmethod
     def execute(cls, model, positive, width: int, height: int, length: int, seed: int, frames_per_block: int = 3,
@@ -326,9 +327,9 @@ class SelfForcingExtendVideo(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, extend_frames=None, history_frames=None, resample_strength=None, frames_per_block=None,
                         steps=None, shift=None, context_noise=None):
-        return check_inputs(EXTEND, extend_frames=extend_frames, history_frames=history_frames,
-                            resample_strength=resample_strength, frames_per_block=frames_per_block, steps=steps,
-                            shift=shift, context_noise=context_noise)
+        return validate_node(EXTEND, extend_frames=extend_frames, history_frames=history_frames,
+                             resample_strength=resample_strength, frames_per_block=frames_per_block, steps=steps,
+                             shift=shift, context_noise=context_noise)
 
     @classmethod
     def execute(cls, model, positive, latent, extend_frames: int, history_frames: int, resample_strength: float,
@@ -358,7 +359,7 @@ class SelfForcingLiveFrames(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, every_nth=None, max_size=None, format=None, quality=None):
-        return check_inputs(LIVE, every_nth=every_nth, max_size=max_size, format=format, quality=quality)
+        return validate_node(LIVE, every_nth=every_nth, max_size=max_size, format=format, quality=quality)
 
     @classmethod
     def execute(cls, send: bool = True, every_nth: int = 1, max_size: int = 512, format: str = "jpeg",

@@ -29,7 +29,7 @@ from .long_video import OPTIONS_INPUT, LongVideoOptions, cache_policy
 from .model import ModelHandle
 from .schema import CAT_SAMPLING, LIVE_TYPE, MODEL_TYPE, SEED_MAX, InputSpec, NodeSpec, OutputSpec
 from .text import context_from_conditioning
-from .validate import check_extend_frames, check_length, check_size, check_steps, first_error
+from .validate import all_errors, check_extend_frames, check_length, check_size, check_steps
 
 EXTEND_OUTPUTS = ("joined", "new frames only", "joined, resampled history")
 
@@ -99,12 +99,12 @@ def _image_output(what: str) -> OutputSpec:
 
 
 def _generation_rule(v) -> str | None:
-    return first_error(check_size("width", v.get("width")), check_size("height", v.get("height")),
-                       check_length(v.get("length")), check_steps(v.get("steps")))
+    return all_errors(check_size("width", v.get("width")), check_size("height", v.get("height")),
+                      check_length(v.get("length")), check_steps(v.get("steps")))
 
 
 def _extension_rule(v) -> str | None:
-    return first_error(check_extend_frames(v.get("extend_frames")), check_steps(v.get("steps")))
+    return all_errors(check_extend_frames(v.get("extend_frames")), check_steps(v.get("steps")))
 
 
 SAMPLER = NodeSpec(

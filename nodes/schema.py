@@ -136,17 +136,39 @@ class NodeSpec:
         return {i.name: i.default for i in self.inputs if i.is_widget}
 
 
-def check_inputs(spec: NodeSpec, **values) -> bool | str:
-    """True, or the first error: every given value against its input's range/options (from the spec), then
-    the node's cross-field rules. None values (inputs linked from another node) are skipped."""
+def input_errors(spec: NodeSpec, **values) -> list[str]:
+    """Every problem of the given values, each once: each value against its input's range/options (from the
+    spec), then the node's cross-field rules over the values that passed (a value that failed its own check is
+    passed to the rules as None, so a rule never repeats it). None values (linked inputs) are skipped."""
+    errors, passed = [], {}
     for name, value in values.items():
         err = spec.input(name).check(value)
         if err:
-            return err
+            errors.append(err)
+        passed[name] = None if err else value
     for rule in spec.rules:
-        err = rule(values)
-        if err:
-            return err
+        err = rule(passed)
+        if err and err not in errors:
+            errors.append(err)
+    return errors
+
+
+def check_inputs(spec: NodeSpec, **values) -> bool | str:
+    """True, or one text naming every problem once ('; ' between them): see ``input_errors``."""
+    errors = input_errors(spec, **values)
+    return "; ".join(errors) if errors else True
+
+
+def validate_node(spec: NodeSpec, **values) -> bool:
+    """A node's ``validate_inputs``: True, or raises ValueError with ``check_inputs``' text.
+
+    ComfyUI attaches an error text *returned* by ``validate_inputs`` to every input named in its signature
+    ('width - length 0 is below the minimum 1', 'height - length 0 ...', ...), while an exception is reported
+    once for the node with its text; each problem in the text names its input.
+    """
+    result = check_inputs(spec, **values)
+    if result is not True:
+        raise ValueError(result)
     return True
 
 

@@ -83,6 +83,12 @@ def check_steps(text: str | None) -> str | None:
     return None
 
 
+def all_errors(*errors: str | None) -> str | None:
+    """Every given error once, '; ' between them; None when there is none."""
+    found = list(dict.fromkeys(e for e in errors if e))
+    return "; ".join(found) if found else None
+
+
 def first_error(*errors: str | None) -> str | None:
     for e in errors:
         if e:

@@ -220,7 +220,8 @@ def test_steps_inf_is_one_clear_error_at_queue_time_and_at_run_time(comfy, tiny_
     for steps in ("inf", "1000, inf", "-inf", "nan", "1e400"):
         with pytest.raises(ValueError, match="steps"):
             sample_video(tiny_handle(tiny_model), cond(), width=32, height=32, length=5, seed=0, steps=steps)
-        assert "steps" in comfy.check_inputs(comfy.SAMPLER, steps=steps)
+        with pytest.raises(ValueError, match="steps"):
+            comfy.SelfForcingSampler.validate_inputs(steps=steps)
 
 
 # -- 15: one model handle used by two runs at once -----------------------------------------------------
@@ -328,3 +329,42 @@ def test_a_non_number_in_a_number_field_names_the_input(comfy, tiny_model):
         sample_video(h, cond(), width="32", height=32, length=5, seed=0)
     with pytest.raises(ValueError, match="length must be a number, got '5'"):
         sample_video(h, cond(), width=32, height=32, length="5", seed=0)
+
+
+# -- 16 a: a queue-time problem is reported once, naming its input -------------------------------------
+def queue_errors(node_cls, widgets: dict) -> list[str]:
+    """The node errors ComfyUI's ``execution.validate_inputs`` makes of a node's ``validate_inputs`` (as in core
+    0.3.64 up to the 2026 cores): the widgets named in its signature are passed; a returned error text becomes
+    one 'custom_validation_failed' error per named input ('<input> - <text>'); an exception is one error for
+    the node ('exception_during_(inner_)validation', its text as the details)."""
+    fn = node_cls.validate_inputs
+    given = {n: widgets[n] for n in inspect.getfullargspec(fn).args if n in widgets}
+    try:
+        result = fn(**given)
+    except Exception as e:  # noqa: BLE001 - what core does
+        return [str(e)]
+    if result is True:
+        return []
+    return [f"{x} - {result}" if x is not None else str(result) for x in (given or (None,))]
+
+
+def test_a_queue_time_problem_is_reported_once_naming_its_input(comfy):
+    from self_forcing.nodes.long_video import OPTIONS
+    from self_forcing.nodes.sampling import EXTEND, SAMPLER
+
+    sampler = dict(SAMPLER.defaults)
+    assert queue_errors(comfy.SelfForcingSampler, sampler) == []
+    assert queue_errors(comfy.SelfForcingSampler, {**sampler, "length": 0}) == ["length 0 is below the minimum 1"]
+    # two problems: each once, each naming its own input (no rule repeats a range problem)
+    both = queue_errors(comfy.SelfForcingSampler, {**sampler, "width": 840, "length": 80})
+    assert len(both) == 1 and both[0].count("width 840") == 1 and both[0].count("length 80") == 1, both
+    assert queue_errors(comfy.SelfForcingSampler, {**sampler, "width": None, "length": 0}) == [  # width linked
+        "length 0 is below the minimum 1"]
+    extend = dict(EXTEND.defaults)
+    assert queue_errors(comfy.SelfForcingExtendVideo, {**extend, "extend_frames": 30}) == [
+        "extend_frames 30 is not a multiple of 4 (one latent frame = 4 video frames); use 28 or 32"]
+    options = dict(OPTIONS.defaults)
+    routing = queue_errors(comfy.SelfForcingLongVideoOptions, {**options, "routing_topk": 21})
+    assert len(routing) == 1 and routing[0].startswith("routing_topk 21 is not smaller than the window 21"), routing
+    assert len(queue_errors(comfy.SelfForcingLiveFrames, {"every_nth": 0, "max_size": 512, "format": "jpeg",
+                                                          "quality": 85})) == 1
