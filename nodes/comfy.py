@@ -28,7 +28,7 @@ from .decode import StreamDecode, VaeViews, check_wan21_state_dict
 from .latent import latent_space
 from .live import EVENT, LIVE, LiveFrameOptions, LiveFrameSender
 from .long_video import OPTIONS, LongVideoOptions
-from .model import LOADER, MODEL_FOLDER, describe, load_handle, model_choices
+from .model import LOADER, MODEL_FOLDER, describe, load_handle, model_choices, resolve_devices
 from .sampling import EXTEND, SAMPLER, RunHooks, extend_video, sample_video
 from .schema import InputSpec, NodeSpec, OutputSpec, check_values, validate_node
 from .text import (LOAD_EMBEDS, SAVE_EMBEDS, TEXT_EMBEDS, conditioning_from_context, load_text_embeds,
@@ -235,11 +235,14 @@ class SelfForcingModelLoader(io.ComfyNode):
         return build_schema(LOADER, {"model_name": model_choices(files, weights.official_names(MODEL_FOLDER))})
 
     @classmethod
+    def validate_inputs(cls, device=None):
+        return validate_node(LOADER, device=device)
+
+    @classmethod
     def execute(cls, model_name: str, dtype: str = "auto", attention: str = "auto", device: str = "default",
                 keep_loaded: bool = False, download_if_missing: bool = False) -> io.NodeOutput:
+        load_device, offload_device = resolve_devices(device, mm.get_torch_device(), mm.unet_offload_device())
         path = _model_path(model_name, download_if_missing)
-        load_device = torch.device("cpu") if device == "cpu" else mm.get_torch_device()
-        offload_device = torch.device("cpu") if device == "cpu" else mm.unet_offload_device()
         rest = load_device if keep_loaded else offload_device
         if rest.type != "cpu":
             mm.free_memory(int(os.path.getsize(path) * 1.2), rest)
@@ -410,9 +413,13 @@ class SelfForcingToyModelLoader(io.ComfyNode):
         return build_schema(TOY_LOADER)
 
     @classmethod
+    def validate_inputs(cls, device=None):
+        return validate_node(TOY_LOADER, device=device)
+
+    @classmethod
     def execute(cls, model_name: str, device: str = "default") -> io.NodeOutput:
+        load_device, _ = resolve_devices(device, mm.get_torch_device(), mm.get_torch_device())
         path = toy_model_path(model_name)
-        load_device = torch.device("cpu") if device == "cpu" else mm.get_torch_device()
         # About 12 MB of fp32 weights: kept where they run (no offloading between runs), in fp32 as trained.
         handle = load_handle(path, model_name, dtype="fp32", attention="sdpa", load_device=load_device,
                              offload_device=load_device, keep_loaded=True, supports_bf16=False)

@@ -18,6 +18,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 ATTENTION = ("auto", "sdpa", "flash3", "flash2")
+DEVICES = ("default", "cpu")  # the loaders' device input
 MODEL_FOLDER = "diffusion_models"
 
 LOADER = NodeSpec(
@@ -42,7 +43,7 @@ LOADER = NodeSpec(
                   default="auto", options=ATTENTION),
         InputSpec("device", "COMBO",
                   "Where the model runs. default: ComfyUI's main device (GPU); cpu: the CPU (very slow, for "
-                  "tests).", default="default", options=("default", "cpu")),
+                  "tests).", default="default", options=DEVICES),
         InputSpec("keep_loaded", "BOOLEAN",
                   "Keep the weights on the GPU between runs (faster re-runs, but ComfyUI cannot free that "
                   "memory for other models such as the VAE). Off: weights go back to ComfyUI's offload "
@@ -111,6 +112,16 @@ class ModelHandle:
     @property
     def meta(self) -> dict:
         return self.loaded.meta
+
+
+def resolve_devices(choice: str, main: torch.device, offload: torch.device) -> tuple[torch.device, torch.device]:
+    """(load device, offload device) of a loader's ``device`` input: 'default' -> ComfyUI's main and offload
+    devices, 'cpu' -> the CPU for both. Anything else is refused (ValueError naming the allowed values)."""
+    if choice not in DEVICES:
+        raise ValueError(f"device {choice!r} is not one of: {', '.join(DEVICES)}")
+    if choice == "cpu":
+        return torch.device("cpu"), torch.device("cpu")
+    return torch.device(main), torch.device(offload)
 
 
 def resolve_dtype(choice: str, device: torch.device, supports_bf16: bool) -> torch.dtype:

@@ -20,7 +20,7 @@ import torch
 
 from ..toy.bundle import TEXT_PART, encode_prompt, is_toy_bundle, latents_to_frames, toy_parts
 from .latent import TEXT_KEY, part_id, toy_space
-from .model import ModelHandle, describe
+from .model import DEVICES, ModelHandle, describe
 from .schema import CAT_TOY, MODEL_TYPE, InputSpec, NodeSpec, OutputSpec
 
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
@@ -50,7 +50,7 @@ TOY_LOADER = NodeSpec(
         InputSpec("device", "COMBO",
                   "Where the model runs. default: ComfyUI's main device (GPU); cpu: the CPU (fast enough for "
                   "this small model). The weights stay loaded (about 12 MB).", default="default",
-                  options=("default", "cpu")),
+                  options=DEVICES),
     ),
     outputs=(
         OutputSpec(MODEL_TYPE, "model", "The toy model with its bundled text encoder and codec."),

@@ -368,3 +368,16 @@ def test_a_queue_time_problem_is_reported_once_naming_its_input(comfy):
     assert len(routing) == 1 and routing[0].startswith("routing_topk 21 is not smaller than the window 21"), routing
     assert len(queue_errors(comfy.SelfForcingLiveFrames, {"every_nth": 0, "max_size": 512, "format": "jpeg",
                                                           "quality": 85})) == 1
+
+
+# -- 16 c: the loaders' device is one of the listed options -------------------------------------------
+@pytest.mark.parametrize("loader", ["SelfForcingModelLoader", "SelfForcingToyModelLoader"])
+def test_an_unknown_device_is_refused_naming_the_allowed_ones(comfy, loader):
+    node = getattr(comfy, loader)
+    message = "device 'cuda:7' is not one of: default, cpu"
+    with pytest.raises(ValueError, match=message):  # queue time
+        node.validate_inputs(device="cuda:7")
+    assert node.validate_inputs(device="cpu") is True and node.validate_inputs(device=None) is True
+    assert queue_errors(node, {"model_name": "x.safetensors", "device": "cuda:7"}) == [message]
+    with pytest.raises(ValueError, match=message):  # run time (a linked value), before anything is loaded
+        node.execute(model_name="self_forcing_toy.safetensors", device="cuda:7")
