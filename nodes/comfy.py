@@ -31,7 +31,7 @@ from .long_video import OPTIONS, LongVideoOptions
 from .model import LOADER, MODEL_FOLDER, describe, load_handle, model_choices, resolve_devices
 from .sampling import EXTEND, SAMPLER, RunHooks, extend_video, sample_video
 from .schema import InputSpec, NodeSpec, OutputSpec, check_values, validate_node
-from .text import (LOAD_EMBEDS, SAVE_EMBEDS, TEXT_EMBEDS, conditioning_from_context, load_text_embeds,
+from .text import (LOAD_EMBEDS, SAVE_EMBEDS, TEXT_EMBEDS, conditioning_from_context, read_embeds,
                    register_text_embeds_folder, save_embeds, save_folder, tensor_of)
 from .toy import (TOY_DECODE, TOY_ENCODE, TOY_LOADER, decode_toy_latent, describe_toy, encode_toy_prompt, require_toy,
                   toy_model_path)
@@ -403,8 +403,7 @@ class SelfForcingLoadTextEmbeds(io.ComfyNode):
             raise ValueError(f"text embeddings '{embeds_name}' not found in "
                              f"{', '.join(folder_paths.get_folder_paths(TEXT_EMBEDS))}; save them first with "
                              "'Save Text Embeddings'")
-        tensor, _ = load_text_embeds(path)
-        return io.NodeOutput(conditioning_from_context(tensor))
+        return io.NodeOutput(conditioning_from_context(read_embeds(path, embeds_name)))
 
 
 class SelfForcingToyModelLoader(io.ComfyNode):

@@ -222,6 +222,23 @@ def save_embeds(folder: str, prefix: str, context: torch.Tensor, meta: dict | No
     return path, rel
 
 
+def read_embeds(path: str, name: str) -> torch.Tensor:
+    """'Load Text Embeddings': the prompt tensor of ``path`` (listed as ``name``). A file that cannot be read as
+    text embeddings (not safetensors, damaged, another kind of file) is a ValueError naming it."""
+    try:
+        tensor, _ = load_text_embeds(path)
+    except ValueError as e:
+        if os.path.basename(path) in str(e) or name in str(e):  # names the file already, with a fix
+            raise
+        error = e
+    except Exception as e:  # noqa: BLE001 - the safetensors reader's own errors name no file
+        error = e
+    else:
+        return tensor
+    raise ValueError(f"text embeddings '{name}' ({path}) cannot be read: {error}. It is not a file written by "
+                     "'Save Text Embeddings' (or it is damaged): pick another file or save the prompt again") from error
+
+
 # -- the text_embeds model folder -----------------------------------------------------------------------
 def register_text_embeds_folder(fp) -> list[str]:
     """Make ``text_embeds`` a model folder: models/text_embeds and <output>/text_embeds.

@@ -381,3 +381,16 @@ def test_an_unknown_device_is_refused_naming_the_allowed_ones(comfy, loader):
     assert queue_errors(node, {"model_name": "x.safetensors", "device": "cuda:7"}) == [message]
     with pytest.raises(ValueError, match=message):  # run time (a linked value), before anything is loaded
         node.execute(model_name="self_forcing_toy.safetensors", device="cuda:7")
+
+
+# -- 16 e: a file Load Text Embeddings cannot read is named in the error ------------------------------
+@pytest.mark.parametrize("content", [b"this is not a safetensors file at all", b"",
+                                     b"\x08\x00\x00\x00\x00\x00\x00\x00{bad json"])
+def test_a_garbage_embeddings_file_is_named(comfy, content):
+    folder = os.path.join(embeds_dir(comfy), "sub")
+    os.makedirs(folder)
+    with open(os.path.join(folder, "garbage.safetensors"), "wb") as f:
+        f.write(content)
+    with pytest.raises(ValueError, match=r"text embeddings 'sub/garbage.safetensors' .*cannot be read") as e:
+        comfy.SelfForcingLoadTextEmbeds.execute("sub/garbage.safetensors")
+    assert "Save Text Embeddings" in str(e.value)
