@@ -229,7 +229,8 @@ def _cache_note(opts) -> str:
     return CachePolicy(opts.frames_per_block, opts.window, opts.sink, opts.routing_topk).describe()
 
 
-def prepare_toy(args, loaded, path: str, device) -> Job:
+def prepare_toy(args, loaded, path: str, device, dtype, build: Callable) -> Job:
+    from ..sf_model.memory import estimate_run_bytes
     from ..sf_model.pipeline import frames_to_uint8
     from ..sf_model.sampler import stream
     from ..sf_model.window import trained_frames
@@ -245,7 +246,10 @@ def prepare_toy(args, loaded, path: str, device) -> Job:
     h, w = latent_size(args, factor, patch, (trained_w * factor, trained_h * factor))
     num_frames = args.frames or 2 * trained_frames(loaded.meta)
     opts = sampling_options(args, loaded.meta, num_frames)
-    context = encode_prompt(loaded, args.prompt if args.prompt is not None else DEFAULT_PROMPT, device)
+    # the toy encoder's tokenizer is the one rule for prompts (empty or unknown words: a ValueError)
+    context = encode_prompt(loaded, args.prompt if args.prompt is not None else DEFAULT_PROMPT, "cpu")
+    build(estimate_run_bytes(loaded.config, opts, num_frames, h, w, 1, dtype))
+    context = context.to(device)
     note = "" if (h, w) == (trained_h, trained_w) else f", trained at {trained_w * factor}x{trained_h * factor}"
 
     def chunk_frames(on_step):
@@ -261,11 +265,23 @@ def prepare_toy(args, loaded, path: str, device) -> Job:
                f"{_cache_note(opts)}, {w * factor}x{h * factor}{note}", chunk_frames)
 
 
-def prepare_wan(args, loaded, path: str, device, dtype) -> Job:
+def read_vae(path: str):
+    """(state dict on the CPU, WanVAEConfig) of a Wan VAE file; nothing is put on a device yet."""
+    from ..sf_model.vae.checkpoint import infer_vae_config, read_state_dict, to_wan_layout
+
+    try:
+        sd = to_wan_layout(read_state_dict(path))
+        return sd, infer_vae_config(sd)
+    except ValueError as e:
+        raise ValueError(f"--vae: {e}") from e
+
+
+def prepare_wan(args, loaded, path: str, device, dtype, build: Callable) -> Job:
     from ..sf_model.latent_format import pixel_frames
+    from ..sf_model.memory import estimate_run_bytes
     from ..sf_model.pipeline import stream_video
     from ..sf_model.text_embeds import load_text_embeds
-    from ..sf_model.vae import load_vae
+    from ..sf_model.vae.checkpoint import vae_from_state_dict
 
     if not args.embeds or not args.vae:
         raise ValueError("this is not a self-contained toy model: pass --embeds (prompt embeddings saved by the "
@@ -280,18 +296,21 @@ def prepare_wan(args, loaded, path: str, device, dtype) -> Job:
                          f"expects {cfg.text_dim} (Wan: umT5-XXL, 4096)")
     if emb.shape[0] > 1:
         print(f"{os.path.basename(args.embeds)} holds {emb.shape[0]} prompts; using the first", file=sys.stderr)
-    context = emb[:1, :cfg.text_len].float().to(device)
-    try:
-        vae = load_vae(args.vae, device=device, dtype=dtype)
-    except ValueError as e:
-        raise ValueError(f"--vae: {e}") from e
-    if vae.config.z_dim != cfg.in_dim:
-        raise ValueError(f"the VAE has {vae.config.z_dim} latent channels but the model takes {cfg.in_dim}: "
+    vae_sd, vae_cfg = read_vae(args.vae)
+    if vae_cfg.z_dim != cfg.in_dim:
+        raise ValueError(f"the VAE has {vae_cfg.z_dim} latent channels but the model takes {cfg.in_dim}: "
                          "use the Wan2.1 VAE with a Wan2.1 model")
-    factor = vae.config.spatial_factor
+    factor = vae_cfg.spatial_factor
     h, w = latent_size(args, factor, tuple(cfg.patch_size[1:]), WAN_SIZE)
     num_frames = args.frames or WAN_FRAMES
     opts = sampling_options(args, loaded.meta, num_frames)
+    build(estimate_run_bytes(cfg, opts, num_frames, h, w, 1, dtype, decode=vae_cfg))
+    context = emb[:1, :cfg.text_len].float().to(device)
+    try:
+        vae = vae_from_state_dict(vae_sd, device=device, dtype=dtype, config=vae_cfg)
+    except ValueError as e:
+        raise ValueError(f"--vae: {args.vae}: {e}") from e
+    del vae_sd
 
     def chunk_frames(on_step):
         for fc in stream_video(loaded.model, vae, context, num_frames=num_frames, height=h, width=w,
@@ -307,9 +326,12 @@ def prepare_wan(args, loaded, path: str, device, dtype) -> Job:
 
 
 def prepare(args, device):
+    """Read the checkpoint on the CPU, plan the run, check that it fits ``device`` (``sf_model.memory``), and
+    only then put the weights there."""
     import torch
 
-    from ..sf_model.checkpoint import load_model
+    from ..sf_model.checkpoint import LoadedModel, build_model, load_state_dict_file
+    from ..sf_model.memory import check_fits
     from ..toy.bundle import is_toy_bundle
 
     path = args.model or default_model_path()
@@ -317,14 +339,21 @@ def prepare(args, device):
         raise ValueError(f"model not found: {path}" + ("" if args.model else
                          " (the bundled toy model ships in assets/; reinstall, or pass --model)"))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    loaded = load_model(path, device=device, dtype=dtype)
-    if args.fused_kernels:
-        from ..sf_model.speed import use_cuda_graphs, use_fused_kernels
+    sd, config, layout, meta, extras = load_state_dict_file(path)
+    loaded = LoadedModel(model=None, config=config, layout=layout, meta=meta, extras=extras)
 
-        use_cuda_graphs(use_fused_kernels(loaded.model))  # graphs only act on CUDA tensors
+    def build(bytes_needed: int) -> None:
+        check_fits(bytes_needed, device)
+        loaded.model = build_model(sd, config, device, dtype, source=os.path.basename(path))
+        sd.clear()
+        if args.fused_kernels:
+            from ..sf_model.speed import use_cuda_graphs, use_fused_kernels
+
+            use_cuda_graphs(use_fused_kernels(loaded.model))  # graphs only act on CUDA tensors
+
     if is_toy_bundle(loaded):
-        return prepare_toy(args, loaded, path, device)
-    return prepare_wan(args, loaded, path, device, dtype)
+        return prepare_toy(args, loaded, path, device, dtype, build)
+    return prepare_wan(args, loaded, path, device, dtype, build)
 
 
 # -- writing ----------------------------------------------------------------------------------------

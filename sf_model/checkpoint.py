@@ -314,19 +314,29 @@ def load_model(path: str, device: torch.device | str = "cpu", dtype: torch.dtype
 
     ``dtype`` None keeps the file's floating dtype (float32 for fp32 training checkpoints).
     """
+    sd, config, layout, meta, extras = load_state_dict_file(path)
+    model = build_model(sd, config, device, dtype, attn_backend, source=os.path.basename(os.fspath(path)))
+    return LoadedModel(model=model, config=config, layout=layout, meta=meta, extras=extras)
+
+
+def build_model(sd: Mapping[str, torch.Tensor], config: WanConfig, device: torch.device | str = "cpu",
+                dtype: torch.dtype | None = None, attn_backend: str = "auto", source: str = "checkpoint"):
+    """A ``CausalWanModel`` on ``device`` from a bare Wan state dict (``load_state_dict_file``), strictly.
+
+    Nothing is allocated on ``device`` before the keys and shapes are checked; callers that must check the
+    memory of a run first (``sf_model.memory.check_fits``) read the file, check, then build.
+    """
     from .model import CausalWanModel
 
-    sd, config, layout, meta, extras = load_state_dict_file(path)
     if dtype is None:
         dtype = next(v.dtype for v in sd.values() if v.is_floating_point())
     with torch.device("meta"):
         model = CausalWanModel(config, attn_backend=attn_backend)
-    check_compatible(model, sd, source=os.path.basename(os.fspath(path)))
+    check_compatible(model, sd, source=source)
     model = model.to_empty(device=device)
     model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True)
     model = model.to(dtype=dtype)
-    model.eval().requires_grad_(False)
-    return LoadedModel(model=model, config=config, layout=layout, meta=meta, extras=extras)
+    return model.eval().requires_grad_(False)
 
 
 # -- saving ------------------------------------------------------------------------------------

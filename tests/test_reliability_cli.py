@@ -39,3 +39,27 @@ def test_a_toy_checkpoint_with_nan_weights_exits_2_naming_the_tensor(tmp_path, c
     err = capsys.readouterr().err
     assert rc == 2 and "tensor 'head.head.weight' holds NaN or Inf" in err, err
     assert not out.exists()
+
+
+# -- item 5: a size that cannot fit is refused before anything is allocated --------------------------------
+def test_a_frame_size_that_cannot_fit_exits_2_quickly_without_allocating(tmp_path):
+    import subprocess
+    import sys
+
+    script = ("import resource, sys\n"
+              "from self_forcing.cli import main\n"
+              "rc = main(sys.argv[1:])\n"
+              "print('peak_rss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+              "sys.exit(rc)\n")
+    out = tmp_path / "x.mp4"
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", script, "generate", "--no-progress", "--width", "100000",
+                           "--height", "100000", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    took = time.monotonic() - start
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "this request needs ~" in lines[0] and "GB on cpu, which has" in lines[0] \
+        and "lower the size/length/window" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
+    peak_kb = int(proc.stderr.split("peak_rss_kb")[1].split()[0])
+    assert peak_kb < 2 * 1024 ** 2 and took < 60  # torch itself and the toy file, nothing sized by the request

@@ -207,3 +207,54 @@ def test_a_config_built_in_code_is_checked_by_the_same_table():
     with pytest.raises(ValueError, match="num_layers must be an integer"):
         TINY.replace(num_layers=2.5)
     assert TINY.replace(patch_size=[1, 2, 2]).patch_size == (1, 2, 2)
+
+
+# -- item 5: one memory estimate, checked against the device's total memory before allocating ---------------
+def test_the_cache_term_of_the_estimate_is_the_cache_the_sampler_allocates(make_tiny):
+    from self_forcing.sf_model.memory import estimate_run_bytes, kv_cache_bytes
+    from self_forcing.sf_model.sampler import stream
+
+    model = make_tiny(TINY, seed=1)
+    caches, build = [], model.new_cache
+
+    def new_cache(*args, **kwargs):
+        caches.append(build(*args, **kwargs))
+        return caches[-1]
+
+    model.new_cache = new_cache
+    for opts, frames in ((StreamOptions(frames_per_block=3), 9),
+                         (StreamOptions(frames_per_block=3, window=6, sink=1, routing_topk=2, extend_positions=True), 24),
+                         (StreamOptions(frames_per_block=3, window=1024, sink=64, extend_positions=True), 3)):
+        before = len(caches)
+        stream_sizes = []
+        for _ in stream(model, CTX, num_frames=frames, height=4, width=6, options=opts):
+            stream_sizes.append(caches[-1].nbytes())  # measured while the cache is alive
+        assert len(caches) == before + 1
+        real = stream_sizes[0]
+        assert kv_cache_bytes(TINY, opts, frames, 4, 6, 1, torch.float32) == real
+        whole = estimate_run_bytes(TINY, opts, frames, 4, 6, 1, torch.float32)
+        assert real < whole < real + 2 * 1024 ** 2  # cache + weights + a small chunk: the same order
+
+
+def test_the_weight_term_counts_the_models_parameters_from_its_config():
+    from self_forcing.sf_model.config import WAN_1_3B
+    from self_forcing.sf_model.memory import dit_parameters
+    from self_forcing.sf_model.model import CausalWanModel
+
+    for cfg in (TINY, TINY.replace(qk_norm=False, cross_attn_norm=False, patch_size=(1, 1, 1)), WAN_1_3B):
+        with torch.device("meta"):
+            model = CausalWanModel(cfg)
+        assert dit_parameters(cfg) == sum(p.numel() for p in model.parameters())
+
+
+def test_check_fits_refuses_what_exceeds_the_devices_total_memory():
+    import os
+
+    from self_forcing.sf_model.memory import check_fits, device_total_bytes
+
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert device_total_bytes("cpu") == physical
+    check_fits(physical // 2, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"this request needs ~[\d,.]+ GB on cpu, which has [\d,.]+ GB in total; "
+                                         r"lower the size/length/window"):
+        check_fits(physical + 1, torch.device("cpu"))
