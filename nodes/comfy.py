@@ -28,7 +28,7 @@ from .decode import StreamDecode, VaeViews, check_wan21_state_dict
 from .latent import latent_space
 from .live import EVENT, LIVE, LiveFrameOptions, LiveFrameSender
 from .long_video import OPTIONS, LongVideoOptions
-from .model import LOADER, MODEL_FOLDER, describe, load_handle, model_choices, resolve_devices
+from .model import LOADER, MODEL_FOLDER, describe, load_handle, missing_model_message, model_choices, resolve_devices
 from .sampling import EXTEND, SAMPLER, RunHooks, extend_video, sample_video
 from .schema import InputSpec, NodeSpec, OutputSpec, check_values, validate_node
 from .text import (LOAD_EMBEDS, SAVE_EMBEDS, TEXT_EMBEDS, conditioning_from_context, read_embeds,
@@ -217,8 +217,7 @@ def _model_path(name: str, download: bool) -> str:
         raise ValueError(f"model '{name}' was not found in {folder}; put the checkpoint there (or pick another "
                          "file) and refresh")
     if not download:
-        raise ValueError(weights.manual_instructions([official], lambda f: folder, "the file is missing")
-                         + "\nOr switch on download_if_missing, or run: self-forcing download")
+        raise ValueError(missing_model_message(official, folder))
     weights.ensure_files([official], lambda f: weights.preferred_dir(folder_paths.get_folder_paths(f.folder), f.folder),
                          log=log.info)
     path = folder_paths.get_full_path(MODEL_FOLDER, name)

@@ -3,6 +3,7 @@ choice, devices, the model dropdown, the report."""
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, field
 
@@ -60,6 +61,27 @@ LOADER = NodeSpec(
     ),
     search_aliases=("self forcing", "causal wan", "wan streaming"),
 )
+
+
+def missing_model_message(official, folder: str) -> str:
+    """What to do when an official checkpoint (a ``weights.OfficialFile``) is not in ``folder`` and the loader
+    may not download it: where to get it and where to put it, then the two ways to have it fetched."""
+    size = f", {official.size / 1e9:.1f} GB" if official.size else ""
+    models_dir = os.path.dirname(os.path.normpath(folder))
+    lines = [f"The model file '{official.name}' is missing from {folder}. Put it there by hand:",
+             f"  - {official.name} ({official.description}{size})",
+             f"      from: {official.url}",
+             f"      into: {folder}"]
+    if official.convert:
+        pt = os.path.basename(official.repo_path)
+        lines.append(f"      (the download is {pt}: keep it as it is, the loader reads .pt files too (pick it after a "
+                     f"refresh), or convert it once with 'self-forcing download --models-dir {models_dir} "
+                     f"--from-file {pt}')")
+    if official.sha256:
+        lines.append(f"      sha256 of the download: {official.sha256}")
+    lines.append("Or have it fetched: switch on download_if_missing on this node (downloads and checks it), or run "
+                 f"'self-forcing download --models-dir {models_dir} --only {official.key}'.")
+    return "\n".join(lines)
 
 
 def model_choices(files: list[str], official_names: list[str]) -> list[str]:

@@ -394,3 +394,17 @@ def test_a_garbage_embeddings_file_is_named(comfy, content):
     with pytest.raises(ValueError, match=r"text embeddings 'sub/garbage.safetensors' .*cannot be read") as e:
         comfy.SelfForcingLoadTextEmbeds.execute("sub/garbage.safetensors")
     assert "Save Text Embeddings" in str(e.value)
+
+
+# -- 16 f: a missing official model with downloading off says where to put it ------------------------
+def test_a_missing_model_with_download_off_says_where_to_put_it(comfy):
+    from self_forcing.sf_model.weights import SELF_FORCING
+
+    folder = comfy.fp.get_folder_paths("diffusion_models")[0]
+    with pytest.raises(ValueError) as e:
+        comfy.SelfForcingModelLoader.execute(model_name=SELF_FORCING.name, download_if_missing=False)
+    text_ = str(e.value)
+    assert text_.startswith(f"The model file '{SELF_FORCING.name}' is missing from {folder}"), text_
+    assert "Cannot download" not in text_
+    for part in (SELF_FORCING.url, f"into: {folder}", "download_if_missing", "self-forcing download"):
+        assert part in text_, (part, text_)
