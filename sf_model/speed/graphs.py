@@ -19,11 +19,18 @@ warm-up) and records the graph; later calls replay it. Graphs share one memory p
 output is copied out at once, so a replay never clobbers another graph's result. At most
 ``max_graphs`` are kept (least recently used first out). Everything is dropped when the model's
 weights move (``.to()``) or its fused weights are rebuilt.
+
+Concurrent runs on one model (threads, each with its own cache) are safe: the static prompt copy, the
+static inputs, the shared memory pool and the recordings are one state, so ``run`` holds a lock from the
+prompt copy to the copied-out result, and on CUDA each graphed forward's device work also waits (an event,
+no host sync) for the previous one's, in case the threads queue on different streams. Graphed forwards of
+concurrent runs therefore take turns; a run alone pays one uncontended lock per forward.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
 import weakref
 from collections import OrderedDict
@@ -66,12 +73,15 @@ class ChunkGraphs:
         self._text: TextContext | None = None
         self._text_shapes = None
         self._text_src = None
+        self._lock = threading.RLock()  # one graphed forward at a time (see the module docstring)
+        self._done = None  # CUDA event after the last graphed forward's device work
 
     def clear(self) -> None:
         """Drop every recording (and the static prompt copy)."""
-        self.graphs.clear()
-        self.pool = None
-        self._text = self._text_shapes = self._text_src = None
+        with self._lock:
+            self.graphs.clear()
+            self.pool = None
+            self._text = self._text_shapes = self._text_src = None
 
     def accepts(self, x: torch.Tensor) -> bool:
         return x.is_cuda
@@ -102,7 +112,18 @@ class ChunkGraphs:
 
     def run(self, key: tuple, forward: Callable[[torch.Tensor, torch.Tensor, Rope, TextContext], torch.Tensor],
             x: torch.Tensor, t: torch.Tensor, rope: Rope, text: TextContext) -> torch.Tensor:
-        """``forward(x, t, rope, text)`` through a graph recorded for ``key`` (recorded now if new)."""
+        """``forward(x, t, rope, text)`` through a graph recorded for ``key`` (recorded now if new); safe to
+        call from several threads at once."""
+        with self._lock:
+            if x.is_cuda and self._done is not None:
+                torch.cuda.current_stream(x.device).wait_event(self._done)
+            out = self._run(key, forward, x, t, rope, text)
+            if x.is_cuda:
+                self._done = torch.cuda.Event()
+                self._done.record(torch.cuda.current_stream(x.device))
+            return out
+
+    def _run(self, key, forward, x, t, rope, text) -> torch.Tensor:
         text = self.static_text(text)
         forward = functools.partial(_with_text, forward, text)
         g = self.graphs.get(key)
