@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .attention import attention, masked_attention, resolve_backend
 from .cache import KVCache, TextContext
 from .config import WanConfig
-from .mask import build_mask
+from .mask import build_mask, visibility_mask
 from .rope import Rope3D, apply_rope
 from .routing import history_frames, routed_attention
 
@@ -331,19 +331,35 @@ class CausalWanModel(nn.Module):
     # -- (a) full sequence under a block-causal mask ------------------------------------------
     def forward(self, x: torch.Tensor, t, context, *, frames_per_block: int | None = None,
                 window: int | None = None, sink: int = 0, start_frame: int = 0,
-                extend_positions: bool = False) -> torch.Tensor:
+                extend_positions: bool = False, visibility: torch.Tensor | None = None,
+                positions=None) -> torch.Tensor:
         """Flow prediction [B, out_dim, F, H, W] (float32) for the whole latent sequence.
 
         ``context`` is text states [B, L, text_dim] or a prepared ``TextContext``. Frames attend
         bidirectionally inside chunks of ``frames_per_block`` and causally across chunks (None: one chunk,
         Wan's bidirectional model); ``window``/``sink`` restrict history like a rolling cache.
+
+        Any other layout (teacher forcing's [history | noisy] sequence, ``sf_model.mask``): ``visibility``,
+        a bool [F, F] frame mask (frame q may attend to frame k), replaces the block-causal mask, and
+        ``positions`` (F ints) gives each frame's temporal RoPE position (several frames may share one)
+        instead of ``start_frame + i``.
         """
         text = context if isinstance(context, TextContext) else self.encode_text(context)
         fr, hh, ww = self.latent_grid(x)
-        if frames_per_block is not None and frames_per_block < fr and fr % frames_per_block:
-            raise ValueError(f"{fr} latent frames is not a multiple of frames_per_block {frames_per_block}")
-        mask = build_mask(fr, hh * ww, frames_per_block, window, sink, self.device,
-                          use_flex=self.device.type == "cuda")
+        use_flex = self.device.type == "cuda"
+        if visibility is not None:
+            if frames_per_block is not None or window is not None or sink:
+                raise ValueError("give either a frame visibility or frames_per_block/window/sink, not both")
+            if tuple(visibility.shape) != (fr, fr):
+                raise ValueError(f"visibility must be [{fr}, {fr}] for {fr} latent frames, got {tuple(visibility.shape)}")
+            mask = visibility_mask(visibility, hh * ww, self.device, use_flex)
+        else:
+            if frames_per_block is not None and frames_per_block < fr and fr % frames_per_block:
+                raise ValueError(f"{fr} latent frames is not a multiple of frames_per_block {frames_per_block}")
+            mask = build_mask(fr, hh * ww, frames_per_block, window, sink, self.device, use_flex=use_flex)
+        if positions is not None and len(positions) != fr:
+            raise ValueError(f"positions must give one temporal position per latent frame ({fr}), got {len(positions)}")
+        rope = None if positions is None else self.rope_at(positions, hh, ww, extend_positions)
         backend = self.attn_backend
 
         def attend_for_layer(_i):
@@ -351,7 +367,27 @@ class CausalWanModel(nn.Module):
                 return lambda q, k, v: attention(q, k, v, backend)
             return lambda q, k, v: masked_attention(q, k, v, mask)
 
-        return self._run(x, t, text, start_frame, attend_for_layer, extend_positions)
+        return self._run(x, t, text, start_frame, attend_for_layer, extend_positions, rope)
+
+    def rope_at(self, positions, height: int, width: int, extend_positions: bool = False):
+        """RoPE cos/sin [1, len(positions)*height*width, 1, D/2] for frames at the given temporal positions
+        (runs of consecutive positions are read from the table at once)."""
+        pos = [int(p) for p in positions]
+        if not pos:
+            raise ValueError("positions must name one temporal position per frame")
+        runs: list[list[int]] = []
+        for p in pos:
+            if runs and runs[-1][0] + runs[-1][1] == p:
+                runs[-1][1] += 1
+            else:
+                runs.append([p, 1])
+        parts = []
+        for start, n in runs:
+            self.rope.check_frames(start, n, extend_positions)
+            parts.append(self.rope.cos_sin(start, n, height, width, self.device))
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([c for c, _ in parts], dim=1), torch.cat([s for _, s in parts], dim=1)
 
     # -- (b) one chunk against a KV cache ----------------------------------------------------
     def forward_chunk(self, x: torch.Tensor, t, text: TextContext, cache: KVCache, start_frame: int,
