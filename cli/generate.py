@@ -134,7 +134,20 @@ def check_outputs(args) -> Outputs:
         raise ValueError(f"--frames must be >= 1 latent frame, got {args.frames}")
     if args.fps is not None and args.fps < 1:
         raise ValueError(f"--fps must be >= 1, got {args.fps}")
+    for flag, path in (("--out", video), ("--raw", args.raw)):
+        if path is not None and path != STDOUT:
+            check_path(flag, path)
     return Outputs(video, args.stream, args.raw)
+
+
+def check_path(flag: str, path: str) -> None:
+    """An output path must name a file in a folder that exists; nothing is created."""
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a directory; give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {path}: the folder {folder} does not exist (no folder is created; make it first "
+                         "or pick another path)")
 
 
 def resolve_device(name: str):

@@ -3,13 +3,12 @@
 Every writer takes uint8 frames ``[T, H, W, 3]`` (a tensor or an array) chunk by chunk through
 ``write(frames)`` and is a context manager. ``FragmentedMP4Writer`` and ``RawWriter`` put each chunk into
 their target (a path, a FIFO or a binary stream such as stdout) and flush it before returning, so a reader
-sees the chunk at once.
+sees the chunk at once. No folder is ever created: the folder of a path must exist.
 """
 
 from __future__ import annotations
 
 import os
-import stat
 from fractions import Fraction
 
 import numpy as np
@@ -36,8 +35,13 @@ def _require_av():
     return av
 
 
-def _make_dirs(path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+def _check_target(path: str) -> None:
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory; give a file name (or '-' for stdout)")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"cannot write {path}: the folder {folder} does not exist (no folder is created; make it "
+                         "first or pick another path)")
 
 
 class VideoWriter:
@@ -50,7 +54,7 @@ class VideoWriter:
         self.gif_frames = []
 
     def __enter__(self):
-        _make_dirs(self.path)
+        _check_target(self.path)
         if self.kind == "mp4":
             self.container = _require_av().open(self.path, mode="w")
         return self
@@ -103,10 +107,7 @@ class _Target:
     def open(self):
         if self.owned:
             path = os.fspath(self.target)
-            if os.path.isdir(path):
-                raise ValueError(f"{path} is a directory; give a file name (or '-' for stdout)")
-            if not os.path.exists(path) or not stat.S_ISFIFO(os.stat(path).st_mode):
-                _make_dirs(path)
+            _check_target(path)
             self.fh = open(path, "wb")  # a FIFO blocks here until a reader opens it
         else:
             self.fh = self.target

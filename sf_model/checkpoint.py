@@ -369,4 +369,25 @@ def save_model(path: str, model_or_state_dict, config: WanConfig, meta: Mapping 
     path = os.fspath(path)
     tmp = path + ".tmp"
     save_file(sd, tmp, metadata=metadata)
+    publish(tmp, path)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (/proc), else set and restored."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def publish(tmp: str, path: str) -> None:
+    """Move a finished temporary file over ``path`` with the permissions of a newly created file (0o666 less
+    the umask): safetensors creates its files 0o600, which other users of a shared model folder cannot read."""
+    os.chmod(tmp, 0o666 & ~current_umask())
     os.replace(tmp, path)

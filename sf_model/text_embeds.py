@@ -19,13 +19,15 @@ def save_text_embeds(path: str, context: torch.Tensor, meta: dict | None = None)
     """Write a prompt tensor to a safetensors file (atomically)."""
     from safetensors.torch import save_file
 
+    from .checkpoint import publish
+
     if context.ndim != 3:
         raise ValueError(f"text embeddings must be [batch, tokens, dim], got shape {tuple(context.shape)}")
     info = {"format": EMBED_FORMAT, "shape": list(context.shape), **(meta or {})}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     save_file({EMBED_KEY: context.detach().cpu().contiguous()}, tmp, metadata={EMBED_FORMAT: json.dumps(info)})
-    os.replace(tmp, path)
+    publish(tmp, path)
 
 
 def load_text_embeds(path: str) -> tuple[torch.Tensor, dict]:

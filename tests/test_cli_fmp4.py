@@ -121,9 +121,9 @@ def test_writer_refuses_odd_sizes_and_frames_of_another_size():
 
 def test_raw_writer_writes_frames_back_to_back(tmp_path):
     a, b = chunk((1, 2, 3), frames=2), chunk((4, 5, 6), frames=1)
-    with RawWriter(str(tmp_path / "sub" / "x.rgb")) as w:
+    with RawWriter(str(tmp_path / "x.rgb")) as w:
         w.write(a)
-        assert (tmp_path / "sub" / "x.rgb").read_bytes() == a.tobytes()  # flushed per chunk
+        assert (tmp_path / "x.rgb").read_bytes() == a.tobytes()  # flushed per chunk
         w.write(b)
-    assert (tmp_path / "sub" / "x.rgb").read_bytes() == a.tobytes() + b.tobytes()
+    assert (tmp_path / "x.rgb").read_bytes() == a.tobytes() + b.tobytes()
     assert w.frames == 3 and w.bytes == 3 * 32 * 48 * 3

@@ -63,3 +63,19 @@ def test_a_frame_size_that_cannot_fit_exits_2_quickly_without_allocating(tmp_pat
     assert "Traceback" not in proc.stderr and not out.exists()
     peak_kb = int(proc.stderr.split("peak_rss_kb")[1].split()[0])
     assert peak_kb < 2 * 1024 ** 2 and took < 60  # torch itself and the toy file, nothing sized by the request
+
+
+def one_error_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+# -- item 16: nothing is created outside what was asked for -------------------------------------------------
+@pytest.mark.parametrize("flag", ["--out", "--raw"])
+def test_an_output_in_a_missing_folder_is_refused_and_no_folder_is_created(tmp_path, capsys, flag):
+    target = tmp_path / "missing" / "deeper" / ("x.mp4" if flag == "--out" else "x.rgb")
+    rc = generate("--frames", 3, flag, target)
+    line = one_error_line(capsys.readouterr().err)
+    assert rc == 2 and "does not exist" in line and str(tmp_path / "missing" / "deeper") in line
+    assert list(tmp_path.iterdir()) == []

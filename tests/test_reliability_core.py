@@ -320,3 +320,26 @@ def test_two_threads_with_different_prompts_on_one_graphed_model_equal_the_runs_
             t.join(timeout=120)
         assert not errors, errors
         assert torch.equal(results[0], alone[0]) and torch.equal(results[1], alone[1])
+
+
+# -- item 16: exported files get the usual permissions ---------------------------------------------------------
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_saved_checkpoints_embeddings_and_vaes_have_the_usual_permissions(make_tiny, tmp_path, umask):
+    import os
+
+    from self_forcing.sf_model.checkpoint import save_model
+    from self_forcing.sf_model.text_embeds import save_text_embeds
+    from self_forcing.sf_model.vae.checkpoint import save_vae
+    from self_forcing.sf_model.vae.model import WanVAE, WanVAEConfig
+
+    old = os.umask(umask)
+    try:
+        save_model(tmp_path / "m.safetensors", make_tiny(TINY), TINY)
+        save_text_embeds(str(tmp_path / "e.safetensors"), CTX)
+        save_vae(tmp_path / "v.safetensors", WanVAE(WanVAEConfig(dim=8, z_dim=16, dim_mult=(1, 2), num_res_blocks=1,
+                                                                  temporal_downsample=(False,))))
+    finally:
+        os.umask(old)
+    for name in ("m", "e", "v"):
+        assert (os.stat(tmp_path / f"{name}.safetensors").st_mode & 0o777) == 0o666 & ~umask, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.safetensors", "m.safetensors", "v.safetensors"]

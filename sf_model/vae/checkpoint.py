@@ -19,7 +19,7 @@ from typing import Dict, Iterable, List, Mapping, Optional
 import torch
 from safetensors.torch import save_file as _st_save_file
 
-from ..checkpoint import CheckpointError, CheckpointNotFound, check_finite, mismatch_report, read_file
+from ..checkpoint import CheckpointError, CheckpointNotFound, check_finite, mismatch_report, publish, read_file
 from ..checkpoint import short_list as _short
 from .model import WanVAE, WanVAEConfig
 
@@ -282,4 +282,6 @@ def save_vae(path: str | os.PathLike, vae: WanVAE, layout: str = "wan") -> None:
         sd = wan_to_diffusers(sd, vae.config)
     elif layout != "wan":
         raise ValueError(f"layout must be 'wan' or 'diffusers', got {layout!r}")
-    _st_save_file(sd, os.fspath(path), metadata={"format": "pt", "layout": layout})
+    tmp = os.fspath(path) + ".tmp"
+    _st_save_file(sd, tmp, metadata={"format": "pt", "layout": layout})
+    publish(tmp, os.fspath(path))
