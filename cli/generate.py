@@ -19,13 +19,15 @@ encoder is not bundled) and the Wan2.1 VAE (``--vae``: wan_2.1_vae.safetensors o
 
 Streaming outputs:
   --stream        the mp4 is a fragmented mp4 that grows by one fragment per chunk (flushed at once): a
-                  player can open it while it is being written; '--stream --out -' pipes it to stdout.
+                  player can open it while it is being written (as OUT.part, renamed to OUT when
+                  complete); '--stream --out -' pipes it to stdout.
   --raw -|PATH    raw video: rgb24 frames back to back, no header, rows top to bottom, 3 bytes (R, G, B)
                   per pixel, width*height*3 bytes per frame (the size and rate are printed on stderr).
                   PATH may be a FIFO (mkfifo). Without --out or --stream no mp4 is written.
                   self-forcing generate --raw - | ffplay -f rawvideo -pixel_format rgb24 -video_size 64x64 \\
                       -framerate 8 -i -
-When stdout carries video, every message and the progress bar go to stderr.
+When stdout carries video, every message and the progress bar go to stderr. Files are written as NAME.part
+and renamed to NAME when complete (an interrupted run leaves a previous NAME intact); the folder must exist.
 """
 
 from __future__ import annotations
@@ -33,13 +35,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import stat
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from .video_out import STDOUT, FragmentedMP4Writer, RawWriter, VideoWriter
+from .video_out import STDOUT, FragmentedMP4Writer, RawWriter, VideoWriter, part_path, staged
 
 DEFAULT_PROMPT = "a red circle and a blue square bouncing on a black background"
 DEFAULT_OUT = "self_forcing.mp4"
@@ -409,12 +413,29 @@ def _detach_stdout(real_stdout) -> None:
         pass
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwind (writers remove their unfinished .part files) and exit 143."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def run(args) -> int:
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         return _run(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("terminated; unfinished output removed (a previous file of the same name is untouched)",
+              file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _run(args) -> int:
@@ -432,6 +453,9 @@ def _run(args) -> int:
                   file=sys.stderr)
         if outputs.raw is not None:
             print(raw_note(job, outputs.raw), file=sys.stderr)
+        if outputs.stream and outputs.video not in (None, STDOUT) and staged(outputs.video):
+            print(f"streaming into {part_path(outputs.video)} (playable while it grows); renamed to "
+                  f"{outputs.video} when complete", file=sys.stderr)
         written = [0]
         try:
             _write_all(job, open_writers(outputs, job, stdout, args.crf), written, not args.no_progress)

@@ -3,12 +3,18 @@
 Every writer takes uint8 frames ``[T, H, W, 3]`` (a tensor or an array) chunk by chunk through
 ``write(frames)`` and is a context manager. ``FragmentedMP4Writer`` and ``RawWriter`` put each chunk into
 their target (a path, a FIFO or a binary stream such as stdout) and flush it before returning, so a reader
-sees the chunk at once. No folder is ever created: the folder of a path must exist.
+sees the chunk at once.
+
+A regular file is never written under its final name: it grows as ``<name>.part`` in the same folder and
+is renamed over ``<name>`` only when the writer exits without an error, so an interrupted run leaves any
+previous file of that name intact (and removes its ``.part`` when it can). FIFOs, character devices and
+streams are written directly. No folder is ever created.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from fractions import Fraction
 
 import numpy as np
@@ -35,6 +41,19 @@ def _require_av():
     return av
 
 
+PART_SUFFIX = ".part"
+
+
+def staged(path: str) -> bool:
+    """True for a path written as ``<path>.part`` then renamed: a regular file or a new name (not a FIFO or
+    a device such as /dev/stdout)."""
+    return not os.path.exists(path) or stat.S_ISREG(os.stat(path).st_mode)
+
+
+def part_path(path: str) -> str:
+    return os.fspath(path) + PART_SUFFIX
+
+
 def _check_target(path: str) -> None:
     if os.path.isdir(path):
         raise ValueError(f"{path} is a directory; give a file name (or '-' for stdout)")
@@ -42,6 +61,24 @@ def _check_target(path: str) -> None:
     if not os.path.isdir(folder):
         raise ValueError(f"cannot write {path}: the folder {folder} does not exist (no folder is created; make it "
                          "first or pick another path)")
+
+
+def _finish(path: str, ok: bool) -> None:
+    """Rename the complete ``.part`` over ``path`` (ok) or remove it (an error stopped the writer)."""
+    part = part_path(path)
+    if ok:
+        os.replace(part, path)
+        return
+    try:
+        os.remove(part)
+    except OSError:
+        pass
+
+
+def _completes(exc_type) -> bool:
+    """Whether a writer left with this exception keeps its file: none, or the reader of another output (a
+    pipe) went away -- the run then stops cleanly with what was made."""
+    return exc_type is None or issubclass(exc_type, BrokenPipeError)
 
 
 class VideoWriter:
@@ -55,8 +92,10 @@ class VideoWriter:
 
     def __enter__(self):
         _check_target(self.path)
+        self.staged = staged(self.path)
+        self.target = part_path(self.path) if self.staged else self.path
         if self.kind == "mp4":
-            self.container = _require_av().open(self.path, mode="w")
+            self.container = _require_av().open(self.target, mode="w", format="mp4")
         return self
 
     def write(self, frames) -> None:
@@ -77,17 +116,29 @@ class VideoWriter:
             for packet in self.stream.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
                 self.container.mux(packet)
 
-    def __exit__(self, *exc):
-        if self.kind == "gif":
-            if self.gif_frames:
-                self.gif_frames[0].save(self.path, save_all=True, append_images=self.gif_frames[1:],
-                                        duration=round(1000 / self.fps), loop=0)
-            return False
-        if self.stream is not None:
-            for packet in self.stream.encode():
-                self.container.mux(packet)
-        if self.container is not None:
-            self.container.close()
+    def __exit__(self, exc_type, *exc):
+        ok = _completes(exc_type)
+        try:
+            if self.kind == "gif":
+                if self.gif_frames and ok:
+                    self.gif_frames[0].save(self.target, format="GIF", save_all=True,
+                                            append_images=self.gif_frames[1:], duration=round(1000 / self.fps), loop=0)
+                ok = ok and bool(self.gif_frames)
+                return False
+            if self.container is not None:
+                try:
+                    if self.stream is not None and ok:
+                        for packet in self.stream.encode():
+                            self.container.mux(packet)
+                finally:
+                    self.container.close()
+            ok = ok and self.container is not None
+        except BaseException:
+            ok = False
+            raise
+        finally:
+            if self.staged:
+                _finish(self.path, ok)
         return False
 
 
@@ -99,6 +150,7 @@ class _Target:
         self.fh = None
         self.failed = False  # a write raised (e.g. the reader of a pipe went away): do not flush again
         self.owned = isinstance(target, (str, os.PathLike))
+        self.staged = False  # written as <path>.part, renamed on a clean close
 
     @property
     def name(self) -> str:
@@ -108,7 +160,8 @@ class _Target:
         if self.owned:
             path = os.fspath(self.target)
             _check_target(path)
-            self.fh = open(path, "wb")  # a FIFO blocks here until a reader opens it
+            self.staged = staged(path)
+            self.fh = open(part_path(path) if self.staged else path, "wb")  # a FIFO blocks here for a reader
         else:
             self.fh = self.target
         return self.fh
@@ -121,7 +174,9 @@ class _Target:
             self.failed = True
             raise
 
-    def close(self) -> None:
+    def close(self, ok: bool = True) -> None:
+        """Close (an owned file) or flush (a stream); a staged file is renamed into place when ``ok`` and
+        nothing failed, else removed."""
         fh, self.fh = self.fh, None
         if fh is None:
             return
@@ -131,8 +186,12 @@ class _Target:
             elif not self.failed:
                 fh.flush()
         except OSError:
+            ok = False
             if not self.failed:
                 raise
+        finally:
+            if self.staged:
+                _finish(os.fspath(self.target), ok and not self.failed)
 
 
 class RawWriter:
@@ -153,8 +212,8 @@ class RawWriter:
         self.frames += arr.shape[0]
         self.bytes += arr.nbytes
 
-    def __exit__(self, *exc):
-        self.out.close()
+    def __exit__(self, exc_type, *exc):
+        self.out.close(ok=_completes(exc_type))
         return False
 
 
@@ -197,8 +256,12 @@ class FragmentedMP4Writer:
     def __enter__(self):
         self.codec = self._open_codec()
         self.out.open()
-        avcc = fmp4.avcc_record(self.codec.extradata)
-        self.out.write(fmp4.init_segment(self.width, self.height, self.timescale, avcc))
+        try:
+            avcc = fmp4.avcc_record(self.codec.extradata)
+            self.out.write(fmp4.init_segment(self.width, self.height, self.timescale, avcc))
+        except BaseException:
+            self.out.close(ok=False)
+            raise
         return self
 
     def _collect(self, packets) -> None:
@@ -232,12 +295,16 @@ class FragmentedMP4Writer:
             self._collect(self.codec.encode(frame))
         self._flush_fragment()
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
+        ok = _completes(exc_type)
         try:
-            if self.codec is not None and not self.out.failed:
+            if self.codec is not None and not self.out.failed and ok:
                 self._collect(self.codec.encode(None))  # nothing is held back with zerolatency; to be sure
                 self._flush_fragment()
+        except BaseException:
+            ok = False
+            raise
         finally:
             self.codec = None
-            self.out.close()
+            self.out.close(ok=ok)
         return False

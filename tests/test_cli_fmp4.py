@@ -123,7 +123,8 @@ def test_raw_writer_writes_frames_back_to_back(tmp_path):
     a, b = chunk((1, 2, 3), frames=2), chunk((4, 5, 6), frames=1)
     with RawWriter(str(tmp_path / "x.rgb")) as w:
         w.write(a)
-        assert (tmp_path / "x.rgb").read_bytes() == a.tobytes()  # flushed per chunk
+        assert (tmp_path / "x.rgb.part").read_bytes() == a.tobytes()  # flushed per chunk, renamed when complete
         w.write(b)
     assert (tmp_path / "x.rgb").read_bytes() == a.tobytes() + b.tobytes()
+    assert not (tmp_path / "x.rgb.part").exists()
     assert w.frames == 3 and w.bytes == 3 * 32 * 48 * 3

@@ -71,7 +71,8 @@ def test_stream_file_is_playable_while_it_grows_and_raw_stdout_is_exact(toy, tmp
 
     def spying_write(self, frames):
         real_write(self, frames)
-        data = out.read_bytes()
+        data = (tmp_path / "live.mp4.part").read_bytes()  # it grows as .part, renamed when complete
+        assert not out.exists()
         seen.append((len(denoised), kinds(data), decode(io.BytesIO(data))))
 
     monkeypatch.setattr(sampler_module, "denoise_chunk", counting_denoise)

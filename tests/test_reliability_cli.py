@@ -79,3 +79,46 @@ def test_an_output_in_a_missing_folder_is_refused_and_no_folder_is_created(tmp_p
     line = one_error_line(capsys.readouterr().err)
     assert rc == 2 and "does not exist" in line and str(tmp_path / "missing" / "deeper") in line
     assert list(tmp_path.iterdir()) == []
+
+
+# -- item 3: an interrupted run never damages the file it would replace -------------------------------------
+@pytest.mark.parametrize("stream", [False, True])
+def test_sigterm_midway_leaves_the_previous_file_intact_and_no_partial_file(tmp_path, stream):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "video.mp4"
+    out.write_bytes(b"a previous video that must survive")
+    cmd = [sys.executable, "-m", "self_forcing.cli", "generate", "--frames", "600", "--out", str(out),
+           "--no-progress"] + (["--stream"] if stream else [])
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        for line in proc.stderr:  # the job line comes right before the writers open
+            if " on cpu" in line:
+                break
+        time.sleep(1.5)  # a few chunks into the video
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stderr.read()
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert out.read_bytes() == b"a previous video that must survive"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["video.mp4"], rest  # no .part left behind
+    assert rc == 128 + signal.SIGTERM and "terminated" in rest
+
+
+def test_a_finished_run_replaces_the_previous_file(tmp_path, capsys):
+    import os
+
+    out = tmp_path / "video.mp4"
+    out.write_bytes(b"old")
+    assert generate("--frames", 3, "--out", out) == 0, capsys.readouterr().err
+    assert out.read_bytes()[4:8] == b"ftyp" and sorted(p.name for p in tmp_path.iterdir()) == ["video.mp4"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == 0o666 & ~umask
