@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from .video_out import STDOUT, FragmentedMP4Writer, RawWriter, VideoWriter, part_path, staged
+from .video_out import MAX_FPS, STDOUT, FragmentedMP4Writer, RawWriter, VideoWriter, part_path, staged
 
 DEFAULT_PROMPT = "a red circle and a blue square bouncing on a black background"
 DEFAULT_OUT = "self_forcing.mp4"
@@ -136,8 +136,8 @@ def check_outputs(args) -> Outputs:
         raise ValueError(f"--crf must be in 0..51, got {args.crf}")
     if args.frames is not None and args.frames < 1:
         raise ValueError(f"--frames must be >= 1 latent frame, got {args.frames}")
-    if args.fps is not None and args.fps < 1:
-        raise ValueError(f"--fps must be >= 1, got {args.fps}")
+    if args.fps is not None and not 1 <= args.fps <= MAX_FPS:
+        raise ValueError(f"--fps must be in 1..{MAX_FPS}, got {args.fps}")
     for flag, path in (("--out", video), ("--raw", args.raw)):
         if path is not None and path != STDOUT:
             check_path(flag, path)
@@ -145,13 +145,15 @@ def check_outputs(args) -> Outputs:
 
 
 def check_path(flag: str, path: str) -> None:
-    """An output path must name a file in a folder that exists; nothing is created."""
+    """An output path must name a file in a folder that exists and can be written; nothing is created."""
     if os.path.isdir(path):
         raise ValueError(f"{flag} {path} is a directory; give a file name")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ValueError(f"{flag} {path}: the folder {folder} does not exist (no folder is created; make it first "
                          "or pick another path)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: the folder {folder} is not writable")
 
 
 def resolve_device(name: str):
@@ -167,6 +169,9 @@ def resolve_device(name: str):
         device = torch.device(name)
     except (RuntimeError, ValueError) as e:
         raise ValueError(f"--device {name!r} is not a device: use cpu, cuda, cuda:1, mps or auto") from e
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: generating needs a device that computes (cpu, cuda, cuda:1, mps or "
+                         "auto)")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {name}: CUDA is not available here (torch.cuda.is_available() is False); "
@@ -433,6 +438,9 @@ def run(args) -> int:
         print("terminated; unfinished output removed (a previous file of the same name is untouched)",
               file=sys.stderr)
         return 128 + signal.SIGTERM
+    except OSError as e:  # writing failed midway (a full disk...); a closed pipe is handled in _run
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)

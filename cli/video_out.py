@@ -22,6 +22,7 @@ import numpy as np
 from . import fmp4
 
 STDOUT = "-"
+MAX_FPS = 1000  # far above any video; the mp4 timescale (1000 x fps) must fit 32 bits
 
 
 def as_frames(frames) -> np.ndarray:
@@ -81,6 +82,10 @@ def _completes(exc_type) -> bool:
     return exc_type is None or issubclass(exc_type, BrokenPipeError)
 
 
+def _cannot_write(path: str, error: OSError) -> ValueError:
+    return ValueError(f"cannot write {path}: {error.strerror or error}")
+
+
 class VideoWriter:
     """Append frames to a regular mp4 (PyAV, H.264; readable once closed) or a GIF (Pillow, written at the end)."""
 
@@ -94,8 +99,14 @@ class VideoWriter:
         _check_target(self.path)
         self.staged = staged(self.path)
         self.target = part_path(self.path) if self.staged else self.path
-        if self.kind == "mp4":
-            self.container = _require_av().open(self.target, mode="w", format="mp4")
+        try:  # fail here, not at the first frame (PyAV opens its file lazily)
+            open(self.target, "wb").close()
+            if self.kind == "mp4":
+                self.container = _require_av().open(self.target, mode="w", format="mp4")
+        except OSError as e:
+            if self.staged:
+                _finish(self.path, False)
+            raise _cannot_write(self.path, e) from None
         return self
 
     def write(self, frames) -> None:
@@ -121,8 +132,12 @@ class VideoWriter:
         try:
             if self.kind == "gif":
                 if self.gif_frames and ok:
-                    self.gif_frames[0].save(self.target, format="GIF", save_all=True,
-                                            append_images=self.gif_frames[1:], duration=round(1000 / self.fps), loop=0)
+                    try:
+                        self.gif_frames[0].save(self.target, format="GIF", save_all=True,
+                                                append_images=self.gif_frames[1:], duration=round(1000 / self.fps),
+                                                loop=0)
+                    except OSError as e:
+                        raise _cannot_write(self.path, e) from None
                 ok = ok and bool(self.gif_frames)
                 return False
             if self.container is not None:
@@ -161,7 +176,10 @@ class _Target:
             path = os.fspath(self.target)
             _check_target(path)
             self.staged = staged(path)
-            self.fh = open(part_path(path) if self.staged else path, "wb")  # a FIFO blocks here for a reader
+            try:
+                self.fh = open(part_path(path) if self.staged else path, "wb")  # a FIFO blocks here for a reader
+            except OSError as e:
+                raise _cannot_write(path, e) from None
         else:
             self.fh = self.target
         return self.fh
@@ -229,9 +247,11 @@ class FragmentedMP4Writer:
     def __init__(self, target, width: int, height: int, fps: int, crf: int = 18):
         if width % 2 or height % 2:
             raise ValueError(f"H.264 (yuv420p) needs an even frame size, got {width}x{height}")
+        if not 1 <= int(fps) <= MAX_FPS:
+            raise ValueError(f"the frame rate must be 1..{MAX_FPS} fps, got {fps}")
         self.out = _Target(target)
         self.width, self.height, self.fps, self.crf = int(width), int(height), int(fps), int(crf)
-        self.timescale = 1000 * self.fps
+        self.timescale = 1000 * self.fps  # a 32-bit field of the mp4 boxes
         self.codec = None
         self.frames_in = 0
         self.decode_time = 0

@@ -122,3 +122,71 @@ def test_a_finished_run_replaces_the_previous_file(tmp_path, capsys):
     umask = os.umask(0o022)
     os.umask(umask)
     assert (out.stat().st_mode & 0o777) == 0o666 & ~umask
+
+
+# -- item 11: bad inputs give one clear line and exit 2, not a traceback ------------------------------------
+@pytest.fixture(scope="module")
+def tiny_wan(tmp_path_factory):
+    import torch
+
+    from self_forcing.sf_model.checkpoint import save_model
+    from self_forcing.sf_model.config import WanConfig
+    from self_forcing.sf_model.model import CausalWanModel
+    from self_forcing.sf_model.vae.checkpoint import save_vae
+    from self_forcing.sf_model.vae.model import WanVAE, WanVAEConfig
+
+    root = tmp_path_factory.mktemp("wan")
+    cfg = WanConfig(dim=128, ffn_dim=128, num_heads=1, num_layers=1, text_dim=32, freq_dim=32)
+    torch.manual_seed(0)
+    save_model(root / "dit.safetensors", CausalWanModel(cfg), cfg)
+    save_vae(root / "vae.safetensors", WanVAE(WanVAEConfig(dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1)))
+    good = b'{"context":{"dtype":"F32","shape":[1,2,32],"data_offsets":[0,256]}}'
+    (root / "corrupt.safetensors").write_bytes(len(good).to_bytes(8, "little") + good + b"\0" * 40)  # truncated
+    return root
+
+
+def test_a_corrupt_embeddings_file_is_one_error_line(tiny_wan, tmp_path, capsys):
+    rc = generate("--model", tiny_wan / "dit.safetensors", "--vae", tiny_wan / "vae.safetensors",
+                  "--embeds", tiny_wan / "corrupt.safetensors", "--width", 32, "--height", 32, "--frames", 3,
+                  "--out", tmp_path / "x.mp4")
+    line = one_error_line(capsys.readouterr().err)
+    assert rc == 2 and "corrupt.safetensors is not a readable safetensors file" in line
+
+
+def test_an_unwritable_output_is_one_error_line(tmp_path, capsys):
+    import os
+
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o555)
+    target = folder / "x.mp4"
+    try:
+        open(folder / "probe", "wb").close()  # root ignores the mode bits: use a folder no one can write
+        target = "/sys/self_forcing_test.mp4"
+        if not os.path.isdir("/sys") or os.path.exists(target):
+            pytest.skip("no unwritable folder available")
+        try:
+            open(target, "wb").close()
+            os.remove(target)
+            pytest.skip("no unwritable folder available")
+        except OSError:
+            pass
+    except OSError:
+        pass
+    rc = generate("--frames", 3, "--out", target)
+    line = one_error_line(capsys.readouterr().err)
+    assert rc == 2 and str(target) in line and ("not writable" in line or "cannot write" in line)
+    folder.chmod(0o755)
+
+
+def test_device_meta_is_one_error_line(tmp_path, capsys):
+    rc = generate("--frames", 3, "--device", "meta", "--out", tmp_path / "x.mp4")
+    line = one_error_line(capsys.readouterr().err)
+    assert rc == 2 and "--device meta" in line and not (tmp_path / "x.mp4").exists()
+
+
+def test_a_huge_stream_frame_rate_is_one_error_line_and_leaves_no_file(tmp_path, capsys):
+    rc = generate("--frames", 3, "--stream", "--fps", 100000000, "--out", tmp_path / "x.mp4")
+    line = one_error_line(capsys.readouterr().err)
+    assert rc == 2 and "--fps must be in 1..1000" in line
+    assert list(tmp_path.iterdir()) == []
