@@ -190,3 +190,12 @@ def test_a_huge_stream_frame_rate_is_one_error_line_and_leaves_no_file(tmp_path,
     line = one_error_line(capsys.readouterr().err)
     assert rc == 2 and "--fps must be in 1..1000" in line
     assert list(tmp_path.iterdir()) == []
+
+
+# -- item 12: prompts go through the toy tokenizer's one rule ----------------------------------------------
+@pytest.mark.parametrize("prompt, message", [("", "prompt 0 is empty"), (" , . ", "prompt 0 is empty"),
+                                             ("a dog", "unknown word 'dog'")])
+def test_an_empty_prompt_or_an_unknown_word_is_one_error_line(tmp_path, capsys, prompt, message):
+    rc = generate("--frames", 3, "--prompt", prompt, "--out", tmp_path / "x.mp4")
+    line = one_error_line(capsys.readouterr().err)
+    assert rc == 2 and message in line and list(tmp_path.iterdir()) == []
