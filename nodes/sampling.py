@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from ..sf_model.latent_format import pixel_frames
+from ..sf_model.memory import check_fits, estimate_run_bytes
 from ..sf_model.resample import resample_history
 from ..sf_model.sampler import StreamOptions, stream
 from ..sf_model.schedule import DEFAULT_STEPS_TEXT, parse_steps
@@ -204,27 +205,20 @@ def model_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def cache_bytes(cfg, opts: StreamOptions, total_frames: int, lat_h: int, lat_w: int, batch: int,
-                dtype: torch.dtype) -> int:
-    """Size of the KV cache a run allocates (keys and values of every layer, plus routing summaries)."""
-    ph, pw = cfg.patch_size[1:]
-    frame_tokens = (lat_h // ph) * (lat_w // pw)
-    frames = (opts.window if opts.window is not None else total_frames) + opts.sink
-    size = torch.empty((), dtype=dtype).element_size()
-    total = 2 * cfg.num_layers * batch * frames * frame_tokens * cfg.dim * size
-    if opts.routing_topk is not None:
-        total += cfg.num_layers * batch * frames * cfg.dim * 4
-    return total
-
-
 def run_bytes(cfg, opts: StreamOptions, total_frames: int, lat_h: int, lat_w: int, batch: int,
               dtype: torch.dtype) -> int:
-    """Device memory a run needs besides the weights: the KV cache plus a rough margin for one block's
-    activations, so ComfyUI can unload other models first."""
-    ph, pw = cfg.patch_size[1:]
-    block_tokens = batch * opts.frames_per_block * (lat_h // ph) * (lat_w // pw)
-    activations = 2 * block_tokens * (cfg.ffn_dim + 8 * cfg.dim) * 4
-    return cache_bytes(cfg, opts, total_frames, lat_h, lat_w, batch, dtype) + activations
+    """Device memory a run needs besides the weights (``sf_model.memory``'s one estimate: KV cache, prompt K/V,
+    one chunk's activations, the latents), so ComfyUI can unload other models first."""
+    return estimate_run_bytes(cfg, opts, total_frames, lat_h, lat_w, batch, dtype, weights=False)
+
+
+def check_request_fits(handle: ModelHandle, opts: StreamOptions, total_frames: int, lat_h: int, lat_w: int,
+                       batch: int, decode_bytes: int = 0) -> int:
+    """Refuse a run that can never fit its device (weights + run + decode), before anything is allocated or
+    unloaded; returns the run's bytes besides the weights."""
+    extra = run_bytes(handle.config, opts, total_frames, lat_h, lat_w, batch, handle.model.dtype) + decode_bytes
+    check_fits(extra + model_bytes(handle.model), handle.load_device)
+    return extra
 
 
 @contextmanager
@@ -385,9 +379,8 @@ def sample_video(handle: ModelHandle, conditioning, *, width: int, height: int, 
 
     def work():
         context = context_from_conditioning(conditioning, cfg.text_dim, cfg.text_len)
-        extra = run_bytes(cfg, opts, frames, lat_h, lat_w, context.shape[0], handle.model.dtype)
-        if decode is not None:
-            extra += decode.reserve_bytes
+        extra = check_request_fits(handle, opts, frames, lat_h, lat_w, context.shape[0],
+                                   decode.reserve_bytes if decode is not None else 0)
         with model_on_device(handle, hooks, extra) as model:
             kw = dict(num_frames=frames, height=lat_h, width=lat_w, seed=seed, opts=opts, prefix=None, hooks=hooks)
             if decode is None:
@@ -473,9 +466,8 @@ def extend_video(handle: ModelHandle, conditioning, latent, *, extend_frames: in
 
     def work():
         ctx = context_from_conditioning(conditioning, cfg.text_dim, cfg.text_len).expand(batch, -1, -1)
-        extra = run_bytes(cfg, opts, prefix_len + new_frames, h, w, batch, handle.model.dtype)
-        if decode is not None:
-            extra += decode.reserve_bytes
+        extra = check_request_fits(handle, opts, prefix_len + new_frames, h, w, batch,
+                                   decode.reserve_bytes if decode is not None else 0)
         with model_on_device(handle, hooks, extra) as model:
             ctx = ctx.to(model.device)
             history = space.to_model(samples).to(model.device)

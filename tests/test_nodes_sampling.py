@@ -8,7 +8,9 @@ import torch
 
 from self_forcing.nodes.long_video import LongVideoOptions
 from self_forcing.nodes.model import ModelHandle, describe, load_handle, resolve_dtype
-from self_forcing.nodes.sampling import RunHooks, cache_bytes, extend_video, run_bytes, run_options, sample_video
+from self_forcing.nodes.sampling import RunHooks, extend_video, run_bytes, run_options, sample_video
+from self_forcing.sf_model.memory import kv_cache_bytes
+from self_forcing.sf_model.window import cache_slots
 from self_forcing.sf_model.checkpoint import LoadedModel, save_model
 from self_forcing.sf_model.config import TINY
 from self_forcing.sf_model.latent_format import to_model_space, to_raw
@@ -248,9 +250,9 @@ def test_free_memory_is_asked_before_moving_weights_to_the_load_device(make_tiny
                                                (LongVideoOptions("rolling", 6, 2, 2), 40)])
 def test_cache_size_estimate_is_exact(tiny_model, long_video, total):
     opts = run_options(3, STEPS, 5.0, 0.0, long_video, total_frames=total, meta={})
-    window = opts.window if opts.window is not None else total
-    cache = tiny_model.new_cache(2, 2 * 4, window=window, sink=opts.sink, key_means=opts.routing_topk is not None)
-    assert cache_bytes(tiny_model.config, opts, total, 4, 8, 2, torch.float32) == cache.nbytes()
+    window, sink = cache_slots(opts.window, opts.sink, total)  # what stream() allocates for this run
+    cache = tiny_model.new_cache(2, 2 * 4, window=window, sink=sink, key_means=opts.routing_topk is not None)
+    assert kv_cache_bytes(tiny_model.config, opts, total, 4, 8, 2, torch.float32) == cache.nbytes()
 
 
 # -- loading ----------------------------------------------------------------------------------------
@@ -279,3 +281,14 @@ def test_auto_dtype():
     assert resolve_dtype("fp16", torch.device("cpu"), False) == torch.float16
     with pytest.raises(ValueError):
         resolve_dtype("int8", torch.device("cpu"), False)
+
+
+def test_a_request_that_can_never_fit_is_refused_before_anything_is_freed(tiny_model):
+    """100000x100000 asked ComfyUI to free 61 TB (unloading every model first); now: one clear error, nothing
+    freed or allocated."""
+    h = handle_for(tiny_model)
+    asked = []
+    with pytest.raises(ValueError, match=r"needs ~[\d,.]+ GB on cpu, which has [\d,.]+ GB in total"):
+        sample_video(h, prompt(), width=100000, height=100000, length=5, seed=0,
+                     hooks=RunHooks(free_memory=lambda n, d: asked.append((n, d))))
+    assert asked == []
