@@ -312,7 +312,13 @@ def prepare_wan(args, loaded, path: str, device, dtype, build: Callable) -> Job:
         raise ValueError("--prompt needs a toy model with a bundled text encoder; for Wan checkpoints encode the "
                          "prompt with umT5-XXL in ComfyUI, save it with 'Save Text Embeddings' and pass --embeds")
     cfg = loaded.config
-    emb, _ = load_text_embeds(args.embeds)
+    try:
+        emb, _ = load_text_embeds(args.embeds)
+    except ValueError as e:
+        raise ValueError(f"--embeds: {e}") from None
+    except Exception as e:  # noqa: BLE001 - the safetensors reader's own errors (no stable import path)
+        raise ValueError(f"--embeds {args.embeds} cannot be read (not a safetensors file, truncated or damaged; "
+                         f"write one with 'Save Text Embeddings'): {e}") from None
     if emb.shape[-1] != cfg.text_dim:
         raise ValueError(f"{os.path.basename(args.embeds)} holds embeddings of width {emb.shape[-1]} but the model "
                          f"expects {cfg.text_dim} (Wan: umT5-XXL, 4096)")

@@ -36,21 +36,14 @@ def load_text_embeds(path: str) -> tuple[torch.Tensor, dict]:
 
     if not os.path.isfile(path):
         raise ValueError(f"text embeddings file not found: {path}")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            keys = list(f.keys())
-            tensor = f.get_tensor(EMBED_KEY) if EMBED_KEY in keys else None
-    except Exception as e:  # noqa: BLE001 - SafetensorError has no stable import path across versions
-        raise ValueError(f"{os.path.basename(path)} is not a readable safetensors file (truncated or corrupt?): "
-                         f"{e}") from None
-    if tensor is None:
-        raise ValueError(f"{os.path.basename(path)} is not a text-embeddings file (tensors: {keys[:5]}); "
-                         "create one with 'Save Text Embeddings'")
-    try:
-        info = json.loads(meta[EMBED_FORMAT]) if EMBED_FORMAT in meta else {}
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{os.path.basename(path)}: unreadable '{EMBED_FORMAT}' metadata: {e}") from None
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        keys = list(f.keys())
+        if EMBED_KEY not in keys:
+            raise ValueError(f"{os.path.basename(path)} is not a text-embeddings file (tensors: {keys[:5]}); "
+                             "create one with 'Save Text Embeddings'")
+        tensor = f.get_tensor(EMBED_KEY)
+    info = json.loads(meta[EMBED_FORMAT]) if EMBED_FORMAT in meta else {}
     if tensor.ndim != 3:
         raise ValueError(f"{os.path.basename(path)}: embeddings must be [batch, tokens, dim], got {tuple(tensor.shape)}")
     return tensor, info

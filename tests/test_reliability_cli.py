@@ -150,7 +150,7 @@ def test_a_corrupt_embeddings_file_is_one_error_line(tiny_wan, tmp_path, capsys)
                   "--embeds", tiny_wan / "corrupt.safetensors", "--width", 32, "--height", 32, "--frames", 3,
                   "--out", tmp_path / "x.mp4")
     line = one_error_line(capsys.readouterr().err)
-    assert rc == 2 and "corrupt.safetensors is not a readable safetensors file" in line
+    assert rc == 2 and "corrupt.safetensors cannot be read" in line
 
 
 def test_an_unwritable_output_is_one_error_line(tmp_path, capsys):
