@@ -7,6 +7,8 @@ A config file has one table per concern::
     [sampling]  frames_per_block, steps, shift, warp, context_noise (the student's few-step sampler)
     [world]     kind = "toy" (procedural videos, bundled text encoder/codec) or "wan" (precomputed embeddings)
     [teacher] [ode_pairs] [ode_init] [dmd] [export] [eval]   one table per stage
+    [teacher_forcing] [diffusion_forcing]                   the baselines (``training.baselines``)
+    [compute]   budget_s: one equal time budget per baseline after the teacher (overrides the stages' own)
 
 Unknown keys are refused (a typo must not silently fall back to a default). ``--set table.key=value`` on
 the command line overrides any value (parsed as a TOML value).
@@ -27,7 +29,11 @@ from ..sf_model.sampler import StreamOptions
 from ..sf_model.schedule import DEFAULT_STEPS
 from ..sf_model.window import CachePolicy
 
-STAGES = ("teacher", "ode_pairs", "ode_init", "dmd", "eval", "export")
+STAGES = ("teacher", "ode_pairs", "ode_init", "dmd", "teacher_forcing", "diffusion_forcing", "eval", "export")
+# What a run does when no stage is named: the Self Forcing pipeline (the baselines are asked for by name, or
+# all together with --stages baselines).
+PIPELINE = ("teacher", "ode_pairs", "ode_init", "dmd", "eval", "export")
+BASELINE_STAGES = ("teacher_forcing", "diffusion_forcing")
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,10 @@ class WorldConfig:
     latent_width: int = 104
     teacher_path: str = ""        # the released bidirectional Wan2.1 weights (real score)
     generator_path: str = ""      # optional starting weights of the student (e.g. a released ode_init)
+    # toy: seed of the toy text encoder (None = run.seed). Runs of several training seeds that share one
+    # teacher must share its text encoder: set it to the teacher run's seed. A toy run may also name a
+    # teacher trained elsewhere with teacher_path (then the teacher stage is not needed in this run).
+    text_seed: int | None = None
 
     def __post_init__(self):
         if self.kind not in ("toy", "wan"):
@@ -150,6 +160,64 @@ class DmdConfig(OptimConfig):
             raise ValueError(f"need 0 <= dmd.min_t < dmd.max_t <= 1, got {self.min_t}, {self.max_t}")
 
 
+SCHEDULES = ("sampler", "continuous")
+
+
+@dataclass(frozen=True)
+class TeacherForcingConfig(OptimConfig):
+    """Teacher forcing: flow matching of each noisy chunk against the clean frames of the earlier chunks.
+
+    ``schedule``: "sampler" = each chunk's noise level is one of the sampler's (warped) steps, uniformly;
+    "continuous" = sigma = shift(u), u ~ U(0, 1) per chunk, with ``shift``.
+    """
+
+    lr: float = 1e-4
+    schedule: str = "sampler"
+    shift: float = 5.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+
+
+@dataclass(frozen=True)
+class DiffusionForcingConfig(TeacherForcingConfig):
+    """Diffusion forcing: independent noise levels per chunk (``noise = "chunk"``) or per frame ("frame"),
+    block-causal attention, flow loss on every frame. The "sampler" schedule draws among the sampler's steps
+    *and* the clean-context level (``sampling.context_noise``), which is what history holds at inference."""
+
+    noise: str = "chunk"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.noise not in ("chunk", "frame"):
+            raise ValueError(f"diffusion_forcing.noise must be 'chunk' or 'frame', got {self.noise!r}")
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    """Equal compute for the baselines. ``budget_s`` > 0: every baseline gets that many seconds of training
+    after the shared teacher -- teacher forcing and diffusion forcing all of it, Self Forcing split over its
+    stages as ``split`` (ode_pairs, ode_init, dmd fractions; the causal ODE init is Self Forcing's first part).
+    These budgets replace the stages' own ``time_budget_s``."""
+
+    budget_s: float = 0.0
+    split: tuple[float, float, float] = (0.15, 0.3, 0.55)
+
+    def __post_init__(self):
+        if self.budget_s < 0:
+            raise ValueError(f"compute.budget_s must be >= 0, got {self.budget_s}")
+        if len(self.split) != 3 or any(f < 0 for f in self.split) or abs(sum(self.split) - 1.0) > 1e-6:
+            raise ValueError(f"compute.split must be 3 fractions (ode_pairs, ode_init, dmd) summing to 1, "
+                             f"got {self.split}")
+
+    def stage_budgets(self) -> dict[str, float]:
+        b, (p, i, d) = self.budget_s, self.split
+        return {"ode_pairs": b * p, "ode_init": b * i, "dmd": b * d, "teacher_forcing": b,
+                "diffusion_forcing": b}
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     path: str = ""                # default: <out_dir>/self_forcing_toy.safetensors
@@ -157,6 +225,7 @@ class ExportConfig:
     hub_repo: str = ""            # publish to this Hugging Face repo (needs a token) when set
     hub_private: bool = False
     causal_init: bool = False     # also export the ODE-initialised student (for side-by-side comparisons)
+    baselines: bool = True        # also export teacher_forcing / diffusion_forcing when those stages ran
 
     def __post_init__(self):
         if self.dtype not in ("fp32", "fp16", "bf16"):
@@ -182,6 +251,9 @@ class TrainConfig:
     ode_pairs: OdePairsConfig = field(default_factory=OdePairsConfig)
     ode_init: OdeInitConfig = field(default_factory=OdeInitConfig)
     dmd: DmdConfig = field(default_factory=DmdConfig)
+    teacher_forcing: TeacherForcingConfig = field(default_factory=TeacherForcingConfig)
+    diffusion_forcing: DiffusionForcingConfig = field(default_factory=DiffusionForcingConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -190,6 +262,9 @@ class TrainConfig:
         if self.world.frames % fpb:
             raise ValueError(f"world.frames ({self.world.frames}) must be a multiple of "
                              f"sampling.frames_per_block ({fpb})")
+        if self.compute.budget_s > 0:  # one equal budget per baseline replaces the stages' own
+            for stage, seconds in self.compute.stage_budgets().items():
+                object.__setattr__(self, stage, dataclasses.replace(getattr(self, stage), time_budget_s=seconds))
 
     def to_dict(self) -> dict:
         out = {}

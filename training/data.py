@@ -191,5 +191,6 @@ def make_world(cfg: TrainConfig, device=None):
         return WanWorld(cfg)
     from ..toy.bundle import build_toy_parts
 
-    text_encoder, codec = build_toy_parts(cfg.model.text_dim, cfg.model.text_len, cfg.run.seed)
+    text_seed = cfg.world.text_seed if cfg.world.text_seed is not None else cfg.run.seed
+    text_encoder, codec = build_toy_parts(cfg.model.text_dim, cfg.model.text_len, text_seed)
     return ToyWorld(cfg, text_encoder, codec)

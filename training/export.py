@@ -50,9 +50,11 @@ def trained_steps(cfg: TrainConfig) -> dict:
 
 
 def export_model(cfg: TrainConfig, world, source: str, path: str | None = None, *, role: str = "self_forcing",
-                 publish: bool = True) -> str:
+                 publish: bool = True, extra_meta: dict | None = None) -> str:
     """Write the export of ``source`` (a stage output) to ``path`` (default from the config); ``role`` names
-    the model (``self_forcing`` or ``causal_init``); ``publish`` allows the Hub upload when configured."""
+    the model (``self_forcing``, ``causal_init``, ``teacher_forcing``, ``diffusion_forcing``); ``publish``
+    allows the Hub upload when configured; ``extra_meta`` is added to the metadata (e.g. the compute a
+    baseline got)."""
     from ..toy.bundle import bundle_extras, bundle_meta
     from .models import load_dit, save_dit
     from .ode_init import sampling_meta
@@ -68,6 +70,7 @@ def export_model(cfg: TrainConfig, world, source: str, path: str | None = None, 
     }
     if drift is not None:
         meta["drift"] = drift
+    meta.update(extra_meta or {})
     extras = None
     if world.kind == "toy":
         c, f, h, w = world.clip_shape

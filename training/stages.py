@@ -1,4 +1,6 @@
-"""Run the stages of a config in order: teacher -> ode_pairs -> ode_init -> dmd -> eval -> export.
+"""Run the stages of a config in order: teacher -> ode_pairs -> ode_init -> dmd -> [teacher_forcing ->
+diffusion_forcing] -> eval -> export (the two baselines of ``training.baselines`` run when named, or with
+``--stages baselines``).
 
 Every stage reads its inputs from and writes its outputs to ``run.out_dir``, so stages can run in separate
 invocations (and the training stages resume from their checkpoints after a kill)::
@@ -7,8 +9,12 @@ invocations (and the training stages resume from their checkpoints after a kill)
     <out_dir>/ode_pairs/rank<R>.pt
     <out_dir>/ode_init.safetensors
     <out_dir>/self_forcing.safetensors     (EMA generator)
+    <out_dir>/teacher_forcing.safetensors, <out_dir>/diffusion_forcing.safetensors   (baselines, EMA)
     <out_dir>/<stage>/checkpoint.pt, <out_dir>/<stage>/log.jsonl
-    export.path                            (bundled, fp16)
+    <out_dir>/stage_times.jsonl            (wall seconds of every stage run)
+    export.path                            (bundled, fp16; next to it causal_init_/teacher_forcing_/
+                                            diffusion_forcing_<kind>.safetensors when configured/present)
+    <out_dir>/compute.json                 (steps and seconds each model got, written by export)
     <out_dir>/eval.json                    (drift curves)
 """
 
@@ -18,21 +24,28 @@ import json
 import os
 import time
 
-from .config import STAGES, TrainConfig
+from .config import PIPELINE, STAGES, TrainConfig
 from .engine import Runtime
 
 
 def resolve_stages(text: str | None) -> list[str]:
-    if not text or text == "all":
+    """'all' (or nothing): the Self Forcing pipeline; 'baselines': every stage, the teacher forcing and
+    diffusion forcing baselines included; else a comma-separated subset, run in pipeline order."""
+    if not text or text in ("all", "pipeline"):
+        return list(PIPELINE)
+    if text == "baselines":
         return list(STAGES)
     names = [s.strip() for s in text.split(",") if s.strip()]
     bad = [s for s in names if s not in STAGES]
     if bad:
-        raise ValueError(f"unknown stage(s) {bad}; choose from {', '.join(STAGES)} (comma-separated) or 'all'")
+        raise ValueError(f"unknown stage(s) {bad}; choose from {', '.join(STAGES)} (comma-separated), 'all' "
+                         "(the Self Forcing pipeline) or 'baselines' (all of it and the two baselines)")
     return [s for s in STAGES if s in names]
 
 
 def teacher_file(cfg: TrainConfig) -> str:
+    if cfg.world.kind == "toy" and cfg.world.teacher_path:  # a teacher shared by several runs (seeds)
+        return cfg.world.teacher_path
     if cfg.world.kind == "wan":
         if not cfg.world.teacher_path:
             raise ValueError("set world.teacher_path to the released Wan2.1 T2V weights (the real score)")
@@ -68,7 +81,11 @@ def run_stages(cfg: TrainConfig, stages: list[str], rt: Runtime, world, *,
         t0 = time.time()
         _run_stage(cfg, stage, rt, world, out, stop_after)
         if rt.is_main:
-            print(f"[{stage}] done in {time.time() - t0:.1f} s", flush=True)
+            seconds = time.time() - t0
+            print(f"[{stage}] done in {seconds:.1f} s", flush=True)
+            with open(os.path.join(cfg.run.out_dir, "stage_times.jsonl"), "a") as fh:
+                fh.write(json.dumps({"stage": stage, "seconds": round(seconds, 3), "time": round(time.time(), 1),
+                                     "stop_after": stop_after}) + "\n")
     return out
 
 
@@ -97,6 +114,11 @@ def _run_stage(cfg: TrainConfig, stage: str, rt: Runtime, world, out: dict, stop
 
         out[stage] = train_dmd(cfg, rt, world, require(generator_start(cfg), "ode_init"),
                                require(teacher_file(cfg), "teacher"), stop_after=stop_after)
+    elif stage in ("teacher_forcing", "diffusion_forcing"):
+        from .baselines import train_baseline
+
+        out[stage] = train_baseline(cfg, rt, world, require(teacher_file(cfg), "teacher"), stage,
+                                    stop_after=stop_after)
     elif stage == "eval":
         from .evaluate import evaluate_drift
 
@@ -108,12 +130,46 @@ def _run_stage(cfg: TrainConfig, stage: str, rt: Runtime, world, out: dict, stop
         from .export import export_model
 
         if rt.is_main:
-            out[stage] = export_model(cfg, world, require(self_forcing_path(cfg), "dmd"))
+            report = _compute_report(cfg)
+            out[stage] = export_model(cfg, world, require(self_forcing_path(cfg), "dmd"),
+                                      extra_meta={"compute": report["models"]["self_forcing"]})
             if cfg.export.causal_init:
                 from .ode_init import ode_init_path
 
                 path = os.path.join(os.path.dirname(os.path.abspath(out[stage])),
                                     f"causal_init_{cfg.world.kind}.safetensors")
                 out["export_causal_init"] = export_model(cfg, world, require(ode_init_path(cfg), "ode_init"),
-                                                         path, role="causal_init", publish=False)
+                                                         path, role="causal_init", publish=False,
+                                                         extra_meta={"compute": report["models"]["causal_init"]})
+            if cfg.export.baselines:
+                out.update(_export_baselines(cfg, world, out[stage], report))
         rt.barrier()
+
+
+def _compute_report(cfg: TrainConfig) -> dict:
+    """What each model got after the teacher (``baselines.compute_report``), also written to
+    ``<out_dir>/compute.json``."""
+    from .baselines import compute_report
+
+    report = compute_report(cfg)
+    with open(os.path.join(cfg.run.out_dir, "compute.json"), "w") as fh:
+        json.dump(report, fh, indent=1, sort_keys=True)
+    return report
+
+
+def _export_baselines(cfg: TrainConfig, world, main_export: str, report: dict) -> dict[str, str]:
+    """Bundles of the baselines whose stage outputs exist, next to the main export, each with the compute it
+    got (``compute`` in its metadata)."""
+    from .baselines import BASELINES, baseline_path
+    from .export import export_model
+
+    out = {}
+    folder = os.path.dirname(os.path.abspath(main_export))
+    for stage in BASELINES:
+        source = baseline_path(cfg, stage)
+        if os.path.isfile(source):
+            path = os.path.join(folder, f"{stage}_{cfg.world.kind}.safetensors")
+            out[f"export_{stage}"] = export_model(cfg, world, source, path, role=stage, publish=False,
+                                                  extra_meta={"compute": report["models"][stage],
+                                                              "shared_teacher": report["teacher"]})
+    return out
