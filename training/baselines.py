@@ -190,12 +190,19 @@ def loop_seconds(log_path: str) -> float | None:
 
 
 def _meta(path: str) -> dict:
-    from ..sf_model.checkpoint import FORMAT_KEY, read_file
+    """Our metadata of a stage output (the safetensors header only: no tensor is read)."""
+    from safetensors import safe_open
+
+    from ..sf_model.checkpoint import FORMAT_KEY
 
     if not os.path.isfile(path):
         return {}
-    _, meta = read_file(path)
-    return json.loads(meta.get(FORMAT_KEY, "{}"))
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+        return json.loads(meta.get(FORMAT_KEY, "{}"))
+    except Exception:  # not a safetensors file of ours: nothing to report
+        return {}
 
 
 def _pairs_made(cfg: TrainConfig) -> int | None:
