@@ -1,7 +1,8 @@
 """``python -m self_forcing.training --config training/configs/toy_gpu.toml [--stages ...] [--set k=v ...]``
 
 One process, or several under ``torchrun --nproc_per_node N -m self_forcing.training ...`` (DDP: gloo on
-the CPU, nccl on GPUs). Stages: teacher, ode_pairs, ode_init, dmd, eval, export (default: all, in order).
+the CPU, nccl on GPUs). Stages: teacher, ode_pairs, ode_init, dmd, eval, export (default: all, in order);
+'baselines' adds the teacher_forcing and diffusion_forcing baselines.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m self_forcing.training", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="a TOML file, e.g. training/configs/toy_cpu.toml")
     p.add_argument("--stages", default="all",
-                   help="comma-separated subset of teacher,ode_pairs,ode_init,dmd,eval,export (default all)")
+                   help="'all' (default: teacher,ode_pairs,ode_init,dmd,eval,export), 'baselines' (all of it plus "
+                        "teacher_forcing,diffusion_forcing), or a comma-separated subset of those stages")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="TABLE.KEY=VALUE",
                    help="override a config value, e.g. --set dmd.steps=50 --set run.out_dir=runs/x (repeatable)")
     p.add_argument("--out-dir", default=None, help="shorthand for --set run.out_dir=PATH")

@@ -201,16 +201,9 @@ def generate_metrics(bundle: Bundle, prompts: Sequence[str], proto: Protocol, me
 
 # -- the whole protocol ---------------------------------------------------------------------------------
 def default_metrics():
-    """(metrics_fn, error metric names): ``toy.metrics``, else (a checkout without it) the older per-frame
-    drift metrics of ``training.drift``, with a warning."""
-    try:
-        from ..toy import metrics as tm
-    except ImportError as e:
-        from .drift import ERRORS
-        from .evaluate import video_drift
+    """(metrics_fn, error metric names) of the toy world: ``toy.metrics``."""
+    from ..toy import metrics as tm
 
-        warnings.warn(f"toy.metrics is not importable ({e}); using training.drift's per-frame metrics instead")
-        return video_drift, tuple(ERRORS)
     return tm.video_metrics, tuple(tm.ERRORS)
 
 
