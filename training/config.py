@@ -74,9 +74,12 @@ class WorldConfig:
     size: int = 64
     frames: int = 12
     max_objects: int | None = None
-    # wan: precomputed text embeddings (files written by the nodes' 'Save Text Embeddings')
+    # wan: a prompt store (folder written by `python -m self_forcing.training.encode_prompts`: sharded, lazily
+    # read; its negative prompt is the default unconditional context), or precomputed text embeddings (files
+    # written by the nodes' 'Save Text Embeddings')
+    prompt_store: str = ""
     prompts_dir: str = ""
-    negative: str = ""            # embeddings of the negative prompt (CFG); empty = zeros
+    negative: str = ""            # embeddings of the negative prompt (CFG); empty = the store's, else zeros
     latent_height: int = 60
     latent_width: int = 104
     teacher_path: str = ""        # the released bidirectional Wan2.1 weights (real score)
