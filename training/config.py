@@ -9,6 +9,7 @@ A config file has one table per concern::
     [teacher] [ode_pairs] [ode_init] [dmd] [export] [eval]   one table per stage
     [teacher_forcing] [diffusion_forcing]                   the baselines (``training.baselines``)
     [compute]   budget_s: one equal time budget per baseline after the teacher (overrides the stages' own)
+    [lora]      enabled, rank, alpha, dropout, targets: train the generator as LoRA adapters (``training.lora``)
 
 Unknown keys are refused (a typo must not silently fall back to a default). ``--set table.key=value`` on
 the command line overrides any value (parsed as a TOML value).
@@ -235,6 +236,31 @@ class ExportConfig:
             raise ValueError(f"export.dtype must be fp32, fp16 or bf16, got {self.dtype!r}")
 
 
+# The linears of a transformer block LoRA may adapt (module names inside ``blocks.N``).
+LORA_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+                "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA on the generator (DMD stage): W + alpha/rank * B @ A on the ``targets`` of every block; the base
+    weights stay frozen. Exported merged and as a ComfyUI LoRA file (``training.lora``)."""
+
+    enabled: bool = False
+    rank: int = 32
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    def __post_init__(self):
+        if self.rank < 1 or self.alpha <= 0 or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora needs rank >= 1, alpha > 0, 0 <= dropout < 1; got {self.rank}, {self.alpha}, "
+                             f"{self.dropout}")
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        if bad or not self.targets:
+            raise ValueError(f"lora.targets must be a non-empty subset of {list(LORA_TARGETS)}, got {bad or []}")
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     prompts: int = 4
@@ -259,6 +285,7 @@ class TrainConfig:
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self):
         fpb = self.sampling.frames_per_block
