@@ -6,6 +6,8 @@ A config file has one table per concern::
     [model]     WanConfig fields of the DiT (teacher, critic and student share the architecture)
     [sampling]  frames_per_block, steps, shift, warp, context_noise (the student's few-step sampler)
     [world]     kind = "toy" (procedural videos, bundled text encoder/codec) or "wan" (precomputed embeddings)
+    [models]    which checkpoint plays which role: generator_init, real_score, critic_init, ode_teacher, vae
+                (``training.roles``; the toy teacher plays every role)
     [teacher] [ode_pairs] [ode_init] [dmd] [export] [eval]   one table per stage
     [teacher_forcing] [diffusion_forcing]                   the baselines (``training.baselines``)
     [compute]   budget_s: one equal time budget per baseline after the teacher (overrides the stages' own)
@@ -83,8 +85,10 @@ class WorldConfig:
     negative: str = ""            # embeddings of the negative prompt (CFG); empty = the store's, else zeros
     latent_height: int = 60
     latent_width: int = 104
-    teacher_path: str = ""        # the released bidirectional Wan2.1 weights (real score)
-    generator_path: str = ""      # optional starting weights of the student (e.g. a released ode_init)
+    # toy: a toy teacher trained elsewhere (it plays every role). wan: DEPRECATED aliases of the [models] keys
+    # (teacher_path: real_score/critic_init/ode_teacher; generator_path: generator_init), with a warning
+    teacher_path: str = ""
+    generator_path: str = ""
     # toy: seed of the toy text encoder (None = run.seed). Runs of several training seeds that share one
     # teacher must share its text encoder: set it to the teacher run's seed. A toy run may also name a
     # teacher trained elsewhere with teacher_path (then the teacher stage is not needed in this run).
@@ -95,6 +99,17 @@ class WorldConfig:
             raise ValueError(f"world.kind must be 'toy' or 'wan', got {self.kind!r}")
         if self.frames < 1:
             raise ValueError(f"world.frames must be >= 1, got {self.frames}")
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    """Which checkpoint plays which role (``training.roles``; empty = the default named here)."""
+
+    generator_init: str = ""      # causal ODE-init weights the DMD generator starts from ("" = <out_dir>/ode_init)
+    real_score: str = ""          # frozen bidirectional real score, any size (paper: Wan2.1-T2V-14B); bf16 on CUDA
+    critic_init: str = ""         # the critic's start, generator's architecture ("" = real_score if it has it)
+    ode_teacher: str = ""         # makes the ODE pairs ("" = critic_init)
+    vae: str = ""                 # Wan2.1 VAE: re-encoding for rollouts longer than the loss window (wan only)
 
 
 @dataclass(frozen=True)
@@ -155,9 +170,17 @@ class DmdConfig(OptimConfig):
     min_t: float = 0.02
     max_t: float = 0.98
     score_shift: float = 5.0
+    # Rollouts longer than the loss window (``training.loss_window``; official num_training_frames > 21):
+    # 0 = world.frames (no long rollouts); else each rollout has a random number of blocks in
+    # [world.frames, rollout_frames] frames and the losses see its last world.frames frames, whose first latent
+    # is re-encoded as an image latent (decode, last pixel frame, encode alone) when reencode_first is set
+    rollout_frames: int = 0
+    reencode_first: bool = True
 
     def __post_init__(self):
         super().__post_init__()
+        if self.rollout_frames < 0:
+            raise ValueError(f"dmd.rollout_frames must be >= 0 (0 = world.frames), got {self.rollout_frames}")
         if self.critic_ratio < 1:
             raise ValueError(f"dmd.critic_ratio must be >= 1, got {self.critic_ratio}")
         if not 0.0 <= self.min_t < self.max_t <= 1.0:
@@ -276,6 +299,7 @@ class TrainConfig:
     model: WanConfig = field(default_factory=WanConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     world: WorldConfig = field(default_factory=WorldConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     ode_pairs: OdePairsConfig = field(default_factory=OdePairsConfig)
     ode_init: OdeInitConfig = field(default_factory=OdeInitConfig)
@@ -292,6 +316,10 @@ class TrainConfig:
         if self.world.frames % fpb:
             raise ValueError(f"world.frames ({self.world.frames}) must be a multiple of "
                              f"sampling.frames_per_block ({fpb})")
+        rf = self.dmd.rollout_frames
+        if rf and (rf < self.world.frames or rf % fpb):
+            raise ValueError(f"dmd.rollout_frames ({self.dmd.rollout_frames}) must be 0 or a multiple of "
+                             f"sampling.frames_per_block ({fpb}) and >= world.frames ({self.world.frames})")
         if self.compute.budget_s > 0:  # one equal budget per baseline replaces the stages' own
             for stage, seconds in self.compute.stage_budgets().items():
                 object.__setattr__(self, stage, dataclasses.replace(getattr(self, stage), time_budget_s=seconds))
@@ -306,7 +334,8 @@ class TrainConfig:
     def summary(self) -> dict:
         """The parts of the config a model card should state."""
         d = self.to_dict()
-        return {k: d[k] for k in ("model", "sampling", "world", "teacher", "ode_pairs", "ode_init", "dmd")}
+        return {k: d[k] for k in ("model", "sampling", "world", "models", "teacher", "ode_pairs", "ode_init",
+                                  "dmd")}
 
 
 def _tuple_fields(cls) -> set[str]:
