@@ -6,6 +6,10 @@ needed to rebuild its text encoder and codec, whose weights are bundled (``extra
 summary and the measured drift (if the eval stage ran) go into the metadata and the model card.
 ``--push-to-hub REPO`` (``export.hub_repo``) uploads the file and a README model card with
 ``huggingface_hub``.
+
+A generator trained with LoRA (``[lora] enabled``) is exported twice: merged (the file above, like any other
+generator) and as ``<name>_lora.safetensors`` next to it, the adapters alone in the key format ComfyUI's
+core LoRA loader reads (``training.lora``), to apply on the generator's starting checkpoint.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import torch
 
 from .config import TrainConfig
+from .lora import lora_path, read_lora, save_lora
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -60,6 +65,9 @@ def export_model(cfg: TrainConfig, world, source: str, path: str | None = None, 
     from .ode_init import sampling_meta
 
     path = path or default_export_path(cfg)
+    lora_source = lora_path(cfg) if role == "self_forcing" and cfg.lora.enabled else None
+    if lora_source and not os.path.isfile(lora_source):
+        raise ValueError(f"lora.enabled but {lora_source} does not exist: the dmd stage did not train LoRA")
     model, src_meta = load_dit(source, torch.device("cpu"))
     drift = eval_summary(cfg)
     meta = {
@@ -78,9 +86,28 @@ def export_model(cfg: TrainConfig, world, source: str, path: str | None = None, 
         extras = bundle_extras(world.text_encoder, world.codec)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_dit(path, model, cfg.model, role, meta, dtype=DTYPES[cfg.export.dtype], extras=extras)
+    files = [path]
+    if lora_source:
+        files.append(export_lora(cfg, lora_source, lora_export_path(path), {"name": meta["name"] + "-lora"}))
     if cfg.export.hub_repo and publish:
-        push_to_hub(path, cfg.export.hub_repo, model_card(cfg, meta), private=cfg.export.hub_private)
+        push_to_hub(files, cfg.export.hub_repo, model_card(cfg, meta), private=cfg.export.hub_private)
     return path
+
+
+def lora_export_path(path: str) -> str:
+    """The LoRA file next to the merged export ``path``: ``<stem>_lora.safetensors``."""
+    stem, ext = os.path.splitext(path)
+    return f"{stem}_lora{ext or '.safetensors'}"
+
+
+def export_lora(cfg: TrainConfig, source: str, path: str, extra_meta: dict | None = None) -> str:
+    """Rewrite the stage's LoRA file ``source`` as the export (``export.dtype``; alpha stays float32) with
+    the sampling settings in its metadata; the stage's own metadata (its base checkpoint) is kept."""
+    from .ode_init import sampling_meta
+
+    weights, meta = read_lora(source)
+    meta = {**meta, **sampling_meta(cfg), "steps_trained": trained_steps(cfg), **(extra_meta or {})}
+    return save_lora(path, weights, meta, dtype=DTYPES[cfg.export.dtype])
 
 
 def model_card(cfg: TrainConfig, meta: dict) -> str:
@@ -108,6 +135,12 @@ def model_card(cfg: TrainConfig, meta: dict) -> str:
         f"{cfg.dmd.grad_accum} | {cfg.dmd.lr} / critic {cfg.dmd.lr_critic} |", "",
         f"World: {cfg.world.kind}, training clips of {cfg.world.frames} latent frames.", "",
     ]
+    if cfg.lora.enabled:
+        lc = cfg.lora
+        lines += [f"Generator trained as LoRA: rank {lc.rank}, alpha {lc.alpha}, dropout {lc.dropout} on "
+                  f"{', '.join(lc.targets)} of every block; this file has the adapters merged, and "
+                  "`*_lora.safetensors` holds them alone (ComfyUI: LoraLoaderModelOnly on the generator's "
+                  "starting checkpoint).", ""]
     drift = meta.get("drift")
     if drift:
         lines += ["## Measured drift", "", "```json", json.dumps(drift, indent=1, sort_keys=True), "```", ""]
@@ -115,16 +148,18 @@ def model_card(cfg: TrainConfig, meta: dict) -> str:
     return "\n".join(lines)
 
 
-def push_to_hub(path: str, repo: str, card: str, private: bool = False, token: str | None = None) -> str:
-    """Upload the export and its model card; returns the repo URL."""
+def push_to_hub(path, repo: str, card: str, private: bool = False, token: str | None = None) -> str:
+    """Upload the export (a path, or a list of paths: the merged file and its LoRA) and its model card;
+    returns the repo URL."""
     try:
         from huggingface_hub import HfApi
     except ImportError as e:
         raise ValueError("publishing needs huggingface-hub: pip install 'self-forcing-stream[hub]'") from e
     api = HfApi(token=token)
     url = api.create_repo(repo, private=private, exist_ok=True)
-    api.upload_file(path_or_fileobj=path, path_in_repo=os.path.basename(path), repo_id=repo,
-                    commit_message="Upload Self Forcing export")
+    for file in ([path] if isinstance(path, (str, os.PathLike)) else path):
+        api.upload_file(path_or_fileobj=file, path_in_repo=os.path.basename(file), repo_id=repo,
+                        commit_message="Upload Self Forcing export")
     api.upload_file(path_or_fileobj=card.encode(), path_in_repo="README.md", repo_id=repo,
                     commit_message="Model card")
     return str(url)
