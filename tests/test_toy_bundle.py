@@ -90,3 +90,19 @@ def test_the_shipped_demo_model_is_format_2():
     assert loaded.meta["toy"]["format"] == FORMAT
     enc, _ = toy_parts(loaded)
     assert enc.config()["final_norm"] is False and enc.config()["num_layers"] == 0
+
+
+def test_umt5_wide_toy_parts_stay_small_and_round_trip(tmp_path):
+    # A 4096-wide context (the Wan-shaped toy models) comes from a narrow layer + a fixed projection: a full
+    # 4096-wide layer made 549 MB bundles.
+    enc, codec = build_toy_parts(text_dim=4096, text_len=16, seed=2)
+    assert enc.config()["width"] < 4096
+    n_params = sum(p.numel() for p in enc.parameters())
+    assert n_params < 1_000_000, n_params
+    ctx = enc.encode(PROMPTS)
+    assert ctx.shape == (len(PROMPTS), 16, 4096)
+    meta = bundle_meta(enc, size=16, latent_size=(8, 8), train_frames=6)
+    path = tmp_path / "wide.safetensors"
+    loaded = save_bundle(path, meta, bundle_extras(enc, codec))
+    assert torch.equal(encode_prompt(loaded, PROMPTS), ctx)
+    assert path.stat().st_size < 8 * 2**20

@@ -58,18 +58,24 @@ class ToyTextEncoder(nn.Module):
     """Encode toy prompts to [B, max_len, text_dim] context with exactly-zero padding rows."""
 
     def __init__(self, text_dim: int = 32, max_len: int = DEFAULT_MAX_LEN, num_layers: int = 1,
-                 num_heads: int = 4, seed: int = 0, final_norm: bool = True):
+                 num_heads: int = 4, seed: int = 0, final_norm: bool = True, width: int | None = None):
         super().__init__()
-        if text_dim < 1 or max_len < 1 or num_layers < 0:
-            raise ValueError(f"need text_dim >= 1, max_len >= 1, num_layers >= 0; got {text_dim}, {max_len}, {num_layers}")
-        if num_layers and text_dim % num_heads:
-            raise ValueError(f"text_dim {text_dim} must be divisible by num_heads {num_heads}")
+        inner = text_dim if width is None else int(width)
+        if text_dim < 1 or max_len < 1 or num_layers < 0 or inner < 1:
+            raise ValueError(f"need text_dim >= 1, max_len >= 1, num_layers >= 0, width >= 1; got {text_dim}, "
+                             f"{max_len}, {num_layers}, {width}")
+        if num_layers and inner % num_heads:
+            raise ValueError(f"the encoder width {inner} must be divisible by num_heads {num_heads}")
         self.text_dim, self.max_len, self.num_layers, self.num_heads, self.seed = (
             text_dim, max_len, num_layers, num_heads, seed)
+        self.width = None if width is None else inner
         self.final_norm = bool(final_norm)
-        self.token_embedding = nn.Embedding(len(VOCAB), text_dim)
-        self.position_embedding = nn.Parameter(torch.empty(max_len, text_dim))
-        self.blocks = nn.ModuleList(_Block(text_dim, num_heads) for _ in range(num_layers))
+        # The layers run at ``width`` (default text_dim); a fixed projection widens them to text_dim, so a
+        # 4096-wide (umT5-shaped) context costs a few MB instead of a 4096-wide transformer layer (~540 MB).
+        self.token_embedding = nn.Embedding(len(VOCAB), inner)
+        self.position_embedding = nn.Parameter(torch.empty(max_len, inner))
+        self.blocks = nn.ModuleList(_Block(inner, num_heads) for _ in range(num_layers))
+        self.out = nn.Linear(inner, text_dim, bias=False) if self.width is not None else nn.Identity()
         self.norm = nn.LayerNorm(text_dim, elementwise_affine=False) if self.final_norm else nn.Identity()
         self.reset_parameters(seed)
 
@@ -79,8 +85,11 @@ class ToyTextEncoder(nn.Module):
 
     def config(self) -> dict:
         """Constructor arguments; ``ToyTextEncoder(**enc.config())`` rebuilds the same architecture."""
-        return {"text_dim": self.text_dim, "max_len": self.max_len, "num_layers": self.num_layers,
-                "num_heads": self.num_heads, "seed": self.seed, "final_norm": self.final_norm}
+        out = {"text_dim": self.text_dim, "max_len": self.max_len, "num_layers": self.num_layers,
+               "num_heads": self.num_heads, "seed": self.seed, "final_norm": self.final_norm}
+        if self.width is not None:
+            out["width"] = self.width
+        return out
 
     @torch.no_grad()
     def reset_parameters(self, seed: int) -> None:
@@ -125,7 +134,7 @@ class ToyTextEncoder(nn.Module):
         x = self.token_embedding(ids) + self.position_embedding[: ids.shape[1]]
         for block in self.blocks:
             x = block(x, mask)
-        x = self.norm(x)
+        x = self.norm(self.out(x))
         return x * mask[..., None].to(x.dtype)  # padding rows exactly zero
 
     def encode(self, prompts: list[str], device: torch.device | str | None = None) -> torch.Tensor:
