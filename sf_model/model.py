@@ -33,7 +33,7 @@ from .cache import KVCache, TextContext
 from .config import WanConfig
 from .mask import build_mask, visibility_mask
 from .rope import Rope3D, apply_rope
-from .routing import history_frames, routed_attention
+from .routing import history_frames, routed_attend, routed_attention
 
 
 def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
@@ -332,7 +332,7 @@ class CausalWanModel(nn.Module):
     def forward(self, x: torch.Tensor, t, context, *, frames_per_block: int | None = None,
                 window: int | None = None, sink: int = 0, start_frame: int = 0,
                 extend_positions: bool = False, visibility: torch.Tensor | None = None,
-                positions=None) -> torch.Tensor:
+                positions=None, routing_topk: int | None = None, routing_sink: int = 0) -> torch.Tensor:
         """Flow prediction [B, out_dim, F, H, W] (float32) for the whole latent sequence.
 
         ``context`` is text states [B, L, text_dim] or a prepared ``TextContext``. Frames attend
@@ -343,6 +343,9 @@ class CausalWanModel(nn.Module):
         a bool [F, F] frame mask (frame q may attend to frame k), replaces the block-causal mask, and
         ``positions`` (F ints) gives each frame's temporal RoPE position (several frames may share one)
         instead of ``start_frame + i``.
+
+        ``routing_topk`` (with ``visibility``): history routing -- each query token sees its own chunk, the
+        sink frames [0, ``routing_sink``) and its top-k other visible frames (``sf_model.routing``).
         """
         text = context if isinstance(context, TextContext) else self.encode_text(context)
         fr, hh, ww = self.latent_grid(x)
@@ -352,7 +355,7 @@ class CausalWanModel(nn.Module):
                 raise ValueError("give either a frame visibility or frames_per_block/window/sink, not both")
             if tuple(visibility.shape) != (fr, fr):
                 raise ValueError(f"visibility must be [{fr}, {fr}] for {fr} latent frames, got {tuple(visibility.shape)}")
-            mask = visibility_mask(visibility, hh * ww, self.device, use_flex)
+            mask = None if routing_topk is not None else visibility_mask(visibility, hh * ww, self.device, use_flex)
         else:
             if frames_per_block is not None and frames_per_block < fr and fr % frames_per_block:
                 raise ValueError(f"{fr} latent frames is not a multiple of frames_per_block {frames_per_block}")
@@ -367,6 +370,8 @@ class CausalWanModel(nn.Module):
                 return lambda q, k, v: attention(q, k, v, backend)
             return lambda q, k, v: masked_attention(q, k, v, mask)
 
+        if routing_topk is not None:  # the mask of each layer comes from its own q and k
+            attend_for_layer = routed_attend(visibility, hh * ww, routing_topk, routing_sink, self.device)
         return self._run(x, t, text, start_frame, attend_for_layer, extend_positions, rope)
 
     def rope_at(self, positions, height: int, width: int, extend_positions: bool = False):
