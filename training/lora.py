@@ -77,10 +77,6 @@ def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
 
 
-def has_lora(model: nn.Module) -> bool:
-    return any(".lora_A." in n for n, _ in model.named_parameters())
-
-
 def apply_lora(model: nn.Module, lc: LoraConfig, seed: int = 0) -> nn.Module:
     """Wrap the ``lc.targets`` linears of every block in LoRA layers (in place; returns ``model``).
 
