@@ -1,6 +1,7 @@
 """The DMD gradient: zero when the fake and real scores agree, the paper's normalisation, and a loss whose
 gradient on the video is exactly the normalised gradient."""
 
+import pytest
 import torch
 
 from self_forcing.sf_model.config import TINY
@@ -109,3 +110,140 @@ def test_critic_learns_the_flow_of_the_students_samples():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+# -- rollouts longer than the loss window (the official >21-frame path) ---------------------------------------
+from self_forcing.toy.codec import ToyCodec  # noqa: E402
+from self_forcing.training.loss_window import (ToyReencoder, VaeReencoder, draw_rollout_frames,  # noqa: E402
+                                               loss_window)
+
+
+def test_loss_window_reencodes_the_first_latent_through_the_codec_without_gradient():
+    codec = ToyCodec()
+    video = torch.randn(2, 16, 9, 4, 4, requires_grad=True)
+    win = loss_window(video, 3, 6, reencode_first=ToyReencoder(codec), masked_frames=3)
+    assert win.video.shape == (2, 16, 6, 4, 4) and win.loss_from == 3 and win.reencoded
+    want_first = codec.encode(codec.decode(video[:, :, 3:4].detach()).clamp(-1, 1))
+    assert torch.allclose(win.video[:, :, :1], want_first, atol=1e-5)
+    # a random latent is off the codec's 12-dimensional image: re-encoding really changes it
+    assert (win.video[:, :, 0] - video[:, :, 3]).abs().max() > 0.1
+    assert torch.equal(win.video[:, :, 1:], video[:, :, 4:9])
+    win.video.sum().backward()
+    expect = torch.zeros_like(video)
+    expect[:, :, 4:9] = 1  # the re-encoded frame and the frames outside the window get no gradient
+    assert torch.equal(video.grad, expect)
+
+
+def test_loss_window_at_the_start_or_without_reencoding_is_a_plain_slice():
+    video = torch.randn(1, 16, 9, 4, 4)
+    for win in (loss_window(video, 0, 6, reencode_first=ToyReencoder(ToyCodec()), masked_frames=3),
+                loss_window(video, 3, 6, reencode_first=None, masked_frames=3)):
+        assert win.loss_from == 0 and not win.reencoded
+    assert torch.equal(loss_window(video, 3, 6).video, video[:, :, 3:])
+    with pytest.raises(ValueError, match="outside"):
+        loss_window(video, 4, 6)
+
+
+def test_vae_reencoder_decodes_the_prefix_and_encodes_its_last_pixel_frame_alone():
+    from self_forcing.sf_model.latent_format import to_model_space, to_raw
+    from self_forcing.sf_model.vae.model import WanVAE, WanVAEConfig
+
+    torch.manual_seed(0)
+    vae = WanVAE(WanVAEConfig(dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1)).eval()
+    prefix = torch.randn(1, 16, 7, 2, 2)
+    got = VaeReencoder(vae, chunk=3)(prefix)
+    with torch.no_grad():
+        pixels = vae.decode(to_raw(prefix))  # one pass: 1 + 4 * 6 = 25 pixel frames
+        want = to_model_space(vae.encode(pixels[:, :, -1:]))
+    assert pixels.shape[2] == 25 and got.shape == (1, 16, 1, 2, 2)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_dmd_loss_leaves_the_masked_frames_out():
+    video = torch.randn(1, 16, 6, 2, 2, requires_grad=True)
+    grad = torch.randn(1, 16, 6, 2, 2)
+    dmd_loss(video, grad, loss_from=3).backward()
+    assert torch.count_nonzero(video.grad[:, :, :3]) == 0
+    assert torch.allclose(video.grad[:, :, 3:], grad[:, :, 3:] / video[:, :, 3:].numel(), rtol=1e-6)
+
+
+def test_rollout_lengths_are_whole_blocks_between_the_window_and_the_maximum():
+    seen = {draw_rollout_frames(21, 30, 3, torch.Generator().manual_seed(s)) for s in range(200)}
+    assert seen == {21, 24, 27, 30}
+    assert {draw_rollout_frames(21, 21, 3, torch.Generator().manual_seed(s)) for s in range(5)} == {21}
+
+
+def long_config(tmp_path, **dmd):
+    from self_forcing.training.config import load_config
+
+    return load_config(data={
+        "run": {"out_dir": str(tmp_path), "progress": False},
+        "model": {"dim": 32, "ffn_dim": 64, "num_heads": 2, "num_layers": 2, "text_dim": 32, "text_len": 16,
+                  "freq_dim": 32},
+        "world": {"size": 8, "frames": 6},
+        "dmd": {"batch_size": 1, "critic_ratio": 1, "lr": 1e-3, "rollout_frames": 12, **dmd}})
+
+
+def three_models(cfg):
+    """Generator, critic and real score with non-zero heads (so the scores disagree)."""
+    out = []
+    for seed in range(3):
+        m = build_model(cfg.model, seed, torch.device("cpu"))
+        with torch.no_grad():
+            m.head.head.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(seed + 10))
+        out.append(m)
+    return out
+
+
+def test_long_rollouts_train_on_the_last_window_with_the_first_latent_reencoded(tmp_path, monkeypatch):
+    from self_forcing.training import dmd as dmd_mod
+    from self_forcing.training.data import make_world
+    from self_forcing.training.engine import Runtime
+
+    cfg = long_config(tmp_path)
+    world = make_world(cfg)
+    trainer = dmd_mod.DmdTrainer.from_models(cfg, Runtime(device=torch.device("cpu")), world,
+                                             *three_models(cfg))
+    assert isinstance(trainer.reencoder, ToyReencoder)
+    calls = []
+    original_rollout, original_window = dmd_mod.rollout, dmd_mod.loss_window
+
+    def spy_rollout(*args, **kwargs):
+        video = original_rollout(*args, **kwargs)
+        calls.append({"frames": video.shape[2], "grad_from": kwargs["grad_from"], "grad": kwargs["grad"]})
+        return video
+
+    def spy_window(video, start, length, **kwargs):
+        win = original_window(video, start, length, **kwargs)
+        calls[-1].update(start=start, length=length, loss_from=win.loss_from, reencoded=win.reencoded)
+        return win
+
+    monkeypatch.setattr(dmd_mod, "rollout", spy_rollout)
+    monkeypatch.setattr(dmd_mod, "loss_window", spy_window)
+    lengths = set()
+    for step in range(8):
+        m = trainer.step(step)
+        lengths.add(int(m["rollout_frames"]))
+        assert torch.isfinite(torch.tensor(m["generator_loss"])) and m["generator_grad_norm"] > 0
+    assert lengths == {6, 9, 12}  # whole blocks from the window (6) to rollout_frames (12)
+    for c in calls:
+        assert c["length"] == 6 and c["start"] == c["frames"] - 6 == c["grad_from"]
+        assert c["reencoded"] == (c["frames"] > 6) and c["loss_from"] == (3 if c["frames"] > 6 else 0)
+    # keyed: the same steps draw the same lengths
+    again = dmd_mod.DmdTrainer.from_models(cfg, Runtime(device=torch.device("cpu")), world, *three_models(cfg))
+    assert [again.rollout_frames(0, "dmd", "gen-frames", s) for s in range(8)] == \
+           [trainer.rollout_frames(0, "dmd", "gen-frames", s) for s in range(8)]
+
+
+def test_long_rollout_config_is_checked(tmp_path):
+    from self_forcing.training.config import load_config
+
+    with pytest.raises(ValueError, match="rollout_frames"):
+        long_config(tmp_path, rollout_frames=10)  # not whole blocks
+    with pytest.raises(ValueError, match="rollout_frames"):
+        long_config(tmp_path, rollout_frames=3)  # shorter than the window
+    cfg = load_config(data={"world": {"kind": "wan", "frames": 21}, "dmd": {"rollout_frames": 27}})
+    from self_forcing.training.dmd import make_reencoder
+
+    with pytest.raises(ValueError, match=r"set models\.vae"):
+        make_reencoder(cfg, object(), torch.device("cpu"))

@@ -138,6 +138,34 @@ def test_only_exit_step_forwards_record_gradient(monkeypatch):
     assert calls == [False, False, True, False, False, False, True]
 
 
+def test_blocks_before_grad_from_exit_without_gradient(monkeypatch):
+    """The official trainer's last-window rule: only blocks starting at ``grad_from`` or later record
+    gradient at their exit step; earlier blocks exit at the same step under no_grad."""
+    model = make_model()
+    calls = []
+    original = model.forward_chunk
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        calls.append(out.requires_grad)
+        return out
+
+    monkeypatch.setattr(model, "forward_chunk", spy)
+    text = model.encode_text(context())
+    video = rollout(model, text, batch=1, clip_shape=SHAPE, steps=STEPS, opts=OPTS, exit_index=2,
+                    noise_for=noise_source(), grad=True, cache_dtype=torch.float32, grad_from=3)
+    assert calls == [False, False, False, False, False, False, True]
+    got = grads_of(model, video.square().mean())
+    want = reference_block1_grads(model, 2)  # block 0 without gradient, block 1 at its exit: the same graph
+    for name in want:
+        assert torch.allclose(got[name] * video.numel() / video[:, :, 3:].numel(), want[name], rtol=1e-4,
+                              atol=1e-8), name
+    video = rollout(model, model.encode_text(context()), batch=1, clip_shape=SHAPE, steps=STEPS, opts=OPTS,
+                    exit_index=2, noise_for=noise_source(), grad=True, cache_dtype=torch.float32, grad_from=3)
+    first = grads_of(model, video[:, :, :3].square().mean() + 0 * video[:, :, 3:].sum())
+    assert all(torch.count_nonzero(g) == 0 for g in first.values())
+
+
 def test_rollout_without_exit_is_the_sampler():
     model = make_model().eval()
     ctx = context()

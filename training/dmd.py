@@ -15,8 +15,17 @@ Generator update (every ``critic_ratio`` steps)
     mean |x - x0_real|; loss = 0.5 * MSE(x, x - grad) in float64, whose gradient w.r.t. x is grad / N.
 
 Critic update (every step)
-    A fresh no-grad rollout; the critic (initialised from the teacher) learns the flow of the student's
-    samples (flow-matching MSE).
+    A fresh no-grad rollout; the critic learns the flow of the student's samples (flow-matching MSE).
+
+Models (``training.roles``): the generator starts from ``models.generator_init``; the critic is its own
+trainable model of the generator's architecture (``models.critic_init``); the real score is a separate frozen
+model of any size (``models.real_score``, Wan2.1-T2V-14B in the paper), bf16 on CUDA. ``DmdTrainer.from_models``
+takes models already built (the memory benchmark builds random ones on the GPU).
+
+Rollouts longer than the loss window (``dmd.rollout_frames`` > ``world.frames``, the official
+num_training_frames > 21): a random whole number of blocks per rollout, gradient only in the blocks of the
+last ``world.frames`` frames, the losses on those frames with the first latent re-encoded as an image latent
+(``training.loss_window``) and the window's first block left out of the DMD loss.
 """
 
 from __future__ import annotations
@@ -33,8 +42,11 @@ from ..sf_model.schedule import Step, add_noise, make_steps, shift_sigma
 from .config import TrainConfig
 from .engine import (Runtime, Trainable, accumulate, broadcast_int, generator, run_loop, sample_indices,
                      seeded_randn)
-from .models import frozen_copy, load_dit, save_dit
+from .loss_window import LossWindow, ToyReencoder, VaeReencoder, draw_rollout_frames, loss_window
+from .models import load_dit, save_dit
 from .ode_init import sampling_meta
+from .roles import (check_generator_architecture, check_real_score, checkpoint_architecture, describe,
+                    frozen_dtype, load_frozen, same_architecture)
 
 STAGE = "dmd"
 
@@ -42,12 +54,14 @@ STAGE = "dmd"
 # -- rollout through the sampler ---------------------------------------------------------------------
 def rollout(model, text, *, batch: int, clip_shape: Sequence[int], steps: Sequence[Step], opts: StreamOptions,
             exit_index: int, noise_for: Callable[[int, int, int], list[torch.Tensor]], grad: bool,
-            cache_dtype: torch.dtype, cache: KVCache | None = None) -> torch.Tensor:
+            cache_dtype: torch.dtype, cache: KVCache | None = None, grad_from: int = 0) -> torch.Tensor:
     """Generate a clip [B, C, F, H, W] block by block with the sampler's ``denoise_chunk``/``commit_chunk``.
 
     ``model``: a CausalWanModel or an ``engine.Wrapped``; ``text``: its ``encode_text`` output (carrying
     gradient when the text path should train); ``noise_for(block, frames, count)`` -> ``count`` noise
-    tensors [B, C, frames, H, W]; ``grad``: record gradient at each block's exit step.
+    tensors [B, C, frames, H, W]; ``grad``: record gradient at each block's exit step -- of the blocks that
+    start at frame ``grad_from`` or later (the official trainer's last-21-frames rule: earlier blocks exit at
+    the same step without gradient).
     """
     c, f, h, w = clip_shape
     cfg = model.config
@@ -62,7 +76,7 @@ def rollout(model, text, *, batch: int, clip_shape: Sequence[int], steps: Sequen
     for bi, (start, n) in enumerate(plan):
         noise = noise_for(bi, n, exit_index + 1)
         x0 = denoise_chunk(model, text, cache, start, noise, steps, opts, exit_index=exit_index,
-                           grad_at_exit=grad)
+                           grad_at_exit=grad and start >= grad_from)
         outs.append(x0)
         if bi < len(plan) - 1:
             commit_chunk(model, text, cache, start, x0, opts)
@@ -94,10 +108,11 @@ def dmd_gradient(video: torch.Tensor, fake_score, real_score, cond: torch.Tensor
     return grad, {"dmd_grad_abs": float(grad.abs().mean()), "fake_real_gap": float((fake - real).abs().mean())}
 
 
-def dmd_loss(video: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """0.5 * MSE(x, x - grad) in float64: d loss / d x = grad / numel."""
-    v = video.double()
-    return 0.5 * F.mse_loss(v, (v - grad.double()).detach())
+def dmd_loss(video: torch.Tensor, grad: torch.Tensor, loss_from: int = 0) -> torch.Tensor:
+    """0.5 * MSE(x, x - grad) in float64 over the frames from ``loss_from`` on: d loss / d x = grad / numel
+    there, 0 on the frames before (the official gradient mask)."""
+    v = video[:, :, loss_from:].double()
+    return 0.5 * F.mse_loss(v, (v - grad[:, :, loss_from:].double()).detach())
 
 
 def critic_loss(critic, video: torch.Tensor, cond: torch.Tensor, sigma: torch.Tensor,
@@ -129,22 +144,61 @@ def self_forcing_path(cfg: TrainConfig) -> str:
 
 
 class DmdTrainer:
-    """Holds the generator, critic and real score; ``step(step)`` is one iteration of the official loop."""
+    """Holds the generator, critic and real score; ``step(step)`` is one iteration of the official loop.
 
-    def __init__(self, cfg: TrainConfig, rt: Runtime, world, generator_path: str, teacher_path: str):
+    ``generator`` and ``critic``: trainable models of ``cfg.model``'s architecture (float32 master weights);
+    ``real_score``: a frozen bidirectional model of any size that reads the same latents and text (bf16 on
+    CUDA). Build from the role paths with ``from_paths`` or from models in memory with ``from_models``.
+    """
+
+    def __init__(self, cfg: TrainConfig, rt: Runtime, world, generator: torch.nn.Module, critic: torch.nn.Module,
+                 real_score: torch.nn.Module, reencoder=None):
+        if critic is real_score or critic is generator:
+            raise ValueError("the critic must be a model of its own (not the real score or the generator)")
+        check_generator_architecture(generator, cfg, "generator")
+        check_generator_architecture(critic, cfg, "critic")
+        check_real_score(real_score, cfg)
         self.cfg, self.rt, self.world = cfg, rt, world
         dc = self.dc = cfg.dmd
-        gen, _ = load_dit(generator_path, rt.device, trainable=True)
-        teacher, _ = load_dit(teacher_path, rt.device)
-        self.real = frozen_copy(teacher)
-        critic = teacher.train().requires_grad_(True)
+        self.real = real_score.eval().requires_grad_(False)
         common = dict(betas=dc.betas, weight_decay=dc.weight_decay, grad_clip=dc.grad_clip, warmup=dc.warmup)
-        self.gen = Trainable("generator", gen, rt, lr=dc.lr, ema_decay=dc.ema_decay, ema_start=dc.ema_start,
+        self.gen = Trainable("generator", generator, rt, lr=dc.lr, ema_decay=dc.ema_decay, ema_start=dc.ema_start,
                              **common)
         self.critic = Trainable("critic", critic, rt, lr=dc.lr_critic, **common)
         self.opts = cfg.sampling.stream_options()
         self.steps = make_steps(cfg.sampling.steps, cfg.sampling.shift, cfg.sampling.warp)
         self.clip_shape = tuple(world.clip_shape)
+        self.window = self.clip_shape[1]  # the frames the scores see (world.frames)
+        self.max_frames = max(dc.rollout_frames, self.window)
+        self.reencoder = reencoder
+        if self.max_frames > self.window and dc.reencode_first and reencoder is None:
+            self.reencoder = make_reencoder(cfg, world, rt.device)
+
+    @classmethod
+    def from_models(cls, cfg: TrainConfig, rt: Runtime, world, generator, critic, real_score,
+                    reencoder=None) -> "DmdTrainer":
+        """A trainer over models already built (e.g. random weights made on the GPU by a benchmark)."""
+        return cls(cfg, rt, world, generator, critic, real_score, reencoder)
+
+    @classmethod
+    def from_paths(cls, cfg: TrainConfig, rt: Runtime, world, generator_init: str, critic_init: str,
+                   real_score: str) -> "DmdTrainer":
+        """Load the three roles: generator and critic trainable in float32, the real score frozen
+        (``roles.load_frozen``: bf16 on CUDA) with its own architecture."""
+        for role, path in (("critic", critic_init), ("generator", generator_init)):  # before loading anything
+            arch = checkpoint_architecture(path)
+            if not same_architecture(arch, cfg.model):
+                raise ValueError(f"the {role} would start from {path}, which is {describe(arch)}; the {role} "
+                                 f"is trained and needs the generator's architecture ([model]: "
+                                 f"{describe(cfg.model)})" + (", e.g. models.critic_init = Wan2.1-T2V-1.3B"
+                                                              if role == "critic" else ""))
+        real = load_frozen(real_score, rt.device)
+        check_real_score(real, cfg, real_score)
+        critic, _ = load_dit(critic_init, rt.device, trainable=True)
+        check_generator_architecture(critic, cfg, "critic", critic_init)
+        gen, _ = load_dit(generator_init, rt.device, trainable=True)
+        check_generator_architecture(gen, cfg, "generator", generator_init)
+        return cls(cfg, rt, world, gen, critic, real)
 
     def parts(self) -> dict:
         return {"generator": self.gen, "critic": self.critic}
@@ -158,47 +212,69 @@ class DmdTrainer:
                     for s in range(count)]
         return noise_for
 
-    def _rollout(self, model, text, indices, exit_index: int, grad: bool, *key) -> torch.Tensor:
-        return rollout(model, text, batch=len(indices), clip_shape=self.clip_shape, steps=self.steps,
-                       opts=self.opts, exit_index=exit_index, noise_for=self._noise_for(indices, *key),
-                       grad=grad, cache_dtype=self.rt.compute_dtype)
+    def rollout_frames(self, *key) -> int:
+        """Frames of one rollout: the window, or (long rollouts) a whole number of blocks drawn uniformly in
+        [window, rollout_frames] on rank 0 and broadcast."""
+        if self.max_frames == self.window:
+            return self.window
+        value = draw_rollout_frames(self.window, self.max_frames, self.cfg.sampling.frames_per_block,
+                                    generator(*key)) if self.rt.is_main else 0
+        return broadcast_int(value, self.rt)
+
+    def _rollout(self, model, text, indices, exit_index: int, grad: bool, frames: int, *key) -> LossWindow:
+        """Roll out ``frames`` frames (gradient only in the last window) and cut the scores' window."""
+        c, _, h, w = self.clip_shape
+        start = frames - self.window
+        video = rollout(model, text, batch=len(indices), clip_shape=(c, frames, h, w), steps=self.steps,
+                        opts=self.opts, exit_index=exit_index, noise_for=self._noise_for(indices, *key),
+                        grad=grad, cache_dtype=self.rt.compute_dtype, grad_from=start)
+        return loss_window(video, start, self.window,
+                           reencode_first=self.reencoder if self.dc.reencode_first else None,
+                           masked_frames=self.cfg.sampling.frames_per_block)
 
     def generator_step(self, step: int) -> dict:
         dc, rt, seed = self.dc, self.rt, self.cfg.run.seed
         exit_index = draw_exit(len(self.steps), rt, seed, STAGE, "gen-exit", step)
+        frames = self.rollout_frames(seed, STAGE, "gen-frames", step)
 
         def micro(m: int):
             idx = sample_indices(step, m, rt, dc.batch_size, dc.grad_accum)
             cond = self.world.contexts(idx, rt.device, stream="dmd")
             uncond = self.world.uncond(len(idx), rt.device)
             text = self.gen.wrapped.encode_text(cond)
-            video = self._rollout(self.gen.wrapped, text, idx, exit_index, True, seed, STAGE, "gen-noise", step)
+            win = self._rollout(self.gen.wrapped, text, idx, exit_index, True, frames, seed, STAGE, "gen-noise",
+                                step)
             sigma = score_sigmas(idx, dc, seed, STAGE, "gen-t", step).to(rt.device)
-            noise = torch.stack([seeded_randn(video.shape[1:], seed, STAGE, "gen-score", step, i, device=rt.device)
-                                 for i in idx])
-            grad, info = dmd_gradient(video, self.critic.model, self.real, cond, uncond, sigma, noise, dc.guidance)
-            loss = dmd_loss(video, grad)
+            noise = torch.stack([seeded_randn(win.video.shape[1:], seed, STAGE, "gen-score", step, i,
+                                              device=rt.device) for i in idx])
+            grad, info = dmd_gradient(win.video, self.critic.model, self.real, cond, uncond, sigma, noise,
+                                      dc.guidance)
+            loss = dmd_loss(win.video, grad, win.loss_from)
             return loss, {"generator_loss": loss.item(), **info}
 
         metrics = accumulate(rt, self.gen, dc.grad_accum, micro)
         metrics["generator_grad_norm"] = self.gen.step()
         metrics["exit_index"] = exit_index
+        if self.max_frames > self.window:
+            metrics["rollout_frames"] = frames
         return metrics
 
     def critic_step(self, step: int) -> dict:
         dc, rt, seed = self.dc, self.rt, self.cfg.run.seed
         exit_index = draw_exit(len(self.steps), rt, seed, STAGE, "critic-exit", step)
+        frames = self.rollout_frames(seed, STAGE, "critic-frames", step)
 
         def micro(m: int):
             idx = sample_indices(step, m, rt, dc.batch_size, dc.grad_accum)
             cond = self.world.contexts(idx, rt.device, stream="dmd-critic")
             with torch.no_grad():
                 text = self.gen.model.encode_text(cond)
-                video = self._rollout(self.gen.model, text, idx, exit_index, False, seed, STAGE, "critic-noise", step)
+                win = self._rollout(self.gen.model, text, idx, exit_index, False, frames, seed, STAGE,
+                                    "critic-noise", step)
             sigma = score_sigmas(idx, dc, seed, STAGE, "critic-t", step).to(rt.device)
-            noise = torch.stack([seeded_randn(video.shape[1:], seed, STAGE, "critic-score", step, i,
+            noise = torch.stack([seeded_randn(win.video.shape[1:], seed, STAGE, "critic-score", step, i,
                                               device=rt.device) for i in idx])
-            loss = critic_loss(self.critic.wrapped, video, cond, sigma, noise)
+            loss = critic_loss(self.critic.wrapped, win.video, cond, sigma, noise)
             return loss, {"critic_loss": loss.item()}
 
         metrics = accumulate(rt, self.critic, dc.grad_accum, micro)
@@ -213,9 +289,26 @@ class DmdTrainer:
         return metrics
 
 
-def train_dmd(cfg: TrainConfig, rt: Runtime, world, generator_path: str, teacher_path: str, *,
+def make_reencoder(cfg: TrainConfig, world, device: torch.device):
+    """What plays the VAE for re-encoding a window's first latent: the toy world's codec, or the Wan2.1 VAE of
+    ``models.vae`` (bf16 on CUDA)."""
+    codec = getattr(world, "codec", None)
+    if codec is not None:
+        from .data import codec_on
+
+        return ToyReencoder(codec_on(codec, device))
+    if not cfg.models.vae:
+        raise ValueError(f"dmd.rollout_frames = {cfg.dmd.rollout_frames} > world.frames = {cfg.world.frames} "
+                         "re-encodes the loss window's first latent through the VAE: set models.vae to the Wan2.1 "
+                         "VAE (wan_2.1_vae.safetensors), or dmd.reencode_first = false")
+    from ..sf_model.vae.checkpoint import load_vae
+
+    return VaeReencoder(load_vae(cfg.models.vae, device=device, dtype=frozen_dtype(device)))
+
+
+def train_dmd(cfg: TrainConfig, rt: Runtime, world, generator_init: str, critic_init: str, real_score: str, *,
               stop_after: int | None = None) -> str:
-    trainer = DmdTrainer(cfg, rt, world, generator_path, teacher_path)
+    trainer = DmdTrainer.from_paths(cfg, rt, world, generator_init, critic_init, real_score)
     directory = os.path.join(cfg.run.out_dir, STAGE)
     end = run_loop(STAGE, cfg.dmd.steps, trainer.step, trainer.parts(), directory, rt,
                    log_every=cfg.run.log_every, checkpoint_every=cfg.run.checkpoint_every,

@@ -1,6 +1,7 @@
 """Stage 2b: causal initialisation by ODE regression (CausVid / Self Forcing recipe).
 
-The block-causal student (initialised from the teacher's weights) sees, per block, the teacher's trajectory
+The block-causal student (initialised from bidirectional weights of its own architecture: ``models.critic_init``,
+the teacher's for the toy world) sees, per block, the teacher's trajectory
 at a random one of its own step levels (``uniform_timestep=False``: one level per block) and regresses the
 trajectory's clean end point: MSE(x - sigma * flow(x), x0_teacher). This teaches the few-step map without
 ever conditioning on ground-truth context.
@@ -17,6 +18,7 @@ from .config import TrainConfig
 from .engine import Runtime, Trainable, accumulate, generator, run_loop, sample_indices
 from .models import load_dit, save_dit
 from .ode_pairs import load_pairs
+from .roles import check_generator_architecture
 
 STAGE = "ode_init"
 
@@ -56,6 +58,7 @@ def train_ode_init(cfg: TrainConfig, rt: Runtime, world, teacher_path: str, *,
     sigmas, timesteps = pairs["sigmas"].to(rt.device), pairs["timesteps"].to(rt.device)
     k = len(sigmas)
     model, _ = load_dit(teacher_path, rt.device, trainable=True)
+    check_generator_architecture(model, cfg, "causal student", teacher_path)
     tr = Trainable(STAGE, model, rt, lr=oc.lr, betas=oc.betas, weight_decay=oc.weight_decay,
                    grad_clip=oc.grad_clip, warmup=oc.warmup, ema_decay=oc.ema_decay, ema_start=oc.ema_start)
     seed = cfg.run.seed

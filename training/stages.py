@@ -5,7 +5,7 @@ diffusion_forcing] -> eval -> export (the two baselines of ``training.baselines`
 Every stage reads its inputs from and writes its outputs to ``run.out_dir``, so stages can run in separate
 invocations (and the training stages resume from their checkpoints after a kill)::
 
-    <out_dir>/teacher.safetensors          (toy; Wan uses world.teacher_path)
+    <out_dir>/teacher.safetensors          (toy: the teacher plays every role; Wan: [models], ``training.roles``)
     <out_dir>/ode_pairs/rank<R>.pt
     <out_dir>/ode_init.safetensors
     <out_dir>/self_forcing.safetensors     (EMA generator)
@@ -44,23 +44,17 @@ def resolve_stages(text: str | None) -> list[str]:
 
 
 def teacher_file(cfg: TrainConfig) -> str:
-    if cfg.world.kind == "toy" and cfg.world.teacher_path:  # a teacher shared by several runs (seeds)
-        return cfg.world.teacher_path
-    if cfg.world.kind == "wan":
-        if not cfg.world.teacher_path:
-            raise ValueError("set world.teacher_path to the released Wan2.1 T2V weights (the real score)")
-        return cfg.world.teacher_path
-    from .teacher import teacher_path
+    """The real score's file (``roles.real_score_path``; the toy teacher for the toy world)."""
+    from .roles import real_score_path
 
-    return teacher_path(cfg)
+    return real_score_path(cfg)
 
 
 def generator_start(cfg: TrainConfig) -> str:
-    if cfg.world.generator_path:
-        return cfg.world.generator_path
-    from .ode_init import ode_init_path
+    """The DMD generator's starting weights (``roles.generator_init_path``)."""
+    from .roles import generator_init_path
 
-    return ode_init_path(cfg)
+    return generator_init_path(cfg)
 
 
 def require(path: str, stage: str) -> str:
@@ -90,7 +84,7 @@ def run_stages(cfg: TrainConfig, stages: list[str], rt: Runtime, world, *,
 
 
 def _run_stage(cfg: TrainConfig, stage: str, rt: Runtime, world, out: dict, stop_after: int | None) -> None:
-    from .models import load_dit
+    from . import roles
 
     if stage == "teacher":
         if world.kind == "wan":
@@ -102,22 +96,24 @@ def _run_stage(cfg: TrainConfig, stage: str, rt: Runtime, world, out: dict, stop
     elif stage == "ode_pairs":
         from .ode_pairs import generate_pairs
 
-        teacher, _ = load_dit(require(teacher_file(cfg), "teacher"), rt.device)
+        teacher = roles.load_frozen(require(roles.ode_teacher_path(cfg), "teacher"), rt.device)
         out[stage] = generate_pairs(cfg, rt, world, teacher)
         del teacher
     elif stage == "ode_init":
         from .ode_init import train_ode_init
 
-        out[stage] = train_ode_init(cfg, rt, world, require(teacher_file(cfg), "teacher"), stop_after=stop_after)
+        out[stage] = train_ode_init(cfg, rt, world, require(roles.student_init_path(cfg), "teacher"),
+                                    stop_after=stop_after)
     elif stage == "dmd":
         from .dmd import train_dmd
 
-        out[stage] = train_dmd(cfg, rt, world, require(generator_start(cfg), "ode_init"),
-                               require(teacher_file(cfg), "teacher"), stop_after=stop_after)
+        out[stage] = train_dmd(cfg, rt, world, require(roles.generator_init_path(cfg), "ode_init"),
+                               require(roles.critic_init_path(cfg), "teacher"),
+                               require(roles.real_score_path(cfg), "teacher"), stop_after=stop_after)
     elif stage in ("teacher_forcing", "diffusion_forcing"):
         from .baselines import train_baseline
 
-        out[stage] = train_baseline(cfg, rt, world, require(teacher_file(cfg), "teacher"), stage,
+        out[stage] = train_baseline(cfg, rt, world, require(roles.student_init_path(cfg), "teacher"), stage,
                                     stop_after=stop_after)
     elif stage == "eval":
         from .evaluate import evaluate_drift
