@@ -15,6 +15,11 @@ Forcing checkpoint: a cache for the whole video) is the case ``window = video le
 Memory is bounded by ``sink + window`` frames whatever the video length, and the sampler never asks for
 more slots than its run has frames (``sf_model.window.cache_slots``; a ring of 0 frames is a cache of sink
 slots only). All bookkeeping is in Python ints: no device-to-host synchronisation.
+
+For activation checkpointing (``sf_model.recompute``) a gradient-recording chunk forward takes each
+layer's *history* (every valid slot but the chunk's own, ``history``) as explicit inputs, and a
+``stamp`` of those slots lets the recompute in backward refuse to run on history that was rewritten in
+between (a planned write into the slot, or an in-place change of the buffers by anyone else).
 """
 
 from __future__ import annotations
@@ -54,6 +59,12 @@ class KVCache:
                                      dtype=torch.float32, device=device) if key_means else None)
         self.frames_written = 0
         self.plan: CachePlan | None = None
+        # For stamps (activation checkpointing): planned writes per slot, and in-place changes of the
+        # buffers that did not come from ``write`` (noticed by the tensors' version counters once tracked).
+        self._slot_writes = [0] * self.capacity
+        self._tracking = False
+        self._seen_versions: tuple = ()
+        self._foreign_changes = 0
 
     # -- bookkeeping -------------------------------------------------------------------------
     def slot(self, frame: int) -> int:
@@ -86,12 +97,17 @@ class KVCache:
         valid = end if end <= self.sink else self.sink + min(self.window, end - self.sink)
         self.plan = CachePlan(start_frame, frames, tuple(tuple(r) for r in runs), valid)
         self.frames_written = max(self.frames_written, end)
+        for slot, _, n in runs:
+            for s in range(slot, slot + n):
+                self._slot_writes[s] += 1
         return self.plan
 
     # -- per-layer work ----------------------------------------------------------------------
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the chunk's keys/values [B, F*frame_tokens, H, D] into its slots."""
         ft = self.frame_tokens
+        if self._tracking:
+            self._notice_foreign_changes()
         kc, vc = self.k[layer], self.v[layer]
         for slot, off, n in self.plan.runs:
             kc[:, slot * ft:(slot + n) * ft].copy_(k[:, off * ft:(off + n) * ft])
@@ -100,6 +116,8 @@ class KVCache:
             means = k.unflatten(1, (-1, ft)).float().mean(2)  # [B, F, H, D]
             for slot, off, n in self.plan.runs:
                 self.key_mean[layer, :, slot:slot + n].copy_(means[:, off:off + n])
+        if self._tracking:
+            self._seen_versions = self._versions()
 
     def valid(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of every valid slot, [B, n_valid*frame_tokens, H, D] views."""
@@ -109,20 +127,64 @@ class KVCache:
     def valid_with_current(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Like ``valid`` but the current chunk's slots hold the given tensors (which may carry gradient,
         while the cache itself only ever stores detached values). Same key order as ``valid``."""
+        hk, hv, order = self.history(layer)
+        return assemble(hk, k, order, self.frame_tokens), assemble(hv, v, order, self.frame_tokens)
+
+    def history(self, layer: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], tuple]:
+        """The valid slots of ``layer`` other than the current chunk's, as views of the buffers:
+        (key pieces, value pieces, order). ``order`` lists, in slot order, ``(i, -1, 0)`` for history
+        piece i and ``(-1, offset, frames)`` for the current chunk's frames; ``assemble`` puts them together."""
         ft, end = self.frame_tokens, self.plan.valid_frames
         kc, vc = self.k[layer], self.v[layer]
-        ks, vs, pos = [], [], 0
+        ks, vs, order, pos = [], [], [], 0
         for slot, off, n in sorted(self.plan.runs):
             if slot > pos:
+                order.append((len(ks), -1, 0))
                 ks.append(kc[:, pos * ft:slot * ft])
                 vs.append(vc[:, pos * ft:slot * ft])
-            ks.append(k[:, off * ft:(off + n) * ft])
-            vs.append(v[:, off * ft:(off + n) * ft])
+            order.append((-1, off, n))
             pos = slot + n
         if pos < end:
+            order.append((len(ks), -1, 0))
             ks.append(kc[:, pos * ft:end * ft])
             vs.append(vc[:, pos * ft:end * ft])
-        return torch.cat(ks, 1), torch.cat(vs, 1)
+        return tuple(ks), tuple(vs), tuple(order)
+
+    def history_slots(self) -> tuple[int, ...]:
+        """The slots ``history`` reads for the current plan."""
+        mine = {s for slot, _, n in self.plan.runs for s in range(slot, slot + n)}
+        return tuple(s for s in range(self.plan.valid_frames) if s not in mine)
+
+    # -- stamps (activation checkpointing) -----------------------------------------------------
+    def _versions(self) -> tuple:
+        bufs = (self.k, self.v) if self.key_mean is None else (self.k, self.v, self.key_mean)
+        return tuple(b._version for b in bufs)
+
+    def _notice_foreign_changes(self) -> None:
+        now = self._versions()
+        if now != self._seen_versions:
+            self._foreign_changes += 1
+            self._seen_versions = now
+
+    def trackable(self) -> bool:
+        """Whether stamps can see in-place changes (not for tensors made under ``torch.inference_mode``,
+        which have no version counter)."""
+        return not self.k.is_inference()
+
+    def stamp(self) -> tuple:
+        """A token for the current contents of the history slots of the current plan (all layers);
+        ``changed_since(token)`` tells whether any of them may have been rewritten since."""
+        if not self._tracking:
+            self._tracking = True
+            self._seen_versions = self._versions()
+        self._notice_foreign_changes()
+        slots = self.history_slots()
+        return self._foreign_changes, slots, tuple(self._slot_writes[s] for s in slots)
+
+    def changed_since(self, token: tuple) -> bool:
+        foreign, slots, writes = token
+        self._notice_foreign_changes()
+        return foreign != self._foreign_changes or writes != tuple(self._slot_writes[s] for s in slots)
 
     # -- lifetime ----------------------------------------------------------------------------
     def reset(self) -> None:
@@ -138,6 +200,14 @@ class KVCache:
         """Drop the buffers (the object is unusable afterwards)."""
         self.k = self.v = self.key_mean = None
         self.plan = None
+
+
+def assemble(pieces: tuple[torch.Tensor, ...], current: torch.Tensor, order: tuple, frame_tokens: int) -> torch.Tensor:
+    """Keys (or values) of every valid slot in slot order from ``KVCache.history`` pieces and the current
+    chunk's tensor [B, F*frame_tokens, H, D] (one concatenation; the current part may carry gradient)."""
+    ft = frame_tokens
+    parts = [pieces[i] if i >= 0 else current[:, off * ft:(off + n) * ft] for i, off, n in order]
+    return torch.cat(parts, 1)
 
 
 class TextContext:

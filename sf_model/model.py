@@ -17,6 +17,9 @@ Inference speed-ups live in ``sf_model.speed`` and are switched on from outside 
 points: ``CausalWanModel.inference_trunk`` (gradient-free forwards), ``CausalWanModel.chunk_graphs``
 (CUDA-graph replay of ``forward_chunk``), ``Block.ffn_first`` and ``Block.pre_attention`` /
 ``Block.post_attention``. This module imports none of it.
+
+Training memory: ``set_activation_checkpointing(True)`` recomputes every block in backward
+(``sf_model.recompute``: cached chunk forwards then take their history K/V as explicit inputs).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from .attention import attention, masked_attention, resolve_backend
 from .cache import KVCache, TextContext
 from .config import WanConfig
 from .mask import build_mask, visibility_mask
+from .recompute import check_mode, gather_history, history_stamp, run_checkpointed
 from .rope import Rope3D, apply_rope
 from .routing import history_frames, routed_attend, routed_attention
 
@@ -148,6 +152,8 @@ class Block(nn.Module):
         self.ffn_first: Callable[[nn.Linear, torch.Tensor], torch.Tensor] | None = None
         self.pre_attention = self._pre_attention     # may be replaced by compiled versions
         self.post_attention = self._post_attention
+        # Activation checkpointing (set through CausalWanModel.set_activation_checkpointing).
+        self.checkpoint = False
 
     def _pre_attention(self, x, e, frames: int, rope_cos, rope_sin):
         """Modulated norm, q/k/v with RMSNorm and RoPE. x [B, L, dim] f32, e [B, F, 6, dim] f32."""
@@ -171,10 +177,20 @@ class Block(nn.Module):
             y = self.ffn(h)
         return x + per_frame(y.float(), frames, gate=gate2)
 
-    def forward(self, x, e, frames, rope, text_kv, attend, backend):
-        """x: [B, L, dim] float32; e: [B, F, 6, dim] float32 time projection; attend(q, k, v) -> out."""
+    def forward(self, x, e, frames, rope, text_kv, attend, backend, return_kv: bool = False):
+        """x: [B, L, dim] float32; e: [B, F, 6, dim] float32 time projection; attend(q, k, v) -> out.
+
+        ``return_kv``: also return the block's own keys/values (detached) -> (x, k, v). With
+        ``checkpoint`` set, a gradient-recording call is recomputed in backward (``attend`` must then
+        read no mutable state: ``sf_model.recompute.ChunkAttention`` for cached chunks)."""
+        if self.checkpoint and torch.is_grad_enabled():
+            return run_checkpointed(self._forward, x, e, frames, rope, text_kv, attend, backend, return_kv)
+        return self._forward(x, e, frames, rope, text_kv, attend, backend, return_kv)
+
+    def _forward(self, x, e, frames, rope, text_kv, attend, backend, return_kv):
         q, k, v = self.pre_attention(x, e, frames, *rope)
-        return self.post_attention(x, attend(q, k, v), e, frames, text_kv[0], text_kv[1], backend)
+        out = self.post_attention(x, attend(q, k, v), e, frames, text_kv[0], text_kv[1], backend)
+        return (out, k.detach(), v.detach()) if return_kv else out
 
 
 class Head(nn.Module):
@@ -215,6 +231,8 @@ class CausalWanModel(nn.Module):
         self.inference_trunk: Callable | None = None
         # chunk_graphs: replays forward_chunk from CUDA graphs (accepts / situation / run / clear).
         self.chunk_graphs = None
+        # History K/V of checkpointed chunk forwards: "view" or "copy" (sf_model.recompute).
+        self.checkpoint_history = "view"
 
     # -- properties --------------------------------------------------------------------------
     @property
@@ -232,6 +250,29 @@ class CausalWanModel(nn.Module):
         if self._backend is None or self._backend[0] != key:
             self._backend = (key, resolve_backend(self.attn_backend_request, self.device))
         return self._backend[1]
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        """Whether blocks are recomputed in backward (``set_activation_checkpointing``)."""
+        return any(blk.checkpoint for blk in self.blocks)
+
+    def set_activation_checkpointing(self, enabled: bool = True, *, history: str = "view") -> "CausalWanModel":
+        """Recompute every block in backward instead of keeping its activations (default off).
+
+        Applies to gradient-recording calls of ``forward`` and ``forward_chunk``; gradient-free calls
+        (sampling, CUDA graphs, the inference trunk) are unchanged. ``history``: how checkpointed chunk
+        forwards hold the cached K/V they attend to, "view" (no copy; backward raises if those cache slots
+        were rewritten before it) or "copy" (detached copies; safe with rolling windows). See
+        ``sf_model.recompute``.
+        """
+        self.checkpoint_history = check_mode(history)
+        for blk in self.blocks:
+            blk.checkpoint = bool(enabled)
+        return self
+
+    def _explicit_history(self) -> bool:
+        """Gradient-recording chunk forwards give blocks their history as inputs (needed for recompute)."""
+        return self.activation_checkpointing
 
     def check_dtypes(self) -> None:
         """Refuse a model whose parameters are on several devices or in several float dtypes."""
@@ -301,7 +342,9 @@ class CausalWanModel(nn.Module):
 
     # -- shared trunk ------------------------------------------------------------------------
     def _run(self, x, t, text: TextContext, start_frame: int, attend_for_layer, extend_positions: bool,
-             rope=None):
+             rope=None, layer=None):
+        """The trunk; ``layer(i, blk, h, e0, frames, rope, text_kv, backend) -> h``, if given, runs each
+        block instead of ``blk(..., attend_for_layer(i), ...)`` (gradient-recording calls only)."""
         grid = self.latent_grid(x)
         b = x.shape[0]
         if text.batch != b:
@@ -318,7 +361,10 @@ class CausalWanModel(nn.Module):
         else:
             backend = self.attn_backend
             for i, blk in enumerate(self.blocks):
-                h = blk(h, e0, fr, rope, text[i], attend_for_layer(i), backend)
+                if layer is None:
+                    h = blk(h, e0, fr, rope, text[i], attend_for_layer(i), backend)
+                else:
+                    h = layer(i, blk, h, e0, fr, rope, text[i], backend)
             out = self.head(h, e, fr)
         return self.unpatchify(out, grid)
 
@@ -401,6 +447,8 @@ class CausalWanModel(nn.Module):
 
         The chunk's K/V are written into its cache slots (overwriting a previous pass of the same chunk).
         With ``routing_topk`` the chunk attends to the sink, the top-k history frames and itself.
+        With activation checkpointing, a gradient-recording call gathers each block's history K/V
+        before the block runs and writes the block's returned K/V afterwards (``sf_model.recompute``).
         """
         fr, hh, ww = self.latent_grid(x)
         if hh * ww != cache.frame_tokens:
@@ -421,6 +469,17 @@ class CausalWanModel(nn.Module):
                     kc, vc = cache.valid(i)
                 return attention(q, kc, vc, backend)
             return attend
+
+        if torch.is_grad_enabled() and self._explicit_history():
+            stamp = history_stamp(cache, self.checkpoint_history)
+            topk = routing_topk if route else None
+
+            def layer(i, blk, h, e0, frames, rope, text_kv, backend_):
+                attend = gather_history(cache, i, backend_, stamp, routing_topk=topk)
+                h, k, v = blk(h, e0, frames, rope, text_kv, attend, backend_, return_kv=True)
+                cache.write(i, k, v)
+                return h
+            return self._run(x, t, text, start_frame, None, extend_positions, None, layer)
 
         def run(x_, t_, rope, text_):
             return self._run(x_, t_, text_, start_frame, attend_for_layer, extend_positions, rope)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..sf_model.checkpoint import load_model, save_model
+from ..sf_model.checkpoint import check_compatible, load_model, load_state_dict_file, save_model
 from ..sf_model.config import WanConfig
 from ..sf_model.model import CausalWanModel
 
@@ -51,20 +51,47 @@ def build_model(config: WanConfig, seed: int, device: torch.device) -> CausalWan
     return model.to(device=device, dtype=torch.float32)
 
 
-def load_dit(path: str, device: torch.device, trainable: bool = False) -> tuple[CausalWanModel, dict]:
-    """Load any checkpoint sf_model reads as a float32 model; returns (model, metadata)."""
-    loaded = load_model(path, device=device, dtype=torch.float32, attn_backend="sdpa")
-    model = loaded.model
+def empty_model(config: WanConfig, device: torch.device, dtype: torch.dtype,
+                attn_backend: str = "sdpa") -> CausalWanModel:
+    """An uninitialised model allocated directly in ``dtype`` on ``device`` (built on the meta device
+    first: no float32 copy of the weights ever exists)."""
+    with torch.device("meta"):
+        model = CausalWanModel(config, attn_backend=attn_backend)
+    return model.to(dtype=dtype).to_empty(device=device)
+
+
+def load_dit(path: str, device: torch.device, trainable: bool = False, *,
+             dtype: torch.dtype = torch.float32) -> tuple[CausalWanModel, dict]:
+    """Load any checkpoint sf_model reads as a model in ``dtype`` (float32 by default); returns
+    (model, metadata). Another ``dtype`` (e.g. bfloat16 for the frozen real score) is allocated in that
+    dtype from the start and filled tensor by tensor, never as a float32 model first."""
+    if dtype == torch.float32:
+        loaded = load_model(path, device=device, dtype=torch.float32, attn_backend="sdpa")
+        model, meta = loaded.model, loaded.meta
+    else:
+        sd, config, _layout, meta, _extras = load_state_dict_file(path)
+        model = empty_model(config, device, dtype)
+        check_compatible(model, sd, source=path)
+        model.load_state_dict(sd, strict=True)  # copy_ per tensor, converting to dtype
+        del sd
+        model = model.eval().requires_grad_(False)
     if trainable:
         model.train().requires_grad_(True)
-    return model, loaded.meta
+    return model, meta
 
 
-def frozen_copy(model: CausalWanModel) -> CausalWanModel:
-    """A non-trainable copy (the real score)."""
+def frozen_copy(model: CausalWanModel, *, dtype: torch.dtype | None = None,
+                device: torch.device | None = None) -> CausalWanModel:
+    """A non-trainable copy (the real score), by default in the model's dtype and device. With ``dtype``
+    or ``device`` the copy is allocated there directly and filled tensor by tensor (a bfloat16 copy of a
+    float32 model never holds a second float32 model)."""
     import copy
 
-    return copy.deepcopy(model).eval().requires_grad_(False)
+    if dtype is None and device is None:
+        return copy.deepcopy(model).eval().requires_grad_(False)
+    out = empty_model(model.config, device or model.device, dtype or model.dtype, model.attn_backend_request)
+    out.load_state_dict(model.state_dict(), strict=True)
+    return out.eval().requires_grad_(False)
 
 
 def save_dit(path: str, model: nn.Module, config: WanConfig, role: str, meta: dict | None = None,
