@@ -10,14 +10,13 @@ A world gives, for global sample indices and a named stream (so stages draw inde
 
 The toy world renders bouncing shapes (``toyworld``), encodes prompts with the bundled ``ToyTextEncoder``
 and videos with the fixed ``ToyCodec``; sample ``i`` of stream ``s`` is a pure function of (seed, s, i).
-The Wan world reads prompt embeddings saved by the nodes' 'Save Text Embeddings' (``*.safetensors`` in
-``world.prompts_dir``; each file may hold several prompts) and the negative prompt's embeddings.
+The Wan world reads text contexts lazily from a prompt store (``training/prompt_store.py``, encoded once from
+a prompt list with umT5-XXL) or from the nodes' 'Save Text Embeddings' files, in an order shuffled per epoch
+and stream (``PromptOrder``), with Wan's negative prompt as the unconditional context.
 """
 
 from __future__ import annotations
 
-import glob
-import os
 import random
 
 import torch
@@ -113,44 +112,92 @@ def codec_on(codec, device):
     return _CODEC_COPIES[key]
 
 
+class PromptOrder:
+    """Which prompt a sample of a stream reads: the global sample index ``i`` is position ``i % n`` of epoch
+    ``i // n``, whose order is a permutation keyed by (seed, stream, epoch). Every process of a run computes
+    the same permutations, so the samples of one global batch are distinct prompts within an epoch; streams
+    (the generator's "dmd", the critic's "dmd-critic", "ode_pairs") draw independent orders."""
+
+    def __init__(self, count: int, seed: int, shuffle: bool = True, keep: int = 4):
+        self.count, self.seed, self.shuffle, self.keep = int(count), int(seed), shuffle, keep
+        self._perms: dict = {}
+
+    def permutation(self, stream: str, epoch: int) -> torch.Tensor:
+        key = (stream, int(epoch))
+        if key not in self._perms:
+            g = torch.Generator().manual_seed(key_seed(self.seed, "prompt-order", stream, int(epoch)))
+            self._perms[key] = torch.randperm(self.count, generator=g)
+            if len(self._perms) > self.keep:  # a few recent epochs of a few streams
+                self._perms.pop(next(iter(self._perms)))
+        return self._perms[key]
+
+    def __call__(self, indices, stream: str) -> list[int]:
+        if not self.shuffle:
+            return [int(i) % self.count for i in indices]
+        return [int(self.permutation(stream, int(i) // self.count)[int(i) % self.count]) for i in indices]
+
+
 class WanWorld:
+    """Wan2.1 prompts, data-free: text contexts from a prompt store (``world.prompt_store``, written by
+    ``python -m self_forcing.training.encode_prompts``) or from a folder of the nodes' 'Save Text Embeddings'
+    files (``world.prompts_dir``). Both are read lazily, a batch at a time, and padded per batch to
+    ``model.text_len``. The unconditional context is ``world.negative`` (an embeddings file) when set, else
+    the store's negative prompt (Wan's default, encoded with the store), else zeros."""
+
     kind = "wan"
 
-    def __init__(self, cfg: TrainConfig):
-        from ..sf_model.text_embeds import load_text_embeds
+    def __init__(self, cfg: TrainConfig, shuffle: bool = True):
+        from .prompt_store import EmbeddingFiles, PromptStore
 
         wc, mc = cfg.world, cfg.model
         self.text_len, self.text_dim = mc.text_len, mc.text_dim
-        if not wc.prompts_dir or not os.path.isdir(wc.prompts_dir):
-            raise ValueError(f"world.prompts_dir {wc.prompts_dir!r} is not a folder; save prompt embeddings there "
-                             "with the 'Save Text Embeddings' node (one prompt or a batch per file)")
-        files = sorted(glob.glob(os.path.join(wc.prompts_dir, "**", "*.safetensors"), recursive=True))
-        rows = []
-        for path in files:
-            t, _ = load_text_embeds(path)
-            rows += [self._fit(r[None], path) for r in t]
-        if not rows:
-            raise ValueError(f"no text embeddings (*.safetensors) found in {wc.prompts_dir}")
-        self.rows = rows
-        if wc.negative:
-            neg, _ = load_text_embeds(wc.negative)
-            self.negative = self._fit(neg[:1], wc.negative)
+        if wc.prompt_store and wc.prompts_dir:
+            raise ValueError("set world.prompt_store or world.prompts_dir, not both")
+        if wc.prompt_store:
+            self.source = PromptStore(wc.prompt_store)
+        elif wc.prompts_dir:
+            self.source = EmbeddingFiles(wc.prompts_dir)
         else:
-            self.negative = torch.zeros(1, self.text_len, self.text_dim)
+            raise ValueError("the Wan world needs prompts: set world.prompt_store to a folder made by "
+                             "`python -m self_forcing.training.encode_prompts` (or world.prompts_dir to 'Save "
+                             "Text Embeddings' files)")
+        where = wc.prompt_store or wc.prompts_dir
+        if self.source.dim != self.text_dim:
+            raise ValueError(f"{where}: embeddings of width {self.source.dim}, the model expects {self.text_dim} "
+                             "(model.text_dim; Wan's umT5-XXL is 4096)")
+        self.order = PromptOrder(len(self.source), cfg.run.seed, shuffle)
+        if wc.negative:
+            from ..sf_model.text_embeds import load_text_embeds
+
+            neg = load_text_embeds(wc.negative)[0][0]
+            if neg.shape[-1] != self.text_dim:
+                raise ValueError(f"{wc.negative}: embeddings of width {neg.shape[-1]}, the model expects "
+                                 f"{self.text_dim}")
+        else:
+            neg = self.source.negative()
+        self.negative = torch.zeros(1, self.text_len, self.text_dim)
+        if neg is not None:
+            n = min(neg.shape[0], self.text_len)
+            self.negative[0, :n] = neg[:n].float()
+        self._negative_on: dict = {}
         self.clip_shape = (mc.in_dim, wc.frames, wc.latent_height, wc.latent_width)
 
-    def _fit(self, t: torch.Tensor, path: str) -> torch.Tensor:
-        if t.shape[-1] != self.text_dim:
-            raise ValueError(f"{path}: embeddings of width {t.shape[-1]}, the model expects {self.text_dim}")
-        t = t[:, :self.text_len].float()
-        pad = self.text_len - t.shape[1]
-        return torch.nn.functional.pad(t, (0, 0, 0, pad)) if pad else t
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def prompt_ids(self, indices, stream: str) -> list[int]:
+        """The store rows that the samples ``indices`` of ``stream`` read (shuffled per epoch)."""
+        return self.order(indices, stream)
 
     def contexts(self, indices, device, stream: str) -> torch.Tensor:
-        return torch.cat([self.rows[int(i) % len(self.rows)] for i in indices]).to(device)
+        """[B, text_len, text_dim] float32 on ``device``; only these prompts are read from disk."""
+        return self.source.batch(self.prompt_ids(indices, stream), self.text_len, device, torch.float32)
 
     def uncond(self, batch: int, device) -> torch.Tensor:
-        return self.negative.expand(batch, -1, -1).to(device)
+        key = str(device)
+        if key not in self._negative_on:
+            self._negative_on[key] = self.negative.to(device)
+        return self._negative_on[key].expand(batch, -1, -1)
 
     def clips(self, indices, device, stream: str) -> torch.Tensor:
         raise ValueError("the Wan world is data-free: the teacher is the released Wan2.1 model "
