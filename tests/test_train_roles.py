@@ -203,3 +203,38 @@ def test_missing_toy_teacher_asks_for_the_teacher_stage(tmp_path):
     cfg = base(tmp_path / "run")
     with pytest.raises(ValueError, match=r"teacher\.safetensors does not exist; run the 'teacher' stage"):
         run_stages(cfg, ["ode_pairs"], Runtime(device=CPU), make_world(cfg))
+
+
+def test_the_memory_benchmark_runs_the_trainer_at_tiny_size(tmp_path, monkeypatch):
+    """benchmarks/train_wan_memory_gpu.py --tiny on the CPU: the real trainer's generator and critic steps
+    (counted through DmdTrainer), a bigger real score in the 14b configuration, the JSON written."""
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "train_wan_memory_gpu.py"
+    spec = importlib.util.spec_from_file_location("train_wan_memory_gpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    calls = []
+    for name in ("generator_step", "critic_step"):
+        original = getattr(DmdTrainer, name)
+
+        def spy(self, step, _original=original, _name=name):
+            calls.append((_name, step))
+            return _original(self, step)
+
+        monkeypatch.setattr(DmdTrainer, name, spy)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--tiny", "--device", "cpu", "--steps", "6", "--configs", "14b:plain,1.3b:plain",
+                       "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    big, small = data["results"]
+    for res in (big, small):
+        assert res["status"] == "ok" and res["all_losses_finite"]
+        assert res["generator"]["steps"] == 2 and res["critic"]["steps"] == 6  # every 5th step: 0 and 5
+    assert big["real_score_params"] > small["real_score_params"]
+    assert calls[:3] == [("generator_step", 0), ("critic_step", 0), ("critic_step", 1)]
+    assert len(calls) == 2 * (2 + 6)
+    with pytest.raises(SystemExit, match="bad configuration"):
+        bench.main(["--tiny", "--configs", "7b:plain"])
