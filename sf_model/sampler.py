@@ -22,7 +22,9 @@ import torch
 from .cache import KVCache, TextContext
 from .noise import NoiseStream
 from .schedule import DEFAULT_SHIFT, DEFAULT_STEPS, Step, add_noise, finite_number, make_steps
-from .window import CachePolicy, cache_slots, check_cache
+from .window import CachePolicy, cache_slots, check_cache, trained_attention
+
+SOLVERS = ("renoise", "euler")
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class StreamOptions:
     extend_positions: bool = False    # allow RoPE positions beyond the model's table (long rolling videos)
     final_context_pass: bool = False  # also write the last chunk's clean K/V (needed only to continue)
     partial_last_chunk: bool = False  # allow a frame count that is not a multiple of frames_per_block
+    solver: str = "renoise"           # between steps: "renoise" (x0 + fresh noise, Self Forcing) or "euler" (flow ODE)
 
     def __post_init__(self):
         if isinstance(self.steps, (str, bytes)):
@@ -49,6 +52,8 @@ class StreamOptions:
         if not 0 <= finite_number("context_noise", self.context_noise) <= 1000:
             raise ValueError(f"context_noise is a timestep in [0, 1000], got {self.context_noise}")
         make_steps(self.steps, self.shift, self.warp)  # validates the step list
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
 
     @classmethod
     def from_policy(cls, cache: CachePolicy, *, steps: Sequence[float] = DEFAULT_STEPS, shift: float = DEFAULT_SHIFT,
@@ -61,9 +66,13 @@ class StreamOptions:
 
     @classmethod
     def from_meta(cls, meta, cache: CachePolicy, *, steps: Sequence[float] | None = None, **flags) -> "StreamOptions":
-        """The sampling settings a checkpoint stores (``steps``, ``shift``, ``warp``, ``context_noise``; the
-        official values where it stores none) with the cache ``cache``; ``steps`` overrides the stored list."""
-        return cls.from_policy(cache, steps=tuple(steps if steps is not None else meta.get("steps", DEFAULT_STEPS)),
+        """The sampling settings a checkpoint stores (``steps``, ``shift``, ``warp``, ``context_noise``,
+        ``solver``; the official values where it stores none) with the cache ``cache`` as the checkpoint's
+        attention asks (``sf_model.window.trained_attention``: its routing k, its sliding window); ``steps``
+        overrides the stored list."""
+        flags.setdefault("solver", str(meta.get("solver", "renoise")))
+        return cls.from_policy(trained_attention(meta, cache),
+                               steps=tuple(steps if steps is not None else meta.get("steps", DEFAULT_STEPS)),
                                shift=float(meta.get("shift", DEFAULT_SHIFT)), warp=bool(meta.get("warp", True)),
                                context_noise=float(meta.get("context_noise", 0.0)), **flags)
 
@@ -117,8 +126,9 @@ def denoise_chunk(model, text: TextContext, cache: KVCache, start: int, noise: S
             x0 = x - steps[i].sigma * flow
         if on_pass is not None:
             on_pass(i, x0)
-        if i < last:
-            x = add_noise(x0.detach(), noise[i + 1], steps[i + 1].sigma)
+        if i < last:  # Euler: the predicted noise x0 + flow in place of fresh noise (x + (sigma' - sigma) flow)
+            nxt = (x0 + flow).detach() if opts.solver == "euler" else noise[i + 1]
+            x = add_noise(x0.detach(), nxt, steps[i + 1].sigma)
     return x0
 
 

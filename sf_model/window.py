@@ -164,6 +164,22 @@ def checkpoint_frames_per_block(meta: Mapping) -> int:
     return int(meta.get("frames_per_block", 3))
 
 
+def trained_attention(meta: Mapping, cache: CachePolicy) -> CachePolicy:
+    """``cache`` as a checkpoint's training asks: history routing with its ``routing_topk`` unless ``cache``
+    routes itself, and never a wider attention than its sliding ``window`` (a fixed cache then becomes a rolling
+    window of that size with the checkpoint's sink). Routing that would keep every frame of the window is
+    dropped (it equals no routing). Checkpoints that store neither get ``cache`` unchanged."""
+    topk = cache.routing_topk if cache.routing_topk is not None else meta.get("routing_topk")
+    window, sink, trained = cache.window, cache.sink, meta.get("window")
+    if trained is not None and (window is None or int(trained) < window):
+        window, sink = max(int(trained), cache.frames_per_block), sink if cache.is_rolling else checkpoint_sink(meta)
+    if topk is not None and routing_error(window, int(topk)):
+        topk = None
+    if (window, sink, topk) == (cache.window, cache.sink, cache.routing_topk):
+        return cache
+    return CachePolicy(cache.frames_per_block, window, sink, None if topk is None else int(topk))
+
+
 def default_policy(meta: Mapping, total_frames: int, *, frames_per_block: int | None = None,
                    rope_max_frames: int | None = None) -> CachePolicy:
     """The cache a run gets when none is asked for: fixed while ``total_frames`` (latent frames, prefix

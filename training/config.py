@@ -11,6 +11,7 @@ A config file has one table per concern::
     [teacher] [ode_pairs] [ode_init] [dmd] [export] [eval]   one table per stage
     [teacher_forcing] [diffusion_forcing]                   the baselines (``training.baselines``)
     [compute]   budget_s: one equal time budget per baseline after the teacher (overrides the stages' own)
+    [resampling]  Resampling Forcing: warm-up + self-resampled history (``training.resampling``; by name)
     [lora]      enabled, rank, alpha, dropout, targets: train the generator as LoRA adapters (``training.lora``)
 
 Unknown keys are refused (a typo must not silently fall back to a default). ``--set table.key=value`` on
@@ -33,6 +34,9 @@ from ..sf_model.schedule import DEFAULT_STEPS
 from ..sf_model.window import CachePolicy
 
 STAGES = ("teacher", "ode_pairs", "ode_init", "dmd", "teacher_forcing", "diffusion_forcing", "eval", "export")
+# Resampling Forcing (``training.resampling``): asked for by name, like Self-Forcing++
+RESAMPLING_STAGES = ("resampling_warmup", "resampling")
+STAGES = STAGES[:STAGES.index("eval")] + RESAMPLING_STAGES + STAGES[STAGES.index("eval"):]
 # What a run does when no stage is named: the Self Forcing pipeline (the baselines are asked for by name, or
 # all together with --stages baselines).
 PIPELINE = ("teacher", "ode_pairs", "ode_init", "dmd", "eval", "export")
@@ -223,6 +227,55 @@ class DiffusionForcingConfig(TeacherForcingConfig):
 
 
 @dataclass(frozen=True)
+class ResamplingConfig(OptimConfig):
+    """Resampling Forcing (``training.resampling``): teacher-free training on self-resampled history.
+
+    Stage ``resampling_warmup``: teacher forcing from ``warmup_init`` for ``warmup_steps`` (time-boxed runs:
+    ``warmup_fraction`` of ``compute.budget_s``). Stage ``resampling``: from ``init_path`` (default the
+    warm-up's output); per step t_s ~ LogitNormal(0, 1), shifted t_s <- s t_s / (1 + (s - 1) t_s) with
+    s = ``shift_s``; the history degraded without gradient by ``simulation`` ("autoregressive": each chunk
+    noised to t_s and re-denoised through the KV cache after the already degraded chunks; "parallel": every
+    chunk re-denoised at once against the clean history; "noise": only noised) with ``resample_steps`` levels
+    of ``solver``; then one parallel forward of [degraded history | noisy clip] and the flow loss of every
+    frame. ``routing_topk`` (history routing), ``window`` and ``sink`` shape attention in training and go into
+    the export with ``solver`` and ``sample_steps`` (its sampler). Both stages are asked for by name."""
+
+    lr: float = 1e-4
+    simulation: str = "autoregressive"   # autoregressive | parallel | noise
+    shift_s: float = 0.6
+    resample_steps: int = 4              # solver levels from t_s towards 0 when resampling
+    solver: str = "renoise"              # renoise (x0 + fresh noise) | euler (flow ODE): resampling and export
+    sample_steps: tuple[int, ...] = ()   # the export's sampler steps; () = sampling.steps
+    schedule: str = "sampler"            # training levels: the export's (warped) steps | "continuous"
+    level_shift: float = 5.0             # shift of the "continuous" levels
+    routing_topk: int = 0                # history routing: top-k history frames per query token (0 = off)
+    window: int = 0                      # sliding attention window in latent frames (0 = none)
+    sink: int = 0                        # sink frames (with a window or routing)
+    warmup_steps: int = 100
+    warmup_fraction: float = 0.25
+    warmup_time_budget_s: float = 0.0
+    warmup_init: str = "teacher"         # teacher | scratch | a file
+    init_path: str = ""                  # "" = <out_dir>/resampling_warmup.safetensors | teacher | scratch | a file
+    name: str = "resampling_forcing"     # output / checkpoint folder / export name
+    export: bool = True                  # write the bundle <name>_<world.kind>.safetensors when the stage completes
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.simulation not in ("autoregressive", "parallel", "noise"):
+            raise ValueError(f"resampling.simulation must be autoregressive, parallel or noise, got {self.simulation!r}")
+        if self.solver not in ("renoise", "euler"):
+            raise ValueError(f"resampling.solver must be renoise or euler, got {self.solver!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"resampling.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not self.shift_s > 0 or self.resample_steps < 1 or not 0 <= self.warmup_fraction < 1:
+            raise ValueError("resampling needs shift_s > 0, resample_steps >= 1 and 0 <= warmup_fraction < 1")
+        if self.routing_topk < 0 or self.window < 0 or self.sink < 0 or self.warmup_steps < 0:
+            raise ValueError("resampling.routing_topk, window, sink and warmup_steps must be >= 0")
+        if not self.name or not self.name.replace("_", "").isalnum():
+            raise ValueError(f"resampling.name must be a plain name (letters, digits, _), got {self.name!r}")
+
+
+@dataclass(frozen=True)
 class ComputeConfig:
     """Equal compute for the baselines. ``budget_s`` > 0: every baseline gets that many seconds of training
     after the shared teacher -- teacher forcing and diffusion forcing all of it, Self Forcing split over its
@@ -309,6 +362,7 @@ class TrainConfig:
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    resampling: ResamplingConfig = field(default_factory=ResamplingConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self):
@@ -323,6 +377,9 @@ class TrainConfig:
         if self.compute.budget_s > 0:  # one equal budget per baseline replaces the stages' own
             for stage, seconds in self.compute.stage_budgets().items():
                 object.__setattr__(self, stage, dataclasses.replace(getattr(self, stage), time_budget_s=seconds))
+            w, b = self.resampling.warmup_fraction, self.compute.budget_s  # Resampling Forcing: warm-up + stage
+            object.__setattr__(self, "resampling", dataclasses.replace(
+                self.resampling, warmup_time_budget_s=b * w, time_budget_s=b * (1 - w)))
 
     def to_dict(self) -> dict:
         out = {}

@@ -10,6 +10,8 @@ invocations (and the training stages resume from their checkpoints after a kill)
     <out_dir>/ode_init.safetensors
     <out_dir>/self_forcing.safetensors     (EMA generator)
     <out_dir>/teacher_forcing.safetensors, <out_dir>/diffusion_forcing.safetensors   (baselines, EMA)
+    <out_dir>/resampling_warmup.safetensors, <out_dir>/<resampling.name>.safetensors   (Resampling Forcing,
+                                            EMA, asked for by name; the second also writes its bundle)
     <out_dir>/<stage>/checkpoint.pt, <out_dir>/<stage>/log.jsonl
     <out_dir>/stage_times.jsonl            (wall seconds of every stage run)
     export.path                            (bundled, fp16; next to it causal_init_/teacher_forcing_/
@@ -24,7 +26,7 @@ import json
 import os
 import time
 
-from .config import PIPELINE, STAGES, TrainConfig
+from .config import PIPELINE, RESAMPLING_STAGES, STAGES, TrainConfig
 from .engine import Runtime
 
 
@@ -34,7 +36,7 @@ def resolve_stages(text: str | None) -> list[str]:
     if not text or text in ("all", "pipeline"):
         return list(PIPELINE)
     if text == "baselines":
-        return list(STAGES)
+        return [s for s in STAGES if s not in RESAMPLING_STAGES]  # these: asked for by name
     names = [s.strip() for s in text.split(",") if s.strip()]
     bad = [s for s in names if s not in STAGES]
     if bad:
@@ -115,6 +117,11 @@ def _run_stage(cfg: TrainConfig, stage: str, rt: Runtime, world, out: dict, stop
 
         out[stage] = train_baseline(cfg, rt, world, require(roles.student_init_path(cfg), "teacher"), stage,
                                     stop_after=stop_after)
+    elif stage in RESAMPLING_STAGES:  # Resampling Forcing: teacher-forcing warm-up, then self-resampled history
+        from .resampling import run_resampling_stage
+
+        out.update(run_resampling_stage(cfg, rt, world, stage, lambda: teacher_file(cfg),
+                                         stop_after=stop_after))
     elif stage == "eval":
         from .evaluate import evaluate_drift
 
