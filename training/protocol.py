@@ -49,7 +49,8 @@ import torch
 # file names of a run folder's exports -> model names
 EXPORT_NAMES = {"self_forcing": "self_forcing_toy.safetensors", "causal_init": "causal_init_toy.safetensors",
                 "teacher_forcing": "teacher_forcing_toy.safetensors",
-                "diffusion_forcing": "diffusion_forcing_toy.safetensors"}
+                "diffusion_forcing": "diffusion_forcing_toy.safetensors",
+                "resampling_forcing": "resampling_forcing_toy.safetensors"}
 SUMMARIES = ("mean", "last")
 
 
