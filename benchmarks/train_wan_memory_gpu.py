@@ -79,11 +79,11 @@ def random_init_(model: CausalWanModel, seed: int) -> CausalWanModel:
 
 
 def make_model(config: WanConfig, device: torch.device, dtype: torch.dtype, seed: int) -> CausalWanModel:
-    """A random model allocated directly in ``dtype`` on ``device`` (meta-device build, ``to_empty``)."""
-    with torch.device("meta"):
-        model = CausalWanModel(config, attn_backend="sdpa")
-    model = model.to(dtype=dtype).to_empty(device=device)
-    return random_init_(model, seed)
+    """A random model allocated directly in ``dtype`` on ``device`` (``training.models.empty_model``: a
+    meta-device build, then ``to_empty``), filled on the device."""
+    from self_forcing.training.models import empty_model
+
+    return random_init_(empty_model(config, device, dtype), seed)
 
 
 # -- runtime and options --------------------------------------------------------------------------------
@@ -189,6 +189,8 @@ def run_config(real: str, opts: str, args, device: torch.device) -> dict:
         sync(device)
         result["build_s"] = round(time.perf_counter() - t0, 2)
         result["weights_gb"] = None if base is None else round(allocated_gb(device) - base, 3)
+        result["checkpointed"] = {n: bool(getattr(m, "activation_checkpointing", False))
+                                  for n, m in (("generator", generator), ("critic", critic))}
         result["real_score_dtype"] = str(trainer.real.dtype).replace("torch.", "")
         result["real_score_params"] = sum(p.numel() for p in real_score.parameters())
         loop0 = time.perf_counter()

@@ -226,7 +226,7 @@ def test_the_memory_benchmark_runs_the_trainer_at_tiny_size(tmp_path, monkeypatc
 
         monkeypatch.setattr(DmdTrainer, name, spy)
     out = tmp_path / "bench.json"
-    assert bench.main(["--tiny", "--device", "cpu", "--steps", "6", "--configs", "14b:plain,1.3b:plain",
+    assert bench.main(["--tiny", "--device", "cpu", "--steps", "6", "--configs", "14b:plain,1.3b:ac",
                        "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     big, small = data["results"]
@@ -234,6 +234,8 @@ def test_the_memory_benchmark_runs_the_trainer_at_tiny_size(tmp_path, monkeypatc
         assert res["status"] == "ok" and res["all_losses_finite"]
         assert res["generator"]["steps"] == 2 and res["critic"]["steps"] == 6  # every 5th step: 0 and 5
     assert big["real_score_params"] > small["real_score_params"]
+    assert small["checkpointed"] == {"generator": True, "critic": True}
+    assert big["checkpointed"] == {"generator": False, "critic": False}
     assert calls[:3] == [("generator_step", 0), ("critic_step", 0), ("critic_step", 1)]
     assert len(calls) == 2 * (2 + 6)
     with pytest.raises(SystemExit, match="bad configuration"):

@@ -163,12 +163,12 @@ def frozen_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_frozen(path: str, device: torch.device):
-    """A frozen bidirectional model (real score, ODE teacher): eval, no gradient, ``frozen_dtype(device)``.
-    Its architecture is the file's own."""
-    from ..sf_model.checkpoint import load_model
+    """A frozen bidirectional model (real score, ODE teacher): eval, no gradient, ``frozen_dtype(device)``,
+    allocated in that dtype from the start (``models.load_dit``). Its architecture is the file's own."""
+    from .models import load_dit
 
-    loaded = load_model(path, device=device, dtype=frozen_dtype(device), attn_backend="sdpa")
-    return loaded.model.eval().requires_grad_(False)
+    model, _ = load_dit(path, torch.device(device), dtype=frozen_dtype(device))
+    return model.eval().requires_grad_(False)
 
 
 def check_generator_architecture(model, cfg: TrainConfig, role: str, path: str = "") -> None:
