@@ -11,6 +11,7 @@ A config file has one table per concern::
     [teacher] [ode_pairs] [ode_init] [dmd] [export] [eval]   one table per stage
     [teacher_forcing] [diffusion_forcing]                   the baselines (``training.baselines``)
     [compute]   budget_s: one equal time budget per baseline after the teacher (overrides the stages' own)
+    [sfpp]      Self-Forcing++: long rollouts, DMD on a sampled window (``training.sfpp``; asked for by name)
     [resampling]  Resampling Forcing: warm-up + self-resampled history (``training.resampling``; by name)
     [lora]      enabled, rank, alpha, dropout, targets: train the generator as LoRA adapters (``training.lora``)
 
@@ -33,7 +34,8 @@ from ..sf_model.sampler import StreamOptions
 from ..sf_model.schedule import DEFAULT_STEPS
 from ..sf_model.window import CachePolicy
 
-STAGES = ("teacher", "ode_pairs", "ode_init", "dmd", "teacher_forcing", "diffusion_forcing", "eval", "export")
+STAGES = ("teacher", "ode_pairs", "ode_init", "dmd", "sfpp", "teacher_forcing", "diffusion_forcing", "eval",
+          "export")
 # Resampling Forcing (``training.resampling``): asked for by name, like Self-Forcing++
 RESAMPLING_STAGES = ("resampling_warmup", "resampling")
 STAGES = STAGES[:STAGES.index("eval")] + RESAMPLING_STAGES + STAGES[STAGES.index("eval"):]
@@ -189,6 +191,39 @@ class DmdConfig(OptimConfig):
             raise ValueError(f"dmd.critic_ratio must be >= 1, got {self.critic_ratio}")
         if not 0.0 <= self.min_t < self.max_t <= 1.0:
             raise ValueError(f"need 0 <= dmd.min_t < dmd.max_t <= 1, got {self.min_t}, {self.max_t}")
+
+
+@dataclass(frozen=True)
+class SfppConfig(DmdConfig):
+    """Self-Forcing++ (``training.sfpp``): DMD on a window of the student's own long rollout, continuing from a
+    Self Forcing export. ``steps`` counts critic updates (generator every ``critic_ratio``); the DMD settings
+    (lr, guidance, ...) are this table's own, with [dmd]'s defaults. Outputs ``<out_dir>/<name>.safetensors``
+    and the bundle ``<name>_<world.kind>.safetensors`` next to the main export; ``horizon = 1`` with
+    ``sink = 0`` is plain Self Forcing trained further."""
+
+    name: str = "sfpp"            # output / checkpoint folder / export name (e.g. self_forcing_continued)
+    horizon: int = 20             # rollout length N in training clips: N = horizon x world.frames
+    window: int = 0               # K: the DMD window and the rolling cache window (latent frames); 0 = world.frames
+    sink: int = 0                 # attention-sink frames of the rolling cache (declared in the export)
+    align: str = "chunk"          # window starts: on chunk boundaries ("chunk") or any frame ("frame")
+    prefix_exit: str = "last"     # chunks before the window: all steps ("last", as inference) or the window's exit
+    generator_path: str = ""      # start; "" = <out_dir>/self_forcing.safetensors (the DMD stage's output)
+    critic_path: str = ""         # "" = the dmd stage's critic (<out_dir>/dmd) if present, else models.critic_init
+    slice_s: float = 0.0          # > 0: train at most this long per call, checkpoint, export only when all steps ran
+    # Wan: a window that starts mid-video gets its first latent re-encoded as an image latent (the teacher's
+    # clip-start convention; ``training.loss_window``, the VAE of models.vae) and its first chunk left out of the
+    # DMD loss. Off by default: the toy teacher has no such convention.
+    reencode_first: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.horizon < 1 or self.window < 0 or self.sink < 0 or self.slice_s < 0:
+            raise ValueError("sfpp needs horizon >= 1, window >= 0, sink >= 0, slice_s >= 0")
+        if self.align not in ("chunk", "frame") or self.prefix_exit not in ("last", "same"):
+            raise ValueError(f"sfpp.align must be 'chunk' or 'frame' and sfpp.prefix_exit 'last' or 'same', got "
+                             f"{self.align!r}, {self.prefix_exit!r}")
+        if not self.name or not self.name.replace("_", "").isalnum():
+            raise ValueError(f"sfpp.name must be a plain name (letters, digits, _), got {self.name!r}")
 
 
 SCHEDULES = ("sampler", "continuous")
@@ -364,6 +399,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     resampling: ResamplingConfig = field(default_factory=ResamplingConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    sfpp: SfppConfig = field(default_factory=SfppConfig)
 
     def __post_init__(self):
         fpb = self.sampling.frames_per_block

@@ -50,7 +50,8 @@ import torch
 EXPORT_NAMES = {"self_forcing": "self_forcing_toy.safetensors", "causal_init": "causal_init_toy.safetensors",
                 "teacher_forcing": "teacher_forcing_toy.safetensors",
                 "diffusion_forcing": "diffusion_forcing_toy.safetensors",
-                "resampling_forcing": "resampling_forcing_toy.safetensors"}
+                "resampling_forcing": "resampling_forcing_toy.safetensors",
+                "self_forcing_continued": "self_forcing_continued_toy.safetensors", "sfpp": "sfpp_toy.safetensors"}
 SUMMARIES = ("mean", "last")
 
 

@@ -10,6 +10,8 @@ invocations (and the training stages resume from their checkpoints after a kill)
     <out_dir>/ode_init.safetensors
     <out_dir>/self_forcing.safetensors     (EMA generator)
     <out_dir>/teacher_forcing.safetensors, <out_dir>/diffusion_forcing.safetensors   (baselines, EMA)
+    <out_dir>/<sfpp.name>.safetensors      (Self-Forcing++, EMA; ``--stages sfpp`` after a Self Forcing run,
+                                            which also writes its bundle <sfpp.name>_<kind>.safetensors)
     <out_dir>/resampling_warmup.safetensors, <out_dir>/<resampling.name>.safetensors   (Resampling Forcing,
                                             EMA, asked for by name; the second also writes its bundle)
     <out_dir>/<stage>/checkpoint.pt, <out_dir>/<stage>/log.jsonl
@@ -36,7 +38,7 @@ def resolve_stages(text: str | None) -> list[str]:
     if not text or text in ("all", "pipeline"):
         return list(PIPELINE)
     if text == "baselines":
-        return [s for s in STAGES if s not in RESAMPLING_STAGES]  # these: asked for by name
+        return [s for s in STAGES if s != "sfpp" and s not in RESAMPLING_STAGES]  # these: asked for by name
     names = [s.strip() for s in text.split(",") if s.strip()]
     bad = [s for s in names if s not in STAGES]
     if bad:
@@ -112,6 +114,10 @@ def _run_stage(cfg: TrainConfig, stage: str, rt: Runtime, world, out: dict, stop
         out[stage] = train_dmd(cfg, rt, world, require(roles.generator_init_path(cfg), "ode_init"),
                                require(roles.critic_init_path(cfg), "teacher"),
                                require(roles.real_score_path(cfg), "teacher"), stop_after=stop_after)
+    elif stage == "sfpp":
+        from .sfpp import train_sfpp
+
+        out.update(train_sfpp(cfg, rt, world, require(teacher_file(cfg), "teacher"), stop_after=stop_after))
     elif stage in ("teacher_forcing", "diffusion_forcing"):
         from .baselines import train_baseline
 
