@@ -323,3 +323,61 @@ def test_toy_bundle_of_a_variant_carries_its_sampler_and_compute(tmp_path):
     assert lat.shape == (1, 16, 12, 8, 8) and torch.isfinite(lat).all()
     with open(tmp_path / "route" / "stage_times.jsonl") as fh:
         assert [json.loads(line)["stage"] for line in fh] == ["resampling"]
+
+
+# -- the GPU driver, at test size on the CPU ----------------------------------------------------------------------
+def load_driver():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                        "toy_resampling_gpu.py")
+    spec = importlib.util.spec_from_file_location("toy_resampling_gpu", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_driver_trains_variants_from_one_warm_up_and_runs_the_protocol(tmp_path, monkeypatch):
+    from self_forcing.training import protocol
+
+    drv = load_driver()
+    monkeypatch.setattr(drv, "OVERHEAD_S", {k: 0.5 for k in drv.OVERHEAD_S})
+    monkeypatch.setattr(drv, "PROTOCOL_S_PER_MODEL", 0.01)
+
+    def stand_in(videos, prompts):
+        return {"darkness_error": (videos.float().mean(dim=(1, 3, 4)) + 1).abs().numpy()}
+
+    monkeypatch.setattr(protocol, "default_metrics", lambda: (stand_in, ("darkness_error",)))
+    tiny = ['run.device="cpu"', 'run.precision="fp32"', "model.dim=32", "model.ffn_dim=64", "model.num_heads=2",
+            "model.num_layers=1", "model.text_dim=32", "model.freq_dim=32", "world.size=16", "world.frames=6",
+            "teacher.batch_size=2", "resampling.batch_size=2", "resampling.resample_steps=2", "run.checkpoint_every=5"]
+    args = ["--baselines", str(tmp_path / "base"), "--results", str(tmp_path / "res"), "--variants", "rf,rf_noise_aug",
+            "--budget-s", "0.8", "--teacher-s", "0.5", "--prompts", "2", "--protocol-seeds", "0", "--lengths", "1", "2",
+            "--batch-size", "2", "--bootstrap", "20"] + [a for s in tiny for a in ("--set", s)]
+    assert drv.main(args + ["--max-wall", "0.2"]) == 3  # not even the teacher fits: stop, nothing done
+    assert drv.main(args) == 0
+    log = read_jsonl(str(tmp_path / "res" / "driver.jsonl"))
+    done = [(r["step"], r["variant"]) for r in log if r.get("event") == "step" and r["finished"]]
+    assert done == [("teacher", None), ("warmup", None), ("variant", "rf"), ("variant", "rf_noise_aug"),
+                    ("protocol", None)]
+    root = tmp_path / "base" / "resampling" / "seed0"
+    warm = str(root / "resampling_warmup.safetensors")
+    for v, simulation in (("rf", "autoregressive"), ("rf_noise_aug", "noise")):
+        meta = json.loads(json.dumps(load_bundle_meta(root / v / "resampling_forcing_toy.safetensors")))
+        assert meta["variant"]["simulation"] == simulation
+        assert meta["compute"]["stages"]["resampling"]["start"] == warm  # both from the one warm-up
+        assert meta["compute"]["budget_s"] == pytest.approx(0.8)  # warm-up 0.2 + resampling 0.6
+    res = json.loads((tmp_path / "res" / "protocol" / "results.json").read_text())
+    assert sorted(res["models"]) == ["rf", "rf_noise_aug"] and "rf - rf_noise_aug" in res["paired"]
+    assert drv.main(args) == 0  # nothing left: a no-op
+    assert len([r for r in read_jsonl(str(tmp_path / "res" / "driver.jsonl")) if r.get("event") == "step"]) == 5
+    # a new variant trains from the same warm-up and the protocol runs again with all three
+    assert drv.main([a if a != "rf,rf_noise_aug" else "rf_parallel" for a in args]) == 0
+    res = json.loads((tmp_path / "res" / "protocol" / "results.json").read_text())
+    assert sorted(res["models"]) == ["rf", "rf_noise_aug", "rf_parallel"]
+
+
+def load_bundle_meta(path):
+    from self_forcing.sf_model.checkpoint import load_model
+
+    return load_model(str(path), dtype=torch.float32).meta

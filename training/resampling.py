@@ -104,8 +104,8 @@ def resampling_loss(model, x0, history, noise, sigma, timesteps, context, layout
 def degrade_history(model, x0: torch.Tensor, sigma_s: torch.Tensor, noise: torch.Tensor, context, layout: Layout,
                     simulation: str = "autoregressive", solver: str = "renoise") -> torch.Tensor:
     """x~ of the clean clip ``x0`` [B, C, F, H, W] at each sample's level ``sigma_s`` [B] (no gradient).
-    ``noise`` [n, B, C, F, H, W]: the noise of t_s and, for the "renoise" solver, of every further level
-    (n = the solver levels)."""
+    ``noise`` [n, B, C, F, H, W]: n = the solver levels; the noise of t_s and, for the "renoise" solver, of
+    every further level ("euler" reads only the first)."""
     if simulation not in SIMULATIONS:
         raise ValueError(f"simulation must be one of {SIMULATIONS}, got {simulation!r}")
     b, f = x0.shape[0], x0.shape[2]
@@ -144,6 +144,34 @@ def level_table(cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
     steps = make_steps(sample_steps(cfg), s.shift, s.warp)
     return (torch.tensor([st.timestep for st in steps], dtype=torch.float32),
             torch.tensor([st.sigma for st in steps], dtype=torch.float32))
+
+
+# -- one training micro-step ---------------------------------------------------------------------------------------
+def training_loss(model, x0: torch.Tensor, ctx: torch.Tensor, cfg: TrainConfig, stage: str, indices,
+                  ) -> tuple[torch.Tensor, dict]:
+    """(loss, metrics) of one micro-batch: the clips ``x0`` [B, C, F, H, W] and text ``ctx`` of the samples
+    ``indices``, every random draw keyed by (seed, stage, sample) so a resumed run redoes the same step. The
+    warm-up trains on the clean history; the resampling stage draws t_s and degrades the history first."""
+    r = cfg.resampling
+    layout = Layout.of(cfg)
+    fpb, frames, seed, device = layout.frames_per_block, x0.shape[2], cfg.run.seed, x0.device
+    drawn = [draw_levels(-(-frames // fpb), r.schedule, level_table(cfg), r.level_shift, seed, stage, "levels", i)
+             for i in indices]
+    t = frame_levels(torch.stack([d[0] for d in drawn]), frames, fpb).to(device)
+    sigma = frame_levels(torch.stack([d[1] for d in drawn]), frames, fpb).to(device)
+    noise = torch.stack([seeded_randn(x0.shape[1:], seed, stage, "noise", i, device=device) for i in indices])
+    stats = {}
+    history = x0
+    if stage == RESAMPLING:
+        levels = r.resample_steps  # (euler reads only the first noise)
+        t_s = torch.cat([simulation_timesteps(1, r.shift_s, seed, stage, "t_s", i) for i in indices]).to(device)
+        rnoise = torch.stack([seeded_randn((levels, *x0.shape[1:]), seed, stage, "resample", i, device=device)
+                              for i in indices], dim=1)
+        history = degrade_history(model, x0, t_s, rnoise, ctx, layout, r.simulation, r.solver).to(x0.dtype)
+        stats = {"t_s": t_s.mean(), "history_mse": (history.float() - x0.float()).square().mean()}
+    loss = resampling_loss(model, x0, history, noise, sigma, t, ctx, layout)
+    values = torch.stack([loss.detach().float(), *[v.float() for v in stats.values()]]).tolist()
+    return loss, dict(zip(["loss", *stats], values))
 
 
 # -- the stages --------------------------------------------------------------------------------------------------
@@ -189,38 +217,17 @@ def run_resampling_stage(cfg: TrainConfig, rt, world, stage: str, init_path, *,
         raise ValueError(f"Resampling Forcing trains on videos, and the {world.kind!r} world has none (it is data-"
                          "free: prompts only); use a world with clips (the toy world, or latents of real videos)")
     r = cfg.resampling
-    layout = Layout.of(cfg)
-    fpb = layout.frames_per_block
-    _, frames, _, _ = world.clip_shape
-    chunks = -(-frames // fpb)
-    table = level_table(cfg)
     model, start = start_weights(cfg, stage, init_path, rt.device)
     tr = Trainable(stage, model, rt, lr=r.lr, betas=r.betas, weight_decay=r.weight_decay, grad_clip=r.grad_clip,
                    warmup=r.warmup, ema_decay=r.ema_decay, ema_start=r.ema_start)
-    seed = cfg.run.seed
     resample = stage == RESAMPLING
-    levels = r.resample_steps if r.solver == "renoise" else 1
 
     def step_fn(step: int) -> dict:
         def micro(m: int):
             idx = sample_indices(step, m, rt, r.batch_size, r.grad_accum)
             x0 = world.clips(idx, rt.device, stream=stage)
             ctx = world.contexts(idx, rt.device, stream=stage)
-            drawn = [draw_levels(chunks, r.schedule, table, r.level_shift, seed, stage, "levels", i) for i in idx]
-            t = frame_levels(torch.stack([d[0] for d in drawn]), frames, fpb).to(rt.device)
-            sigma = frame_levels(torch.stack([d[1] for d in drawn]), frames, fpb).to(rt.device)
-            noise = torch.stack([seeded_randn(x0.shape[1:], seed, stage, "noise", i, device=rt.device) for i in idx])
-            stats = {}
-            history = x0
-            if resample:
-                t_s = torch.cat([simulation_timesteps(1, r.shift_s, seed, stage, "t_s", i) for i in idx]).to(rt.device)
-                rnoise = torch.stack([seeded_randn((levels, *x0.shape[1:]), seed, stage, "resample", i,
-                                                   device=rt.device) for i in idx], dim=1)
-                history = degrade_history(tr.wrapped, x0, t_s, rnoise, ctx, layout, r.simulation, r.solver)
-                stats = {"t_s": t_s.mean(), "history_mse": (history.float() - x0.float()).square().mean()}
-            loss = resampling_loss(tr.wrapped, x0, history.to(x0.dtype), noise, sigma, t, ctx, layout)
-            values = torch.stack([loss.detach().float(), *[v.float() for v in stats.values()]]).tolist()
-            return loss, dict(zip(["loss", *stats], values))
+            return training_loss(tr.wrapped, x0, ctx, cfg, stage, idx)
 
         metrics = accumulate(rt, tr, r.grad_accum, micro)
         metrics["grad_norm"] = tr.step()
