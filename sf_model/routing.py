@@ -143,9 +143,10 @@ def history_frames(cache) -> int:
 
 def _with_current(buf: torch.Tensor, cur: torch.Tensor, runs, frame_tokens: int) -> torch.Tensor:
     """Every slot of ``buf`` [B, cap*ft, H, D] with the current chunk's slots taken from ``cur`` (which may
-    carry gradient; the cache holds detached copies)."""
-    if not cur.requires_grad:
-        return buf  # the cache already holds these values
+    carry gradient; the cache holds detached copies, and a checkpointed block's snapshot of the cache was taken
+    before the chunk was written)."""
+    if not cur.requires_grad and not torch.is_grad_enabled():
+        return buf  # a gradient-free forward: the cache already holds these values
     ft, parts, pos = frame_tokens, [], 0
     for slot, off, n in sorted(runs):
         if slot > pos:
