@@ -556,3 +556,20 @@ def test_gpu_driver_continues_self_forcing_both_ways_and_runs_the_protocol(tmp_p
     assert metas["sfpp"]["sfpp"]["start"].endswith("self_forcing.safetensors")
     assert drv.main(args) == 0  # nothing left: a no-op
     assert len(read_jsonl(str(tmp_path / "res" / "driver.jsonl"))) == len(log)
+
+
+def test_wan_memory_benchmark_runs_at_test_size(tmp_path):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                        "train_sfpp_wan_gpu.py")
+    spec = importlib.util.spec_from_file_location("train_sfpp_wan_gpu", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "b.json"
+    assert mod.main(["--tiny", "--device", "cpu", "--steps", "1", "--horizon", "2", "--configs", "1.3b:ac",
+                     "--out", str(out)]) == 0
+    res = json.loads(out.read_text())["configs"][0]
+    assert res["status"] == "ok" and res["rollout_frames"] == 12
+    assert [(r["phase"], r["window_start"], r["chunks"]) for r in res["rows"]] == [("generator", 6, 4),
+                                                                                   ("critic", 6, 4)]
