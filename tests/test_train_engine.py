@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from self_forcing.training.config import load_config, parse_override
-from self_forcing.training.engine import (EMA, JsonlLog, Runtime, atomic_torch_save, read_jsonl,
-                                          sample_indices)
+from self_forcing.training.engine import (EMA, JsonlLog, Runtime, atomic_torch_save, read_full_checkpoint,
+                                          read_jsonl, sample_indices)
 from self_forcing.training.data import RandomWorld as World
 from self_forcing.training.stages import resolve_stages, run_stages
 
@@ -108,8 +108,8 @@ def test_jsonl_log_trims_past_a_resumed_step(tmp_path):
 
 
 # -- exact resume ----------------------------------------------------------------------------------------
-def weights(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+def weights(stage_dir):
+    return read_full_checkpoint(str(stage_dir))
 
 
 @pytest.mark.parametrize("every,kill_at", [(1, 2), (2, 3)])
@@ -120,19 +120,21 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path, every, kill_at):
     cut = tiny_config(tmp_path / "cut", run={"checkpoint_every": every})
     run_stages(cut, ["teacher"], CPU, World(), stop_after=kill_at)  # killed mid-run
     assert not os.path.exists(tmp_path / "cut" / "teacher.safetensors")
-    (tmp_path / "cut" / "teacher" / "checkpoint.pt.tmp.999").write_bytes(b"half-written")
+    stray = tmp_path / "cut" / "teacher" / "checkpoint" / "step_000000099"  # a save killed before its meta.pt
+    stray.mkdir()
+    (stray / "__0_0.distcp").write_bytes(b"half-written")
     run_stages(cut, ["teacher", "ode_pairs", "ode_init"], CPU, World())
     run_stages(cut, ["dmd"], CPU, World(), stop_after=kill_at)
     run_stages(cut, ["dmd"], CPU, World())
     for stage, parts in (("teacher", ["teacher"]), ("ode_init", ["student"]), ("dmd", ["generator", "critic"])):
-        a = weights(tmp_path / "full" / stage / "checkpoint.pt")
-        b = weights(tmp_path / "cut" / stage / "checkpoint.pt")
+        a = weights(tmp_path / "full" / stage)
+        b = weights(tmp_path / "cut" / stage)
         assert a["step"] == b["step"]
         for part in parts:
             for k, v in a["parts"][part]["model"].items():
                 assert torch.equal(v, b["parts"][part]["model"][k]), (stage, part, k)
             assert a["parts"][part]["optimizer"]["state"].keys() == b["parts"][part]["optimizer"]["state"].keys()
-    assert not any(n.startswith("checkpoint.pt.tmp") for n in os.listdir(tmp_path / "cut" / "teacher"))
+    assert not stray.exists()
     log = read_jsonl(str(tmp_path / "cut" / "teacher" / "log.jsonl"))
     assert [r["step"] for r in log] == [1, 2, 3, 4]  # no duplicate lines from the killed run
     with open(tmp_path / "full" / "config.json") as fh:

@@ -1,13 +1,17 @@
-"""Trainer reliability: safe checkpoint loading, logs after kills, corrupt checkpoints."""
+"""Trainer reliability: safe checkpoint loading, logs after kills, corrupt checkpoints (the sharded DCP format
+of ``training.sharded_checkpoint``, written by one process here; tests/test_train_distributed.py covers several)."""
 
 import os
+import pickle
+import shutil
 import warnings
 
 import pytest
 import torch
 
 from self_forcing.training.config import load_config
-from self_forcing.training.engine import Checkpointer, Runtime, Trainable, generator, read_jsonl, run_loop
+from self_forcing.training.engine import (Checkpointer, Runtime, Trainable, generator, read_full_checkpoint,
+                                          read_jsonl, run_loop)
 from self_forcing.training.data import RandomWorld as World
 from self_forcing.training.stages import run_stages
 
@@ -51,6 +55,19 @@ def same_weights(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def ckdir(directory):
+    return os.path.join(directory, "checkpoint")
+
+
+def step_dir(directory, step):
+    return os.path.join(ckdir(directory), f"step_{step:09d}")
+
+
+def pointer(directory):
+    with open(os.path.join(ckdir(directory), "latest")) as fh:
+        return fh.read().strip()
+
+
 # -- 1. loading a checkpoint never runs code --------------------------------------------------------
 class Payload:
     """Unpickling this creates ``marker`` (stands in for ``os.system``)."""
@@ -62,35 +79,90 @@ class Payload:
         return (open, (self.marker, "w"))
 
 
-def test_resume_refuses_a_malicious_checkpoint(tmp_path):
-    run_dir, marker = tmp_path / "run", tmp_path / "pwned"
-    run_dir.mkdir()
-    torch.save({"step": 1, "parts": {"net": Payload(marker)}, "extra": {}}, str(run_dir / "checkpoint.pt"))
+def resume_error(run_dir):
     try:
         run(run_dir)
-        error = None
-    except Exception as e:  # noqa: BLE001 - checked below, after the marker
-        error = e
+    except Exception as e:  # noqa: BLE001 - checked by the callers, after the marker
+        return e
+    return None
+
+
+def test_resume_refuses_a_malicious_checkpoint(tmp_path):
+    run_dir, marker = tmp_path / "run", tmp_path / "pwned"
+    run(run_dir, stop_after=2)
+    torch.save({"format": "self_forcing.trainer/2", "step": 1, "parts": {"net": Payload(marker)}, "extra": {}},
+               os.path.join(step_dir(run_dir, 1), "meta.pt"))
+    error = resume_error(run_dir)
     assert not marker.exists(), "unpickling the checkpoint ran code"
-    assert isinstance(error, ValueError) and "checkpoint.pt" in str(error), error
+    assert isinstance(error, ValueError) and "meta.pt" in str(error), error
+
+
+def test_resume_refuses_malicious_dcp_metadata(tmp_path):
+    run_dir, marker = tmp_path / "run", tmp_path / "pwned"
+    run(run_dir, stop_after=2)
+    with open(os.path.join(step_dir(run_dir, 1), ".metadata"), "wb") as fh:
+        pickle.dump(Payload(marker), fh)
+    error = resume_error(run_dir)
+    assert not marker.exists(), "unpickling the DCP metadata ran code"
+    assert isinstance(error, ValueError) and ".metadata" in str(error) and "delete" in str(error).lower(), error
+
+
+def test_resume_refuses_pickled_entries_in_the_dcp_files(tmp_path):
+    """A checkpoint whose metadata declares an entry as pickled bytes: DCP would torch.load it with
+    weights_only=False; the trainer's planner refuses it."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    run_dir = tmp_path / "run"
+    run(run_dir, stop_after=2)
+    path = os.path.join(step_dir(run_dir, 1), ".metadata")
+    with open(path, "rb") as fh:
+        md = pickle.load(fh)
+    md.state_dict_metadata["net/model/weight"] = BytesStorageMetadata()
+    with open(path, "wb") as fh:
+        pickle.dump(md, fh)
+    error = resume_error(run_dir)
+    assert isinstance(error, ValueError) and "pickle" in str(error).lower(), error
 
 
 def test_checkpoints_load_with_weights_only_and_resume_exactly(tmp_path):
     _, full = run(tmp_path / "full")
     run(tmp_path / "cut", stop_after=3)
-    state = torch.load(str(tmp_path / "cut" / "checkpoint.pt"), map_location="cpu", weights_only=True)
-    assert state["step"] == 2 and set(state["parts"]["net"]) == {"model", "optimizer", "scheduler", "updates", "ema"}
+    meta = torch.load(os.path.join(step_dir(tmp_path / "cut", 2), "meta.pt"), map_location="cpu", weights_only=True)
+    assert meta["step"] == 2 and set(meta["parts"]["net"]) >= {"scheduler", "updates", "param_groups", "ema"}
+    state = read_full_checkpoint(str(tmp_path / "cut"))
+    assert state["step"] == 2 and set(state["parts"]["net"]["model"]) == {"weight", "bias"}
+    assert set(state["parts"]["net"]["ema"]["shadow"]) == {"weight", "bias"}
     end, cut = run(tmp_path / "cut")
     assert end.completed and end.steps == TOTAL
     assert same_weights(final_weights(full), final_weights(cut))
+    assert torch.equal(full["net"].ema.shadow["weight"], cut["net"].ema.shadow["weight"])
     assert logged_steps(tmp_path / "cut") == list(range(1, TOTAL + 1))
+
+
+def test_trainable_optimises_only_what_requires_grad_and_leaves_the_flags(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 3))
+    model[0].requires_grad_(False)
+    frozen = model[0].weight.detach().clone()
+    tr = Trainable("net", model, CPU, lr=1e-1, ema_decay=0.5)
+    assert [p.requires_grad for p in model.parameters()] == [False, False, True, True]
+    assert {id(p) for g in tr.optimizer.param_groups for p in g["params"]} == {id(p) for p in model[1].parameters()}
+    assert set(tr.ema.shadow) == {"1.weight", "1.bias"}
+    model(torch.randn(2, 4)).sum().backward()
+    tr.step()
+    assert torch.equal(model[0].weight, frozen)
+    Checkpointer(str(tmp_path), CPU).save(1, {"net": tr})
+    stored = read_full_checkpoint(str(tmp_path))["parts"]["net"]["model"]
+    assert set(stored) == {"1.weight", "1.bias"}  # frozen weights come back from the model's own file
+    with pytest.raises(ValueError, match="no parameter requires gradient"):
+        Trainable("none", torch.nn.Linear(2, 2).requires_grad_(False), CPU, lr=1e-3)
 
 
 # -- 2. the log after a kill before the first checkpoint -------------------------------------------------
 def test_log_has_each_step_once_after_kills_before_the_first_checkpoint(tmp_path):
     run(tmp_path, stop_after=3, every=100)
     run(tmp_path, stop_after=3, every=100)
-    assert not os.path.exists(tmp_path / "checkpoint.pt")
+    assert not os.path.exists(ckdir(tmp_path))
     end, _ = run(tmp_path, every=100)
     assert end.completed
     assert logged_steps(tmp_path) == list(range(1, TOTAL + 1))
@@ -113,9 +185,10 @@ def test_stage_log_has_each_step_once_after_two_early_kills(tmp_path):
 # -- 3. corrupt checkpoints -------------------------------------------------------------------------------
 def test_saving_keeps_the_previous_checkpoint(tmp_path):
     run(tmp_path, stop_after=4)  # checkpoints after steps 1, 2 and 3
-    read = lambda name: torch.load(str(tmp_path / name), map_location="cpu", weights_only=True)["step"]
-    assert (read("checkpoint.pt"), read("checkpoint.prev.pt")) == (3, 2)
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint.prev.pt", "checkpoint.pt", "log.jsonl"]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint", "log.jsonl"]
+    assert sorted(os.listdir(ckdir(tmp_path))) == ["latest", "step_000000002", "step_000000003"]
+    assert pointer(tmp_path) == "step_000000003"
+    assert read_full_checkpoint(str(tmp_path))["step"] == 3
 
 
 def truncate(path):
@@ -129,48 +202,67 @@ def random_bytes(path):
         fh.write(os.urandom(4096))
 
 
-@pytest.mark.parametrize("damage", [truncate, random_bytes])
-def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, damage):
+DAMAGE = [(truncate, "__0_0.distcp"), (random_bytes, "__0_0.distcp"), (truncate, ".metadata"),
+          (random_bytes, "meta.pt")]
+
+
+@pytest.mark.parametrize("damage,name", DAMAGE)
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, damage, name):
     _, full = run(tmp_path / "full")
     cut = tmp_path / "cut"
     run(cut, stop_after=4)  # newest: step 3, previous: step 2
-    damage(str(cut / "checkpoint.pt"))
-    with pytest.warns(UserWarning, match="checkpoint.pt.*checkpoint.prev.pt"):
+    damage(os.path.join(step_dir(cut, 3), name))
+    with pytest.warns(UserWarning, match="step_000000003.*step_000000002"):
         end, parts = run(cut)
     assert end.completed and end.steps == TOTAL
     assert same_weights(final_weights(full), final_weights(parts))
     assert logged_steps(cut) == list(range(1, TOTAL + 1))  # trimmed to step 2, then 3.. logged once
-    # the good previous checkpoint was not replaced by the damaged one on the next save
-    assert torch.load(str(cut / "checkpoint.prev.pt"), weights_only=True)["step"] == TOTAL - 1
+    # the damaged checkpoint was rewritten, and the good one kept, as the run went on
+    assert sorted(os.listdir(ckdir(cut))) == ["latest", f"step_{TOTAL - 1:09d}", f"step_{TOTAL:09d}"]
+    assert read_full_checkpoint(str(cut))["step"] == TOTAL
 
 
-def test_a_kill_between_the_two_renames_still_resumes(tmp_path):
+def test_a_kill_inside_a_save_still_resumes_from_the_committed_checkpoint(tmp_path):
     run(tmp_path, stop_after=4)
-    os.replace(tmp_path / "checkpoint.pt", tmp_path / "checkpoint.prev.pt")  # newest moved away, new not yet in
+    # a save of step 4 killed after DCP wrote its files and meta.pt, before the pointer moved
+    shutil.copytree(step_dir(tmp_path, 3), step_dir(tmp_path, 4))
+    # and one killed before meta.pt: no meta.pt
+    shutil.copytree(step_dir(tmp_path, 3), step_dir(tmp_path, 5))
+    os.remove(os.path.join(step_dir(tmp_path, 5), "meta.pt"))
     parts = make_parts()
     ckpt = Checkpointer(str(tmp_path), CPU)
     assert ckpt.exists()
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a missing newest file is an expected state, not a damaged one
+        warnings.simplefilter("error")  # uncommitted folders are an expected state, not damage
         step, _ = ckpt.load(parts)
+    assert step == 3
+    assert not os.path.exists(step_dir(tmp_path, 5))  # the incomplete one is gone
+
+
+def test_a_missing_pointer_resumes_from_the_newest_complete_folder(tmp_path):
+    run(tmp_path, stop_after=4)
+    os.remove(os.path.join(ckdir(tmp_path), "latest"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step, _ = Checkpointer(str(tmp_path), CPU).load(make_parts())
     assert step == 3
 
 
 @pytest.mark.parametrize("damage", [truncate, random_bytes])
-def test_no_readable_checkpoint_names_the_files_to_delete(tmp_path, damage):
+def test_no_readable_checkpoint_names_the_folder_to_delete(tmp_path, damage):
     run(tmp_path, stop_after=4)
-    damage(str(tmp_path / "checkpoint.pt"))
-    damage(str(tmp_path / "checkpoint.prev.pt"))
+    for step in (2, 3):
+        damage(os.path.join(step_dir(tmp_path, step), "__0_0.distcp"))
     with pytest.raises(ValueError, match="(?i)delete") as info:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             run(tmp_path)
-    assert str(tmp_path / "checkpoint.pt") in str(info.value)
-    assert str(tmp_path / "checkpoint.prev.pt") in str(info.value)
+    assert ckdir(tmp_path) in str(info.value)
+    assert "step_000000003" in str(info.value) and "step_000000002" in str(info.value)
 
 
 def test_only_a_corrupt_checkpoint_without_a_previous_one_raises_a_value_error(tmp_path):
     run(tmp_path, stop_after=2, every=1)  # one checkpoint (after step 1), no previous one
-    truncate(str(tmp_path / "checkpoint.pt"))
-    with pytest.raises(ValueError, match=r"(?i)checkpoint\.pt.*delete"):
+    truncate(os.path.join(step_dir(tmp_path, 1), "__0_0.distcp"))
+    with pytest.raises(ValueError, match=r"(?i)step_000000001.*delete"):
         run(tmp_path)

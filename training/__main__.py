@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .config import load_config
-    from .engine import init_runtime, shutdown
+    from .engine import runtime_for, shutdown
     from .stages import resolve_stages, run_stages
     from .data import make_world
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rt = init_runtime(cfg.run.device, cfg.run.precision)
+    rt = runtime_for(cfg.run)
     try:
         world = make_world(cfg)
         outputs = run_stages(cfg, stages, rt, world, stop_after=args.stop_after)

@@ -1,18 +1,21 @@
 """The shared training machinery of every stage.
 
-- ``Runtime``: device, autocast precision and the torch.distributed process group (``torchrun`` sets
-  RANK/WORLD_SIZE/LOCAL_RANK; gloo on the CPU, nccl on CUDA).
-- ``Wrapped``: a model as the stages call it. Under torchrun every call (full-sequence ``forward`` and the
-  sampler's ``forward_chunk``) goes through PyTorch ``DistributedDataParallel``, so gradients are
-  all-reduced by DDP itself (the sampler functions receive the wrapper, not a copy of their loop).
-- ``Trainable``: AdamW + warmup + gradient clipping + EMA of one model; ``accumulate`` runs micro-steps
-  under ``no_sync`` with bf16 autocast.
+- ``Runtime``: device, precision, the parallel scheme (``run.parallel``: FSDP2 by default, or DDP) and the
+  torch.distributed process group (``torchrun`` sets RANK/WORLD_SIZE/LOCAL_RANK; gloo on the CPU, nccl on
+  CUDA; a single process asking for ``run.optimizer_offload`` gets a 1-process group).
+- ``Wrapped`` (``training.distributed``): a model as the stages call it -- sharded in place by FSDP2 (every
+  transformer block + the root, ``forward_chunk``/``encode_text`` registered as forward methods), routed
+  through DDP, or plain; the sampler functions receive it and run their own loop.
+- ``Trainable``: AdamW + warmup + gradient clipping + EMA of one model (of its parameters that require
+  gradient); ``accumulate`` runs micro-steps without gradient reduction but in the last one.
 - ``seeded_randn`` / ``key_seed``: every random draw is keyed by (seed, stage, step, global sample index),
   so one process with gradient accumulation draws exactly what several processes draw together, and a
   resumed run draws what an uninterrupted run would have.
-- ``Checkpointer``: atomic ``torch.save`` (temporary file, fsync, rename) keeping the previous checkpoint, and
-  resume read with ``weights_only=True`` (falling back to the previous file when the newest is damaged);
-  ``JsonlLog``: one JSON object per logged step, trimmed on resume so a killed run leaves no duplicate lines.
+- ``Checkpointer`` (``training.sharded_checkpoint``): ``torch.distributed.checkpoint`` step folders, each
+  process writing its own shards, an atomic ``latest`` pointer, the previous checkpoint kept as a fallback;
+  resumable on another number of processes. ``JsonlLog``: one JSON object per logged step, trimmed on resume
+  so a killed run leaves no duplicate lines.
+- ``full_state_dict``: the whole (EMA) weights on rank 0 for an export.
 - ``run_loop``: the step loop with a tqdm bar, logging and periodic checkpoints.
 """
 
@@ -24,16 +27,18 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Mapping
-
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from .distributed import (PARALLEL, Wrapped, clip_grad_norm, full_tensor, init_group, local, meta_skeleton,
+                          mixed_precision, shard_frozen, shard_like)
+from .sharded_checkpoint import (Checkpointer, atomic_torch_save, read_checkpoint,  # noqa: F401 (re-exported)
+                                 read_full_checkpoint)
 
 
 # -- runtime --------------------------------------------------------------------------------------
@@ -44,10 +49,19 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    parallel: str = "fsdp"           # fsdp | ddp (with a process group)
+    optimizer_offload: bool = False  # FSDP2 CPUOffloadPolicy for the trained blocks
+    ema_on_cpu: bool = False         # EMA shadows in host memory
+    group: bool = False              # a torch.distributed process group exists (init_runtime made it)
 
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def fsdp(self) -> bool:
+        """Trained models are sharded with FSDP2 (a process group and run.parallel = "fsdp")."""
+        return self.group and self.parallel == "fsdp"
 
     @property
     def is_main(self) -> bool:
@@ -68,11 +82,17 @@ class Runtime:
             dist.barrier()
 
 
-def init_runtime(device: str = "auto", precision: str = "fp32") -> Runtime:
-    """Pick the device and join the process group when launched by torchrun."""
+def init_runtime(device: str = "auto", precision: str = "fp32", *, parallel: str = "fsdp",
+                 optimizer_offload: bool = False, ema_on_cpu: bool = False) -> Runtime:
+    """Pick the device and join the process group when launched by torchrun (or create a 1-process group
+    for a single process that offloads its optimiser: FSDP2 then applies as on many processes)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if parallel not in PARALLEL:
+        raise ValueError(f"run.parallel must be one of {', '.join(PARALLEL)}, got {parallel!r}")
+    if optimizer_offload and parallel != "fsdp":
+        raise ValueError("run.optimizer_offload needs run.parallel = \"fsdp\" (FSDP2's CPUOffloadPolicy)")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
@@ -80,19 +100,28 @@ def init_runtime(device: str = "auto", precision: str = "fp32") -> Runtime:
         if not torch.cuda.is_available():
             raise ValueError("run.device asks for CUDA but torch sees no GPU; use device = \"cpu\"")
         if dev.index is None:
-            dev = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
+            dev = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if precision == "bf16" and dev.type == "cpu":
         precision = "fp32"  # CPU bf16 autocast is slow and buys nothing at test sizes
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return Runtime(device=dev, precision=precision, rank=rank, world_size=world, local_rank=local)
+    group = world > 1 or optimizer_offload
+    if group:
+        init_group(dev, world, rank)
+    return Runtime(device=dev, precision=precision, rank=rank, world_size=world, local_rank=local_rank,
+                   parallel=parallel, optimizer_offload=optimizer_offload, ema_on_cpu=ema_on_cpu, group=group)
+
+
+def runtime_for(run) -> Runtime:
+    """``init_runtime`` with a config's ``[run]`` table."""
+    return init_runtime(run.device, run.precision, parallel=getattr(run, "parallel", "fsdp"),
+                        optimizer_offload=getattr(run, "optimizer_offload", False),
+                        ema_on_cpu=getattr(run, "ema_on_cpu", False))
 
 
 def shutdown(rt: Runtime) -> None:
-    if rt.distributed and dist.is_initialized():
+    if rt.group and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
@@ -150,146 +179,209 @@ def sample_indices(step: int, micro: int, rt: Runtime, batch: int, accum: int) -
     return list(range(base, base + batch))
 
 
-# -- models under DDP ------------------------------------------------------------------------------
-class _Dispatch(nn.Module):
-    """Lets DDP's forward run any method of the model (``forward`` or ``forward_chunk``)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, method: str, *args, **kwargs):
-        fn = self.model if method == "forward" else getattr(self.model, method)
-        return fn(*args, **kwargs)
-
-
-class Wrapped:
-    """A CausalWanModel as the trainer calls it; routed through DDP when distributed.
-
-    It exposes what the sampler functions use (``forward_chunk``, ``config``, ``device``, ``dtype``,
-    ``rope``, ``encode_text``), so ``sf_model.sampler.denoise_chunk(wrapped, ...)`` runs the real sampler
-    code while DDP sees every forward.
-    """
-
-    def __init__(self, model: nn.Module, rt: Runtime):
-        self.module = model
-        self.ddp = None
-        if rt.distributed:
-            ids = [rt.device.index] if rt.device.type == "cuda" else None
-            self.ddp = nn.parallel.DistributedDataParallel(_Dispatch(model), device_ids=ids,
-                                                           broadcast_buffers=False)
-
-    def _call(self, method: str, *args, **kwargs):
-        if self.ddp is None:
-            fn = self.module if method == "forward" else getattr(self.module, method)
-            return fn(*args, **kwargs)
-        return self.ddp(method, *args, **kwargs)
-
-    def __call__(self, *args, **kwargs):
-        return self._call("forward", *args, **kwargs)
-
-    def forward_chunk(self, *args, **kwargs):
-        return self._call("forward_chunk", *args, **kwargs)
-
-    def no_sync(self):
-        return self.ddp.no_sync() if self.ddp is not None else contextlib.nullcontext()
-
-    def __getattr__(self, name):  # config, device, dtype, rope, encode_text, latent_grid ...
-        return getattr(self.__dict__["module"], name)
-
-
 # -- EMA ---------------------------------------------------------------------------------------------
 class EMA:
-    """A float32 shadow of a model's parameters: shadow = decay * shadow + (1 - decay) * param."""
+    """A float32 shadow of a model's trainable parameters: shadow = decay * shadow + (1 - decay) * param.
 
-    def __init__(self, model: nn.Module, decay: float, start: int = 0):
+    Under FSDP2 each process keeps the shadow of its own shards only (a DTensor with the parameter's
+    sharding: no memory beyond one float32 shard copy), on the shards' device or, with ``device="cpu"``,
+    in host memory. Frozen parameters are not shadowed (their EMA is themselves).
+    """
+
+    def __init__(self, model: nn.Module, decay: float, start: int = 0, *, device: str | torch.device | None = None):
         self.decay, self.start = float(decay), int(start)
-        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+        self.shadow: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    own = local(p.detach()).float().clone()
+                    self.shadow[n] = shard_like(own.to(device) if device is not None else own, p)
+        self._locals = [local(t) for t in self.shadow.values()]
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         """``step``: the number of optimiser steps taken so far (before ``start`` the shadow copies)."""
         d = self.decay if step > self.start else 0.0
-        for n, p in model.named_parameters():
-            self.shadow[n].mul_(d).add_(p.detach().float(), alpha=1 - d)
+        params = dict(model.named_parameters())
+        groups: dict[torch.device, tuple[list, list]] = {}
+        for name, dst in zip(self.shadow, self._locals):
+            src = local(params[name].detach()).to(dst.device, torch.float32)
+            g = groups.setdefault(dst.device, ([], []))
+            g[0].append(dst)
+            g[1].append(src)
+        for dsts, srcs in groups.values():
+            torch._foreach_mul_(dsts, d)
+            torch._foreach_add_(dsts, srcs, alpha=1 - d)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
-        for n, p in model.named_parameters():
-            p.copy_(self.shadow[n].to(p.dtype))
+        params = dict(model.named_parameters())
+        for name, src in zip(self.shadow, self._locals):
+            dst = local(params[name])
+            dst.copy_(src.to(dst.device, dst.dtype))
 
     def model_copy(self, model: nn.Module) -> nn.Module:
         out = copy.deepcopy(model)
         self.copy_to(out)
         return out
 
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "start": self.start, "shadow": self.shadow}
-
-    def load_state_dict(self, state: Mapping) -> None:
-        missing = set(self.shadow) ^ set(state["shadow"])
-        if missing:
-            raise ValueError(f"EMA state does not match the model: {sorted(missing)[:5]}")
-        self.decay, self.start = float(state["decay"]), int(state["start"])
-        for n, v in state["shadow"].items():
-            self.shadow[n].copy_(v)
-
 
 # -- one trainable model -------------------------------------------------------------------------
 class Trainable:
-    """A model, its DDP wrapper, AdamW with linear warmup, gradient clipping and an optional EMA."""
+    """A model, its parallel wrapper (``training.distributed``), AdamW with linear warmup, gradient clipping
+    and an optional EMA.
+
+    The optimiser trains the parameters that require gradient -- the caller decides which (a whole model:
+    ``load_dit(..., trainable=True)`` / ``requires_grad_(True)``; LoRA: only the adapters); Trainable never
+    changes ``requires_grad``. Checkpoints go through ``training.sharded_checkpoint`` (``checkpoint_state`` /
+    ``load_checkpoint``); ``full_state_dict`` gathers the weights for export.
+    """
 
     def __init__(self, name: str, model: nn.Module, rt: Runtime, *, lr: float, betas=(0.9, 0.999),
                  weight_decay: float = 0.0, grad_clip: float = 1.0, warmup: int = 0,
                  ema_decay: float | None = None, ema_start: int = 0):
         self.name, self.model, self.rt = name, model, rt
-        model.train().requires_grad_(True)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError(f"{name}: no parameter requires gradient; make the parts to train trainable first "
+                             "(load_dit(..., trainable=True), model.requires_grad_(True) or LoRA adapters)")
+        model.train()
+        self._skeleton = meta_skeleton(model) if rt.fsdp else None  # for ema_model() of a sharded model
         self.wrapped = Wrapped(model, rt)
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(betas),
-                                           weight_decay=weight_decay, eps=1e-8)
+        self.sharded = self.wrapped.kind == "fsdp"
+        self.mixed = self.sharded and mixed_precision(rt) is not None  # FSDP2 casts: no autocast
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
+                                           eps=1e-8)
         warm = max(int(warmup), 0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         self.grad_clip = grad_clip
-        self.ema = EMA(model, ema_decay, ema_start) if ema_decay is not None else None
+        self.ema = (EMA(model, ema_decay, ema_start, device="cpu" if rt.ema_on_cpu else None)
+                    if ema_decay is not None else None)
         self.updates = 0
+        self._export: dict | None = None
+
+    def autocast(self):
+        """The forward context of this model's micro-steps: bf16 autocast, or none under FSDP2 mixed precision."""
+        return contextlib.nullcontext() if self.mixed else self.rt.autocast()
 
     def step(self) -> float:
         """Clip, step, zero the gradients and update the EMA; returns the pre-clip gradient norm."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else math.inf)
+        norm = clip_grad_norm(self.params, self.grad_clip if self.grad_clip > 0 else math.inf)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.sharded:
+            self.model.reshard()  # the root's gathered weights (kept between forwards) predate this step
         self.updates += 1
         if self.ema is not None:
             self.ema.update(self.model, self.updates)
         return float(norm)
 
-    def state_dict(self) -> dict:
-        out = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-               "scheduler": self.scheduler.state_dict(), "updates": self.updates}
-        if self.ema is not None:
-            out["ema"] = self.ema.state_dict()
-        return out
+    # -- checkpoints (training.sharded_checkpoint) --------------------------------------------------
+    def _state_dict_options(self, **kw):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    def load_state_dict(self, state: Mapping) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.updates = int(state["updates"])
+        return StateDictOptions(ignore_frozen_params=True, **kw)
+
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, plain metadata) of this part: model weights that train (frozen ones come back from
+        the model's own checkpoint), AdamW moments and the EMA, as this process's shards under FSDP2."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        if self.sharded:
+            self.model.reshard()
+        msd, osd = get_state_dict(self.model, self.optimizer, options=self._state_dict_options())
+        tensors = {f"model/{k}": v for k, v in msd.items()}
+        other: dict[str, dict] = {}
+        for fqn, state in osd["state"].items():
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor):
+                    tensors[f"optim/{fqn}/{k}"] = v
+                else:
+                    other.setdefault(fqn, {})[k] = v
         if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
+            tensors.update({f"ema/{n}": t for n, t in self.ema.shadow.items()})
+        meta = {"scheduler": self.scheduler.state_dict(), "updates": self.updates,
+                "param_groups": osd["param_groups"], "optim_other": other,
+                "ema": None if self.ema is None else {"decay": self.ema.decay, "start": self.ema.start}}
+        return tensors, meta
+
+    def load_checkpoint(self, tensors: Mapping[str, torch.Tensor], meta: Mapping) -> None:
+        """Restore from what ``checkpoint_state`` gave, filled by the checkpoint reader."""
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        msd = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+        state: dict[str, dict] = {fqn: dict(d) for fqn, d in meta.get("optim_other", {}).items()}
+        for k, v in tensors.items():
+            if k.startswith("optim/"):
+                fqn, stat = k[len("optim/"):].rsplit("/", 1)
+                state.setdefault(fqn, {})[stat] = v
+        set_state_dict(self.model, self.optimizer, model_state_dict=msd,
+                       optim_state_dict={"state": state, "param_groups": list(meta["param_groups"])},
+                       options=self._state_dict_options(strict=False))
+        self.scheduler.load_state_dict(meta["scheduler"])
+        self.updates = int(meta["updates"])
+        if self.ema is not None:
+            if meta.get("ema") is None:
+                raise ValueError(f"{self.name}: the checkpoint has no EMA but this run keeps one")
+            self.ema.decay, self.ema.start = float(meta["ema"]["decay"]), int(meta["ema"]["start"])
+            with torch.no_grad():
+                for n, t in self.ema.shadow.items():
+                    if tensors[f"ema/{n}"] is not t:
+                        local(t).copy_(local(tensors[f"ema/{n}"]))
+        if self.sharded:
+            self.model.reshard()
+
+    # -- export ---------------------------------------------------------------------------------------
+    def prepare_export(self) -> None:
+        """Collective under FSDP2 over several processes: gather the EMA weights to rank 0 (host memory) so
+        that ``ema_model()`` can then be called on rank 0 alone. ``run_loop`` calls it when a stage completes."""
+        if self.sharded and self.rt.world_size > 1:
+            self._export = full_state_dict(self, ema=True)
 
     def ema_model(self) -> nn.Module:
-        """A detached eval copy carrying the EMA weights (or the live weights without EMA)."""
-        m = self.ema.model_copy(self.model) if self.ema is not None else copy.deepcopy(self.model)
+        """A detached eval copy carrying the EMA weights (or the live weights without EMA); on the CPU for a
+        sharded model."""
+        if not self.sharded:
+            m = self.ema.model_copy(self.model) if self.ema is not None else copy.deepcopy(self.model)
+            return m.eval().requires_grad_(False)
+        state = self._export
+        if state is None:
+            if self.rt.world_size > 1:
+                raise RuntimeError(f"{self.name}: ema_model() of a model sharded over {self.rt.world_size} "
+                                   "processes needs prepare_export() on every process first")
+            state = full_state_dict(self, ema=True)
+        m = copy.deepcopy(self._skeleton)
+        m.load_state_dict(state, strict=True, assign=True)
         return m.eval().requires_grad_(False)
+
+
+def full_state_dict(trainable: Trainable, ema: bool = True) -> dict[str, torch.Tensor]:
+    """The whole model's state dict as float CPU tensors on rank 0 (``{}`` on the other ranks), with the EMA
+    weights in place of the live trained ones when ``ema`` and the part keeps an EMA.
+
+    Collective under FSDP2 (every process must call it); what an export writes to one safetensors file."""
+    rt, model = trainable.rt, trainable.model
+    if trainable.sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        model.reshard()
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        sd = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()} if rt.is_main else {}
+    if ema and trainable.ema is not None:
+        for name, t in trainable.ema.shadow.items():
+            whole = full_tensor(t)
+            if rt.is_main:
+                sd[name] = whole.detach().to("cpu", torch.float32, copy=True)
+    return sd if rt.is_main else {}
 
 
 def accumulate(rt: Runtime, trainable: Trainable, accum: int,
                micro_loss: Callable[[int], tuple[torch.Tensor, dict]]) -> dict[str, float]:
-    """Run ``accum`` micro-steps (forward under autocast, backward of loss/accum), syncing only the last.
+    """Run ``accum`` micro-steps (forward under the part's autocast, backward of loss/accum), reducing
+    gradients across processes only in the last one.
 
     Returns the mean of each metric over micro-steps (local to this process).
     """
@@ -297,7 +389,7 @@ def accumulate(rt: Runtime, trainable: Trainable, accum: int,
     for m in range(accum):
         sync = m == accum - 1
         with (contextlib.nullcontext() if sync else trainable.wrapped.no_sync()):
-            with rt.autocast():
+            with trainable.autocast():
                 loss, metrics = micro_loss(m)
             (loss / accum).backward()
         for k, v in metrics.items():
@@ -305,134 +397,7 @@ def accumulate(rt: Runtime, trainable: Trainable, accum: int,
     return sums
 
 
-# -- checkpoints and logs --------------------------------------------------------------------------
-def atomic_torch_save(obj, path: str, previous: str | None = None) -> None:
-    """Write ``obj`` to ``path`` so that a kill at any moment leaves the old file or the new one.
-
-    With ``previous``, the file being replaced is kept under that name (renamed after the new file is fully
-    written and synced, just before the new one takes its place).
-    """
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    if previous is not None and os.path.isfile(path):
-        os.replace(path, previous)
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def _fsync_dir(directory: str) -> None:
-    """Make the renames in ``directory`` durable (best effort: not every platform opens directories)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _reason(e: BaseException) -> str:
-    """The informative part of a torch.load error: the restricted unpickler's own line, or the first sentence."""
-    text = str(e)
-    if "WeightsUnpickler error:" in text:
-        text = text.split("WeightsUnpickler error:", 1)[1]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return (lines or [type(e).__name__])[0].split(". ")[0].rstrip(".")
-
-
-def read_checkpoint(path: str) -> dict:
-    """A trainer checkpoint ({step, parts, extra}) read with ``torch.load(weights_only=True)``.
-
-    Checkpoints hold only tensors and plain containers (dict/list/tuple/int/float/str/bool/None), so the
-    restricted unpickler reads them; a pickle that would build any other object -- and could run code while
-    doing so -- is refused, never executed. Any file that cannot be read (refused, truncated, not a
-    checkpoint) raises a ValueError naming it.
-    """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights only load failed" in str(e).lower():
-            raise ValueError(f"{path} is damaged or not a plain trainer checkpoint: torch.load(weights_only=True) "
-                             f"refused it ({_reason(e)}); it is not unpickled any further, since that could run "
-                             "code") from None
-        raise ValueError(f"{path} is unreadable ({_reason(e)})") from None
-    except Exception as e:  # truncated zip, random bytes, I/O error: torch raises RuntimeError/EOFError/...
-        raise ValueError(f"{path} is unreadable ({type(e).__name__}: {_reason(e)})") from None
-    if not isinstance(state, dict) or "step" not in state or not isinstance(state.get("parts"), dict):
-        raise ValueError(f"{path} is not a trainer checkpoint (no step/parts)")
-    return state
-
-
-class Checkpointer:
-    """``<dir>/checkpoint.pt`` holding {step, state of every named part, extra}; atomic and resumable.
-
-    Each save keeps the checkpoint it replaces as ``checkpoint.prev.pt``; ``load`` falls back to that one,
-    with a warning, when the newest file is unreadable. ``extra`` must hold plain values (what
-    ``torch.load(weights_only=True)`` reads back: tensors, numbers, strings, lists, dicts).
-    """
-
-    def __init__(self, directory: str, rt: Runtime):
-        self.dir, self.rt = directory, rt
-        self.path = os.path.join(directory, "checkpoint.pt")
-        self.prev_path = os.path.join(directory, "checkpoint.prev.pt")
-        self._newest_bad = False  # checkpoint.pt is damaged: the next save must not rotate it into prev
-
-    def exists(self) -> bool:
-        # checkpoint.pt alone is missing when a kill fell between the two renames of a save
-        return os.path.isfile(self.path) or os.path.isfile(self.prev_path)
-
-    def save(self, step: int, parts: Mapping[str, object], extra: Mapping | None = None) -> None:
-        if self.rt.is_main:
-            state = {"step": int(step), "parts": {k: v.state_dict() for k, v in parts.items()},
-                     "extra": dict(extra or {})}
-            atomic_torch_save(state, self.path, previous=None if self._newest_bad else self.prev_path)
-        self._newest_bad = False
-        self.rt.barrier()
-
-    def _read_newest(self) -> tuple[str, dict]:
-        """(path, state) of the newest readable checkpoint (warns when it is the previous one); ValueError when
-        none is."""
-        problems = []
-        for path in (self.path, self.prev_path):
-            if not os.path.isfile(path):
-                continue
-            try:
-                state = read_checkpoint(path)
-            except ValueError as e:
-                problems.append((path, str(e)))
-                continue
-            if problems:
-                warnings.warn(f"{problems[0][1]}; resuming from the previous checkpoint {path} (step "
-                              f"{int(state['step'])}) instead", stacklevel=3)
-                self._newest_bad = True
-            return path, state
-        names = " and ".join(p for p, _ in problems)
-        raise ValueError("cannot resume: " + "; ".join(m for _, m in problems)
-                         + f". Delete {names} to restart this stage from step 0")
-
-    def load(self, parts: Mapping[str, object]) -> tuple[int, dict]:
-        """Restore every part; returns (step, extra). Stray temporary files of a killed write are removed."""
-        if self.rt.is_main and os.path.isdir(self.dir):
-            for name in os.listdir(self.dir):
-                if name.startswith("checkpoint.pt.tmp"):
-                    os.remove(os.path.join(self.dir, name))
-        self.rt.barrier()
-        path, state = self._read_newest()
-        missing = set(parts) - set(state["parts"])
-        if missing:
-            raise ValueError(f"{path} lacks {sorted(missing)}; it was written by another stage or config")
-        for k, v in parts.items():
-            v.load_state_dict(state["parts"][k])
-        return int(state["step"]), dict(state.get("extra", {}))
-
-
+# -- logs --------------------------------------------------------------------------------------------
 class JsonlLog:
     """Append-only JSON-lines log (rank 0). ``trim(step)`` drops entries past a resumed step."""
 
@@ -527,8 +492,18 @@ def run_loop(stage: str, total_steps: int, step_fn: Callable[[int], Mapping[str,
             if out_of_time and not last:
                 log.write({"stage": stage, "step": step + 1, "time": round(time.time() - t0, 3),
                            "note": f"time budget of {time_budget_s:.0f} s reached"})
+                _prepare_export(parts)
                 return LoopResult(step + 1, True)
     finally:
         if bar is not None:
             bar.close()
+    _prepare_export(parts)
     return LoopResult(max(total_steps, start), True)
+
+
+def _prepare_export(parts: Mapping[str, object]) -> None:
+    """A completed stage exports on rank 0: gather what sharded parts need for it (collective)."""
+    for part in parts.values():
+        prepare = getattr(part, "prepare_export", None)
+        if prepare is not None:
+            prepare()
