@@ -50,14 +50,21 @@ class RunConfig:
     out_dir: str = "runs/toy"
     seed: int = 0
     device: str = "auto"          # auto | cpu | cuda | cuda:N (torchrun: cuda:LOCAL_RANK)
-    precision: str = "fp32"       # fp32 | bf16 (autocast; master weights and optimiser state stay fp32)
+    precision: str = "fp32"       # fp32 | bf16 (bf16 compute; master weights and optimiser state stay fp32)
     log_every: int = 10
     checkpoint_every: int = 100
     progress: bool = True         # tqdm bars on rank 0
+    parallel: str = "fsdp"        # fsdp (FSDP2 shards) | ddp (replicas), over torchrun's processes
+    optimizer_offload: bool = False  # FSDP2 CPUOffloadPolicy: float32 shards + AdamW state in host memory
+    ema_on_cpu: bool = False      # EMA shadows in host memory
 
     def __post_init__(self):
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"run.precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.parallel not in ("fsdp", "ddp"):
+            raise ValueError(f"run.parallel must be 'fsdp' or 'ddp', got {self.parallel!r}")
+        if self.optimizer_offload and self.parallel != "fsdp":
+            raise ValueError("run.optimizer_offload needs run.parallel = 'fsdp'")
         if self.checkpoint_every < 1 or self.log_every < 1:
             raise ValueError("run.checkpoint_every and run.log_every must be >= 1")
 
