@@ -121,9 +121,7 @@ def routed_attend(visibility: torch.Tensor, frame_tokens: int, topk: int, sink: 
         raise ValueError("history routing of a full-sequence forward needs a frame visibility")
     if topk is None or int(topk) < 1:
         raise ValueError(f"routing_topk must be >= 1, got {topk}")
-    always, candidates = split_visibility(visibility, sink)
-    rows_always = always.repeat_interleave(frame_tokens, 0).to(device)  # [L, F]
-    rows_candidates = candidates.repeat_interleave(frame_tokens, 0).to(device)
+    rows_always, rows_candidates = _token_rows(visibility, frame_tokens, sink, device)
 
     def attend(q, k, v):
         chosen = select_frames(q, frame_means(k, frame_tokens), rows_candidates.to(q.device), topk)
@@ -131,6 +129,25 @@ def routed_attend(visibility: torch.Tensor, frame_tokens: int, topk: int, sink: 
         return masked_attention(q, k, v, routed_mask(allowed, frame_tokens, use_flex))
 
     return lambda _i: attend
+
+
+_ROWS: dict = {}
+
+
+def _token_rows(visibility, frame_tokens: int, sink: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(always, candidates) per query token [L, F] on ``device``, cached per pattern (training builds the same
+    tables every step: no host-to-device copy per step)."""
+    vis = torch.as_tensor(visibility, dtype=torch.bool).cpu()
+    key = (tuple(vis.shape), bytes(vis.flatten().to(torch.uint8).tolist()), int(frame_tokens), int(sink), str(device))
+    rows = _ROWS.get(key)
+    if rows is None:
+        always, candidates = split_visibility(vis, sink)
+        rows = (always.repeat_interleave(frame_tokens, 0).to(device),
+                candidates.repeat_interleave(frame_tokens, 0).to(device))
+        if len(_ROWS) >= 8:
+            _ROWS.pop(next(iter(_ROWS)))
+        _ROWS[key] = rows
+    return rows
 
 
 # -- one chunk against a KV cache ----------------------------------------------------------------------------
@@ -161,16 +178,14 @@ def _with_current(buf: torch.Tensor, cur: torch.Tensor, runs, frame_tokens: int)
 def slot_roles(cache) -> tuple[torch.Tensor, torch.Tensor]:
     """(always, candidates) bool [capacity] of the cache's current plan: always = valid sink slots and the
     current chunk's slots; candidates = the other valid slots (the routable history)."""
-    plan, cap = cache.plan, cache.capacity
-    sink_valid = min(cache.sink, plan.valid_frames)
-    current = [False] * cap
+    plan = cache.plan
+    slots = torch.arange(cache.capacity, device=cache.k.device)  # device ops on Python ints: no host copy
+    current = torch.zeros_like(slots, dtype=torch.bool)
     for slot, _, n in plan.runs:
-        for s in range(slot, slot + n):
-            current[s] = True
-    always = [s < plan.valid_frames and (s < sink_valid or current[s]) for s in range(cap)]
-    cand = [s < plan.valid_frames and not always[s] for s in range(cap)]
-    device = cache.k.device
-    return torch.tensor(always, device=device), torch.tensor(cand, device=device)
+        current |= (slots >= slot) & (slots < slot + n)
+    valid = slots < plan.valid_frames
+    always = valid & ((slots < min(cache.sink, plan.valid_frames)) | current)
+    return always, valid & ~always
 
 
 def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache, layer: int,
