@@ -180,3 +180,116 @@ def test_resume_on_another_number_of_processes(two, tmp_path):
     for part in ("generator", "critic"):  # the 1-process run is FSDP2 too: the same sums, bit for bit
         assert_same(parts_of(cut, "dmd"), parts_of(two, "dmd"), "dmd", part, exact=True)
     assert [r["step"] for r in logged(cut, "dmd")] == [1, 2, 3, 4]
+
+
+POLICY_WORKER = textwrap.dedent('''
+    import copy, os
+    import torch
+    import torch.nn.functional as F
+    from torch.distributed.tensor import DTensor
+    from self_forcing.sf_model.cache import KVCache
+    from self_forcing.sf_model.config import WanConfig
+    from self_forcing.training.distributed import init_group
+    from self_forcing.training.engine import Runtime, Trainable, full_state_dict, shard_frozen, shutdown
+    from self_forcing.training.models import build_model
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    cpu = torch.device("cpu")
+    init_group(cpu, world, rank)
+    # bf16 as on a GPU (init_runtime keeps CPUs in fp32): FSDP2 MixedPrecisionPolicy, master weights fp32
+    rt = Runtime(cpu, "bf16", rank, world, rank, parallel="fsdp", optimizer_offload=True, group=True)
+    cfg = WanConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=16, text_len=4, freq_dim=32)
+    model = build_model(cfg, 0, cpu)
+    plain = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    x, ctx = torch.randn(2, 16, 3, 4, 4, generator=g), torch.randn(2, 4, 16, generator=g)
+    t, target = torch.full((2, 3), 500.0), torch.randn(2, 16, 3, 4, 4, generator=g)
+
+    # the frozen real score, sharded in its own dtype: the same outputs as the whole model
+    real = copy.deepcopy(model).to(torch.bfloat16).requires_grad_(False)
+    whole = copy.deepcopy(real)
+    shard_frozen(real, rt)
+    assert isinstance(real.blocks[0].ffn[0].weight, DTensor)
+    with torch.no_grad():
+        assert torch.equal(real(x, t, ctx), whole(x, t, ctx))
+        text = real.encode_text(ctx)  # text K/V through the blocks' FSDP hooks, gathered weights
+        assert torch.equal(text[1][0], whole.encode_text(ctx)[1][0])
+
+    tr = Trainable("m", model, rt, lr=1e-3, ema_decay=0.9)
+    assert tr.mixed
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(m.ffn[0].weight.dtype))
+    out = tr.wrapped(x, t, ctx)
+    loss = F.mse_loss(out, target)
+    loss.backward()
+    ref = F.mse_loss(plain(x, t, ctx), target)
+    assert seen == [torch.bfloat16], seen                      # computed with bf16 weights
+    assert abs(loss.item() - ref.item()) < 2e-2 * ref.item(), (loss.item(), ref.item())
+    w = model.blocks[0].ffn[0].weight
+    assert isinstance(w, DTensor) and w.dtype == torch.float32 and w.grad.dtype == torch.float32
+    tr.step()
+    state = tr.optimizer.state[w]
+    assert state["exp_avg"].dtype == torch.float32 and w.to_local().shape[0] == 64 // world
+    assert all(s.dtype == torch.float32 for s in tr.ema.shadow.values())
+    # a rollout step through the registered forward_chunk, KV cache in bf16
+    cache = KVCache(2, 2, 4, 2, 16, window=3, dtype=torch.bfloat16, device=cpu)
+    with torch.no_grad():
+        y = tr.wrapped.forward_chunk(x, t, tr.wrapped.encode_text(ctx), cache, 0)
+    assert y.shape == x.shape and cache.k.abs().sum() > 0
+    full = full_state_dict(tr, ema=True)
+    ema_w = tr.ema.shadow["blocks.0.ffn.0.weight"].full_tensor()
+    live_w = w.full_tensor()
+    if rank == 0:
+        assert full.keys() == plain.state_dict().keys() and all(v.dtype == torch.float32 for v in full.values())
+        assert torch.equal(full["blocks.0.ffn.0.weight"], ema_w) and not torch.equal(ema_w, live_w)
+    else:
+        assert full == {}
+
+    # activation checkpointing under FSDP2: a rollout's gradients (recomputed blocks, text path included) are
+    # those of the plain model (both processes draw the same batch, so the average is the batch's gradient)
+    from self_forcing.sf_model.schedule import make_steps
+    from self_forcing.training.config import SamplingConfig
+    from self_forcing.training.distributed import full_tensor
+    from self_forcing.training.dmd import rollout
+
+    rt32 = Runtime(cpu, "fp32", rank, world, rank, parallel="fsdp", group=True)
+    base = build_model(cfg, 0, cpu)
+    with torch.no_grad():
+        for p in base.head.parameters():
+            p.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
+    steps, opts = make_steps((1000, 750, 500, 250), 5.0, True), SamplingConfig().stream_options()
+
+    def noise_for(b, n, k):
+        return [torch.randn(2, 16, n, 4, 4, generator=torch.Generator().manual_seed(100 * b + s)) for s in range(k)]
+
+    def grads(model):
+        text = model.encode_text(ctx)
+        video = rollout(model, text, batch=2, clip_shape=(16, 6, 4, 4), steps=steps, opts=opts, exit_index=1,
+                        noise_for=noise_for, grad=True, cache_dtype=torch.float32)
+        video.pow(2).mean().backward()
+        return {n: full_tensor(p.grad) for n, p in model.named_parameters()}
+
+    ref = grads(copy.deepcopy(base))
+    ac = copy.deepcopy(base).set_activation_checkpointing(True)
+    got = grads(Trainable("ac", ac, rt32, lr=1e-3).wrapped)
+    assert ref.keys() == got.keys() and float(ref["blocks.0.cross_attn.k.weight"].abs().max()) > 0
+    for n in ref:
+        assert torch.allclose(got[n], ref[n], rtol=1e-4, atol=1e-8), (n, float((got[n] - ref[n]).abs().max()))
+    shutdown(rt)
+    print("policies ok", flush=True)
+''')
+
+
+def test_fsdp_policies_mixed_precision_offload_real_score_and_recompute(tmp_path):
+    """What a GPU run configures, on CPUs: bf16 compute with float32 master weights, gradients, AdamW state
+    and EMA; CPU-offloaded blocks; the frozen real score sharded in bf16 with the same outputs; activation
+    checkpointing of the sharded generator with the same rollout gradients as the plain model."""
+    script = tmp_path / "policy.py"
+    script.write_text(POLICY_WORKER)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
+    procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, text in zip(procs, outputs):
+        assert p.returncode == 0 and "policies ok" in text, text[-4000:]
