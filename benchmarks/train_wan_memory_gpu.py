@@ -191,6 +191,8 @@ def run_config(real: str, opts: str, args, device: torch.device) -> dict:
         result["weights_gb"] = None if base is None else round(allocated_gb(device) - base, 3)
         result["checkpointed"] = {n: bool(getattr(m, "activation_checkpointing", False))
                                   for n, m in (("generator", generator), ("critic", critic))}
+        result["offloaded"] = {n: bool(getattr(t, "sharded", False) and rt.optimizer_offload)
+                               for n, t in (("generator", trainer.gen), ("critic", trainer.critic))}
         result["real_score_dtype"] = str(trainer.real.dtype).replace("torch.", "")
         result["real_score_params"] = sum(p.numel() for p in real_score.parameters())
         loop0 = time.perf_counter()

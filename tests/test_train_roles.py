@@ -240,3 +240,24 @@ def test_the_memory_benchmark_runs_the_trainer_at_tiny_size(tmp_path, monkeypatc
     assert len(calls) == 2 * (2 + 6)
     with pytest.raises(SystemExit, match="bad configuration"):
         bench.main(["--tiny", "--configs", "7b:plain"])
+
+
+def test_the_memory_benchmark_offloads_the_optimizer_in_its_own_process(tmp_path):
+    """The offload configuration (FSDP2 CPUOffloadPolicy in a 1-process group) as the lead runs it: a separate
+    process (the group must not outlive it), tiny dims on the CPU."""
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = tmp_path / "offload.json"
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "train_wan_memory_gpu.py"), "--tiny",
+                           "--device", "cpu", "--steps", "2", "--configs", "14b:ac+offload", "--out", str(out)],
+                          capture_output=True, text=True, env=dict(os.environ), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (res,) = json.loads(out.read_text())["results"]
+    assert res["status"] == "ok" and res["all_losses_finite"] and res["optimizer_offload"]
+    assert res["offloaded"] == {"generator": True, "critic": True}
+    assert res["generator"]["steps"] == 1 and res["critic"]["steps"] == 2

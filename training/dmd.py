@@ -42,6 +42,7 @@ from ..sf_model.schedule import Step, add_noise, make_steps, shift_sigma
 from .config import TrainConfig
 from .engine import (Runtime, Trainable, accumulate, broadcast_int, generator, run_loop, sample_indices,
                      seeded_randn)
+from .distributed import shard_frozen
 from .loss_window import LossWindow, ToyReencoder, VaeReencoder, draw_rollout_frames, loss_window
 from .models import load_dit, save_dit
 from .ode_init import sampling_meta
@@ -160,7 +161,8 @@ class DmdTrainer:
         check_real_score(real_score, cfg)
         self.cfg, self.rt, self.world = cfg, rt, world
         dc = self.dc = cfg.dmd
-        self.real = real_score.eval().requires_grad_(False)
+        # frozen; under FSDP over several processes sharded block by block in its own dtype (1/world each)
+        self.real = shard_frozen(real_score.eval().requires_grad_(False), rt)
         common = dict(betas=dc.betas, weight_decay=dc.weight_decay, grad_clip=dc.grad_clip, warmup=dc.warmup)
         self.gen = Trainable("generator", generator, rt, lr=dc.lr, ema_decay=dc.ema_decay, ema_start=dc.ema_start,
                              **common)
