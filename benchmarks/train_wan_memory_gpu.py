@@ -17,8 +17,13 @@ every generator and critic step) and seconds per step are reported per phase; a 
 of memory is recorded as such (with the step it reached) and the next one runs.
 
     python3 benchmarks/train_wan_memory_gpu.py --steps 10 --out $OUT/train_memory.json
-    python3 benchmarks/train_wan_memory_gpu.py --configs 14b:ac,1.3b:ac --steps 20
+    python3 benchmarks/train_wan_memory_gpu.py --configs 14b:ac,1.3b:ac --steps 20 --ema-on-cpu
     python3 benchmarks/train_wan_memory_gpu.py --tiny --device cpu --steps 2   # CPU smoke test, tiny dims
+
+On an H200 the default six configurations at 20 steps exceed one 10-minute call (estimated ~2 s per
+generator step plus ~4 s per critic step with the 1.3B real score, ~11 s per generator step with the 14B one,
+roughly twice that with CPU offload): split them over calls with ``--configs`` and bound each with
+``--max-seconds``; the JSON is rewritten after every configuration.
 """
 
 from __future__ import annotations
@@ -87,15 +92,17 @@ def make_model(config: WanConfig, device: torch.device, dtype: torch.dtype, seed
 
 
 # -- runtime and options --------------------------------------------------------------------------------
-def make_runtime(device: torch.device, precision: str, offload: bool):
+def make_runtime(device: torch.device, precision: str, offload: bool, ema_on_cpu: bool = False):
     from self_forcing.training import engine
 
+    params = inspect.signature(engine.init_runtime).parameters
+    if (offload and "optimizer_offload" not in params) or (ema_on_cpu and "ema_on_cpu" not in params):
+        raise RuntimeError("CPU optimizer offload / a CPU EMA need training.engine.init_runtime(optimizer_offload=, "
+                           "ema_on_cpu=) (FSDP2 CPUOffloadPolicy), which this checkout does not have")
+    extra = {"ema_on_cpu": True} if ema_on_cpu else {}
     if not offload:
-        return engine.Runtime(device=device, precision=precision)
-    if "optimizer_offload" not in inspect.signature(engine.init_runtime).parameters:
-        raise RuntimeError("CPU optimizer offload needs training.engine.init_runtime(optimizer_offload=True) "
-                           "(FSDP2 CPUOffloadPolicy), which this checkout does not have")
-    return engine.init_runtime(str(device), precision, optimizer_offload=True)
+        return engine.Runtime(device=device, precision=precision, **extra)
+    return engine.init_runtime(str(device), precision, optimizer_offload=True, **extra)
 
 
 def enable_activation_checkpointing(model) -> None:
@@ -174,7 +181,7 @@ def run_config(real: str, opts: str, args, device: torch.device) -> dict:
     t0 = time.perf_counter()
     rows: list[dict] = []
     try:
-        rt = make_runtime(device, precision, "offload" in opts)
+        rt = make_runtime(device, precision, "offload" in opts, args.ema_on_cpu)
         cfg = train_config(gen_cfg, args.frames, args.height, args.width, args.steps, device, precision)
         world = RandomWorld(clip_shape=(gen_cfg.in_dim, args.frames, args.height, args.width),
                             text_len=gen_cfg.text_len, text_dim=gen_cfg.text_dim)
@@ -252,6 +259,8 @@ def main(argv=None) -> int:
     ap.add_argument("--text-len", type=int, default=512)
     ap.add_argument("--max-seconds", type=float, default=0.0,
                     help="stop a configuration's loop after this many seconds (0: run every step)")
+    ap.add_argument("--ema-on-cpu", action="store_true",
+                    help="keep the generator's EMA shadow in host memory (run.ema_on_cpu; the official trainer does)")
     ap.add_argument("--tiny", action="store_true", help="tiny dims (CPU smoke test); frames/height/width too")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="", help="write the results as JSON here")
