@@ -144,8 +144,9 @@ def _shard_root(model: nn.Module, **kw) -> None:
 
 def shard_frozen(model: nn.Module, rt: "engine.Runtime") -> nn.Module:
     """A frozen model (the real score) sharded block by block in its own dtype when the run uses FSDP over
-    several processes (each then holds 1/world of it); otherwise returned as it is."""
-    if not (rt.fsdp and rt.world_size > 1):
+    several processes (each then holds 1/world of it); otherwise, or when it is sharded already, returned
+    as it is."""
+    if not (rt.fsdp and rt.world_size > 1) or isinstance(model, _fsdp().FSDPModule):
         return model
     model.requires_grad_(False)
     for blk in model.blocks:
