@@ -20,9 +20,9 @@ of memory is recorded as such (with the step it reached) and the next one runs.
     python3 benchmarks/train_wan_memory_gpu.py --configs 14b:ac,1.3b:ac --steps 20 --ema-on-cpu
     python3 benchmarks/train_wan_memory_gpu.py --tiny --device cpu --steps 2   # CPU smoke test, tiny dims
 
-On an H200 the default six configurations at 20 steps exceed one 10-minute call (estimated ~2 s per
-generator step plus ~4 s per critic step with the 1.3B real score, ~11 s per generator step with the 14B one,
-roughly twice that with CPU offload): split them over calls with ``--configs`` and bound each with
+On an H200 the default six configurations at 20 steps exceed one 10-minute call (estimated from FLOPs, not
+measured: ~4-5 s per generator step with the 1.3B real score and ~11 s with the 14B one, ~4 s per critic step,
+up to about twice that with CPU offload): split them over calls with ``--configs`` and bound each with
 ``--max-seconds``; the JSON is rewritten after every configuration.
 """
 
