@@ -282,3 +282,124 @@ def test_export_writes_merged_and_lora_files(tmp_path):
     by_hand.load_state_dict(apply_like_comfyui(base.state_dict(), sd))
     torch.testing.assert_close(forward(by_hand), expected, rtol=0, atol=2e-3)
     assert "Generator trained as LoRA: rank 4" in model_card(cfg, loaded.meta)
+
+
+# -- through the trainer's engine ---------------------------------------------------------------------
+def test_trainable_trains_only_the_adapters_and_exports_them_merged(tmp_path):
+    """``engine.Trainable`` optimises and shadows (EMA) only what requires gradient, checkpoints only that
+    (the frozen base comes back from its own file), and its EMA model splits into a LoRA file + merged model."""
+    from self_forcing.training.engine import Runtime, Trainable
+    from self_forcing.training.lora import save_and_merge
+
+    base = base_model()
+    gen = apply_lora(copy.deepcopy(base), LoraConfig(rank=4, alpha=4.0), seed=1)
+    tr = Trainable("generator", gen, Runtime(device=CPU), lr=1e-2, weight_decay=0.01, ema_decay=0.5)
+    assert {id(p) for p in tr.params} == {id(p) for n, p in gen.named_parameters() if ".lora_" in n}
+    assert set(tr.ema.shadow) == {n for n, _ in gen.named_parameters() if ".lora_" in n}
+    x, t, ctx = inputs(batch=2)
+    target = torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
+    for _ in range(3):
+        with tr.autocast():
+            loss = torch.nn.functional.mse_loss(tr.wrapped(x, t, ctx), target)
+        loss.backward()
+        tr.step()
+    tensors, _ = tr.checkpoint_state()
+    assert {k for k in tensors if k.startswith("model/")} == {f"model/{n}" for n in tr.ema.shadow}
+    ema = tr.ema_model()
+    lw = lora_weights(ema)
+    for n, v in tr.ema.shadow.items():  # the EMA model carries the EMA adapters, not the live ones
+        module, ab = n.split(".lora_")
+        assert torch.equal(lw[module].down if ab.startswith("A") else lw[module].up, v)
+    merged = save_and_merge(ema, str(tmp_path / "g_lora.safetensors"))
+    sd, orig = merged.state_dict(), base.state_dict()
+    assert set(sd) == set(orig)
+    changed = {k for k in orig if not torch.equal(sd[k], orig[k])}
+    assert changed == {f"{n}.weight" for n in lw}
+    read, _ = read_lora(str(tmp_path / "g_lora.safetensors"))
+    for n, w in read.items():
+        torch.testing.assert_close(sd[f"{n}.weight"], orig[f"{n}.weight"] + w.delta(), rtol=0, atol=1e-6)
+
+
+FSDP_WORKER = '''
+import copy, os, sys
+import torch
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+from self_forcing.sf_model.config import WanConfig
+from self_forcing.training.config import LoraConfig
+from self_forcing.training.distributed import init_group
+from self_forcing.training.engine import Runtime, Trainable, shutdown
+from self_forcing.training.lora import apply_lora, save_and_merge
+
+out, world = sys.argv[1], int(os.environ.get("WORLD_SIZE", "1"))
+rank = int(os.environ.get("RANK", "0"))
+cpu = torch.device("cpu")
+if world > 1:
+    init_group(cpu, world, rank)
+    rt = Runtime(cpu, "fp32", rank, world, rank, parallel="fsdp", group=True)
+else:
+    rt = Runtime(cpu)
+cfg = WanConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=16, text_len=4, freq_dim=32)
+from self_forcing.training.models import build_model
+base = build_model(cfg, 0, cpu)
+with torch.no_grad():
+    base.head.head.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(4))
+model = apply_lora(copy.deepcopy(base), LoraConfig(rank=4, alpha=4.0), seed=1)
+tr = Trainable("g", model, rt, lr=1e-2, weight_decay=0.01, ema_decay=0.5)
+if world > 1:
+    assert isinstance(model.blocks[0].self_attn.q.lora_A["default"].weight, DTensor)
+g = torch.Generator().manual_seed(1)
+x, ctx = torch.randn(4, 16, 3, 4, 4, generator=g), torch.randn(4, 4, 16, generator=g)
+t, target = torch.full((4, 3), 500.0), torch.randn(4, 16, 3, 4, 4, generator=g)
+mine = slice(rank * 4 // world, (rank + 1) * 4 // world)  # each process its share of the same batch
+for _ in range(3):
+    loss = F.mse_loss(tr.wrapped(x[mine], t[mine], ctx[mine]), target[mine])
+    loss.backward()
+    tr.step()
+tensors, _ = tr.checkpoint_state()
+assert all(".lora_" in k for k in tensors if k.startswith("model/")), sorted(tensors)[:4]
+tr.prepare_export()
+if rank == 0:
+    merged = save_and_merge(tr.ema_model(), os.path.join(out, "lora.safetensors"))
+    torch.save({"merged": merged.state_dict(), "base": base.state_dict()}, os.path.join(out, "merged.pt"))
+if world > 1:
+    shutdown(rt)
+print("lora ok", flush=True)
+'''
+
+
+def test_lora_under_fsdp2_two_processes_match_one(tmp_path):
+    """Two gloo processes (FSDP2, each half of the batch) == one plain process on the whole batch: the same
+    merged weights (float reassociation of the gradient sums: <= 1e-5), the base untouched in both."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(FSDP_WORKER)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    results = {}
+    for world in (1, 2):
+        out = tmp_path / f"w{world}"
+        out.mkdir()
+        extra = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world)) if world > 1 else {}
+        procs = [subprocess.Popen([sys.executable, str(script), str(out)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True,
+                                  env={**env, **extra, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(world)]
+        texts = [p.communicate(timeout=300)[0] for p in procs]
+        for p, text in zip(procs, texts):
+            assert p.returncode == 0 and "lora ok" in text, text[-4000:]
+        results[world] = torch.load(out / "merged.pt")
+    one, two = results[1], results[2]
+    changed = {k for k in one["base"] if not torch.equal(one["merged"][k], one["base"][k])}
+    assert changed and all(".ffn." in k or "_attn." in k for k in changed)
+    for k, v in one["merged"].items():
+        if k in changed:
+            torch.testing.assert_close(two["merged"][k], v, rtol=0, atol=1e-5)
+        else:
+            assert torch.equal(two["merged"][k], v), k
