@@ -99,6 +99,10 @@ def test_critic_init_defaults_to_the_real_score_only_with_the_generators_archite
         roles.critic_init_path(cfg)
     with pytest.raises(ValueError, match=r"models\.critic_init"):
         roles.ode_teacher_path(cfg)  # the ODE teacher defaults to the critic's start
+    # the ode_init stage and the baselines start their students from critic_init: it must fit [model]
+    wrong = base(tmp_path / "run", models={"critic_init": str(tmp_path / "big.safetensors")})
+    with pytest.raises(ValueError, match="causal student would start from .*big"):
+        roles.student_init_path(wrong)
     # a critic_init of the wrong size is refused before anything is loaded
     gen = tmp_path / "gen.safetensors"
     save(gen, GEN, 3)

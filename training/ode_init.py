@@ -18,7 +18,6 @@ from .config import TrainConfig
 from .engine import Runtime, Trainable, accumulate, generator, run_loop, sample_indices
 from .models import load_dit, save_dit
 from .ode_pairs import load_pairs
-from .roles import check_generator_architecture
 
 STAGE = "ode_init"
 
@@ -58,7 +57,6 @@ def train_ode_init(cfg: TrainConfig, rt: Runtime, world, teacher_path: str, *,
     sigmas, timesteps = pairs["sigmas"].to(rt.device), pairs["timesteps"].to(rt.device)
     k = len(sigmas)
     model, _ = load_dit(teacher_path, rt.device, trainable=True)
-    check_generator_architecture(model, cfg, "causal student", teacher_path)
     tr = Trainable(STAGE, model, rt, lr=oc.lr, betas=oc.betas, weight_decay=oc.weight_decay,
                    grad_clip=oc.grad_clip, warmup=oc.warmup, ema_decay=oc.ema_decay, ema_start=oc.ema_start)
     seed = cfg.run.seed

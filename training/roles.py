@@ -131,8 +131,15 @@ def critic_init_path(cfg: TrainConfig) -> str:
 
 def student_init_path(cfg: TrainConfig) -> str:
     """Where the ode_init stage (and the baselines) start the causal student: the critic's initialisation,
-    the bidirectional weights of the generator's architecture."""
-    return critic_init_path(cfg)
+    the bidirectional weights of the generator's architecture (checked from the file's header)."""
+    path = critic_init_path(cfg)
+    if os.path.isfile(path):
+        arch = checkpoint_architecture(path)
+        if not same_architecture(arch, cfg.model):
+            raise ValueError(f"the causal student would start from {path} ({describe(arch)}), but [model] (the "
+                             f"generator's architecture) is {describe(cfg.model)}: set models.critic_init to "
+                             "bidirectional weights of the generator's architecture, e.g. Wan2.1-T2V-1.3B")
+    return path
 
 
 def ode_teacher_path(cfg: TrainConfig) -> str:
@@ -150,9 +157,7 @@ def generator_init_path(cfg: TrainConfig) -> str:
     if alias:
         _deprecated(cfg, "generator_path", "models.generator_init")
         return alias
-    from .ode_init import ode_init_path
-
-    return ode_init_path(cfg)
+    return os.path.join(cfg.run.out_dir, "ode_init.safetensors")  # the ode_init stage's output (ode_init_path)
 
 
 # -- loading ---------------------------------------------------------------------------------------
