@@ -227,6 +227,8 @@ def run_config(real: str, opts: str, args, device: torch.device) -> dict:
                 if args.verbose:
                     print(f"  {name} step {step} {phase}: {row['seconds']:.2f} s, peak {row['peak_alloc_gb']} GB",
                           flush=True)
+        if args.export and result["status"] == "ok" and trainer is not None:
+            result["export"] = export_and_reload(trainer, gen_cfg, args.export, device)
     except _Stop:
         pass
     finally:
@@ -244,6 +246,39 @@ def run_config(real: str, opts: str, args, device: torch.device) -> dict:
 
 class _Stop(Exception):
     pass
+
+
+def export_and_reload(trainer, gen_cfg: WanConfig, path: str, device: torch.device) -> dict:
+    """Write the trained generator's EMA as the export stage does (``save_dit``, bf16) and load it back through
+    the nodes' loader (``nodes.model.load_handle``), then run one chunk of the sampler on it: the export of a
+    Wan-scale run loads where users load models."""
+    from self_forcing.nodes.model import load_handle
+    from self_forcing.sf_model.sampler import StreamOptions, stream
+    from self_forcing.sf_model.window import CachePolicy
+    from self_forcing.training.models import save_dit
+
+    t0 = time.perf_counter()
+    trainer.gen.prepare_export() if hasattr(trainer.gen, "prepare_export") else None
+    model = trainer.gen.ema_model()
+    save_dit(path, model, gen_cfg, role="self_forcing", meta={"frames_per_block": 3, "benchmark": True},
+             dtype=torch.bfloat16)
+    del model
+    saved_s = time.perf_counter() - t0
+    handle = load_handle(path, os.path.basename(path), dtype="bf16" if device.type == "cuda" else "fp32",
+                         attention="auto", load_device=device, offload_device=device, keep_loaded=True,
+                         supports_bf16=device.type == "cuda")
+    m = handle.loaded.model
+    ctx = torch.randn(1, gen_cfg.text_len, gen_cfg.text_dim, device=device)
+    opts = StreamOptions.from_meta(handle.loaded.meta, CachePolicy(int(handle.loaded.meta.get("frames_per_block", 3))))
+    with torch.no_grad():
+        chunks = [c.latents for c in stream(m, ctx, num_frames=3, height=16, width=16, seed=0, options=opts)]
+    out = {"path": path, "bytes": os.path.getsize(path), "save_s": round(saved_s, 2),
+           "loaded_dtype": str(m.dtype).replace("torch.", ""), "params": sum(p.numel() for p in m.parameters())}
+    if chunks:
+        out["sample_finite"] = bool(all(torch.isfinite(c).all() for c in chunks))
+    del handle, m
+    os.remove(path)
+    return out
 
 
 def main(argv=None) -> int:
@@ -265,6 +300,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="", help="write the results as JSON here")
     ap.add_argument("--verbose", action="store_true", help="one line per step")
+    ap.add_argument("--export", default="", help="after a configuration, export the generator's EMA (bf16) here, "
+                                                 "load it back with the nodes' loader, then delete it")
     args = ap.parse_args(argv)
     if args.tiny:
         args.frames, args.height, args.width = min(args.frames, 6), min(args.height, 4), min(args.width, 4)
