@@ -82,7 +82,7 @@ def shard_like(local_tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
                                   shape=param.shape, stride=param.stride())
 
 
-def mixed_precision(rt: "engine.Runtime"):
+def mixed_precision(rt):
     """FSDP2's policy for ``run.precision`` (None: float32 throughout). Forward inputs keep their dtype
     (timesteps must not be rounded to bf16); the model casts activations to its weights' dtype itself."""
     if rt.precision != "bf16":
@@ -109,7 +109,7 @@ def _route_text_kv(model: nn.Module) -> None:
         attn.context_kv = blk.text_kv                 # the instance now calls it through the block's hooks
 
 
-def shard_model(model: nn.Module, rt: "engine.Runtime", *, offload: bool = False) -> nn.Module:
+def shard_model(model: nn.Module, rt, *, offload: bool = False) -> nn.Module:
     """FSDP2 on every ``model.blocks[i]`` and the root (in place; returns ``model``). ``offload``: keep the
     blocks' float32 shards, gradients and optimiser state in host memory (``CPUOffloadPolicy``); the root's
     own weights (patch/text/time embeddings and head, ~2 % of Wan) stay on the device, so ``model.device``
@@ -142,7 +142,7 @@ def _shard_root(model: nn.Module, **kw) -> None:
     _route_text_kv(model)
 
 
-def shard_frozen(model: nn.Module, rt: "engine.Runtime") -> nn.Module:
+def shard_frozen(model: nn.Module, rt) -> nn.Module:
     """A frozen model (the real score) sharded block by block in its own dtype when the run uses FSDP over
     several processes (each then holds 1/world of it); otherwise, or when it is sharded already, returned
     as it is."""
@@ -218,7 +218,7 @@ class Wrapped:
     micro-steps before the last one of an accumulation.
     """
 
-    def __init__(self, model: nn.Module, rt: "engine.Runtime"):
+    def __init__(self, model: nn.Module, rt):
         self.module = model
         self.ddp = None
         self.kind = "plain"

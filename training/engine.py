@@ -36,9 +36,10 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .distributed import (PARALLEL, Wrapped, clip_grad_norm, full_tensor, init_group, local, meta_skeleton,
-                          mixed_precision, shard_frozen, shard_like)
-from .sharded_checkpoint import (Checkpointer, atomic_torch_save, read_checkpoint,  # noqa: F401 (re-exported)
-                                 read_full_checkpoint)
+                          mixed_precision, shard_like)
+from .distributed import shard_frozen  # noqa: F401 -- re-exported for the stages
+from .sharded_checkpoint import Checkpointer
+from .sharded_checkpoint import atomic_torch_save, read_checkpoint, read_full_checkpoint  # noqa: F401 -- re-exported
 
 
 # -- runtime --------------------------------------------------------------------------------------

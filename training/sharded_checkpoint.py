@@ -299,7 +299,7 @@ class Checkpointer:
     values (what ``torch.load(weights_only=True)`` reads back).
     """
 
-    def __init__(self, directory: str, rt: "engine.Runtime"):
+    def __init__(self, directory: str, rt):
         self.dir, self.rt = directory, rt
         self.root = os.path.join(directory, "checkpoint")
         self.pointer = os.path.join(self.root, POINTER)
