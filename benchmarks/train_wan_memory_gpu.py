@@ -307,6 +307,8 @@ def main(argv=None) -> int:
         args.frames, args.height, args.width = min(args.frames, 6), min(args.height, 4), min(args.width, 4)
     configs = parse_configs(args.configs)
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
