@@ -112,8 +112,22 @@ class Rope3D:
         return assemble(tcos, scos), assemble(tsin, ssin)
 
 
+    def temporal_shift(self, delta: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [head_dim/2] (float32 on ``device``) of a rotation by ``delta`` temporal positions.
+
+        The temporal pairs turn by ``delta * inv_freq`` (angles in float64 on the CPU), the height/width pairs not at
+        all. RoPE rotations of a pair compose by adding angles, so ``apply_rope(k_at_p, *temporal_shift(d))`` is the
+        key of position ``p + d`` (up to float32 rounding): a cached, already rotated key moves to another
+        temporal position without its un-rotated value (``sf_model.positions``).
+        """
+        t = float(int(delta)) * self.inv_freq[0]
+        rest = torch.zeros(sum(self.split[1:]), dtype=torch.float64, device="cpu")
+        return self._cos_sin(torch.cat([t, rest]), device)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs of ``x`` [B, L, H, D] by the angles in cos/sin [1, L, 1, D/2].
+    """Rotate adjacent channel pairs of ``x`` [B, L, H, D] by the angles in cos/sin [1, L, 1, D/2] (or anything that
+    broadcasts against [..., D/2], e.g. one rotation [D/2] for every token: ``Rope3D.temporal_shift``).
 
     Computed in float32 and returned in x's dtype (Wan computes it in float64 complex).
     """

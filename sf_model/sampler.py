@@ -9,6 +9,11 @@ the clean cache pass follows when the next chunk is requested). The same ``denoi
 
 Noise is drawn on the CPU from a generator seeded per chunk (``sf_model.noise``), so a seed gives the
 same video on every device and every chunk is reproducible on its own.
+
+Long videos: ``context`` may be a ``PromptSchedule`` (prompt switches mid-stream with a cache policy per switch:
+keep, LongLive's KV re-cache, or reset; ``sf_model.prompt_schedule``), and ``StreamOptions.positions`` picks the
+position rule of a rolling cache with a sink ('absolute' as the official sampler, or 'rebased';
+``sf_model.positions``). With one prompt and absolute positions the stream is exactly the plain loop above.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ import torch
 
 from .cache import KVCache, TextContext
 from .noise import NoiseStream
+from .positions import StreamPositions
+from .prompt_schedule import LatentWindow, PromptSchedule, recache_pieces
 from .schedule import DEFAULT_SHIFT, DEFAULT_STEPS, Step, add_noise, finite_number, make_steps
-from .window import CachePolicy, cache_slots, check_cache, trained_attention
+from .window import CachePolicy, cache_slots, check_cache, check_positions, trained_attention
 
 SOLVERS = ("renoise", "euler")
 
@@ -43,6 +50,7 @@ class StreamOptions:
     final_context_pass: bool = False  # also write the last chunk's clean K/V (needed only to continue)
     partial_last_chunk: bool = False  # allow a frame count that is not a multiple of frames_per_block
     solver: str = "renoise"           # between steps: "renoise" (x0 + fresh noise, Self Forcing) or "euler" (flow ODE)
+    positions: str = "absolute"       # rolling cache + sink: "absolute" (official) or "rebased" (sf_model.positions)
 
     def __post_init__(self):
         if isinstance(self.steps, (str, bytes)):
@@ -54,15 +62,17 @@ class StreamOptions:
         make_steps(self.steps, self.shift, self.warp)  # validates the step list
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
+        check_positions(self.positions)
 
     @classmethod
     def from_policy(cls, cache: CachePolicy, *, steps: Sequence[float] = DEFAULT_STEPS, shift: float = DEFAULT_SHIFT,
                     warp: bool = True, context_noise: float = 0.0, **flags) -> "StreamOptions":
         """The options of a run with the cache ``cache`` (its chunk size, window, sink, routing and position
-        rule); ``flags``: ``final_context_pass``, ``partial_last_chunk``."""
+        rules); ``flags``: ``final_context_pass``, ``partial_last_chunk``, ``solver``."""
         return cls(frames_per_block=cache.frames_per_block, steps=steps, warp=warp, shift=shift,
                    context_noise=context_noise, window=cache.window, sink=cache.sink,
-                   routing_topk=cache.routing_topk, extend_positions=cache.extend_positions, **flags)
+                   routing_topk=cache.routing_topk, extend_positions=cache.extend_positions,
+                   positions=cache.positions, **flags)
 
     @classmethod
     def from_meta(cls, meta, cache: CachePolicy, *, steps: Sequence[float] | None = None, **flags) -> "StreamOptions":
@@ -82,6 +92,7 @@ class Chunk:
     index: int
     start_frame: int       # absolute latent frame index of the chunk's first frame
     latents: torch.Tensor  # [B, C, F, H, W] float32, model space
+    prompt: int = 0        # the entry of the prompt schedule it was generated under
 
 
 @dataclass
@@ -151,6 +162,27 @@ def prefill(model, text: TextContext, cache: KVCache, prefix: torch.Tensor, opts
         commit_chunk(model, text, cache, start, prefix[:, :, start:start + frames], opts)
 
 
+def recache(model, text: TextContext, cache: KVCache, positions: StreamPositions, latents: LatentWindow, n: int,
+            next_frames: int, opts: StreamOptions, check_cancel: Callable[[], None] | None = None) -> None:
+    """LongLive's KV re-cache before a chunk of ``next_frames`` at cache frame ``n``: empty the cache and refill it
+    under ``text`` with clean context passes over the kept frames' clean latents -- the sink, then the window
+    frames the next chunk sees, packed right after the sink (``positions`` keeps every distance as it was) --
+    in ``sf_model.prompt_schedule.recache_pieces``' chunks."""
+    sink_pieces, window_pieces, lo = recache_pieces(cache.sink, n, next_frames, opts.window, opts.frames_per_block)
+    kept = [(c, latents.read(c, c + f)) for c, f in sink_pieces + window_pieces]
+    removed = lo - cache.sink if window_pieces else 0
+    cache.reset()
+    positions.repack(removed)
+    for c, lat in kept:
+        if check_cancel is not None:
+            check_cancel()
+        c = c if c < cache.sink else c - removed
+        positions.before(c, lat.shape[2])
+        commit_chunk(model, text, cache, c, lat, opts)
+        positions.after_commit(c, lat.shape[2])
+        latents.write(c, lat)
+
+
 def prepare(model, context, batch_hint: int | None = None) -> TextContext:
     if isinstance(context, TextContext):
         return context
@@ -199,15 +231,19 @@ def stream(model, context, *, num_frames: int, height: int, width: int, seed: in
            cache: KVCache | None = None) -> Iterator[Chunk]:
     """Generate ``num_frames`` latent frames chunk by chunk, yielding each finished ``Chunk``.
 
-    ``context``: text states [B, L, text_dim] (or a prepared TextContext); ``height``/``width``: latent
-    size; ``prefix``: clean model-space latents [B, C, P, H, W] to prefill the cache with. ``cache``: an
-    existing KVCache to reuse (it is reset, not reallocated). The cache is released (or reset) when the
-    generator finishes, is closed, or raises -- also on cancellation.
+    ``context``: text states [B, L, text_dim] (or a prepared TextContext), or a ``PromptSchedule`` of them
+    (prompt switches; its start frames count the prefix); ``height``/``width``: latent size; ``prefix``: clean
+    model-space latents [B, C, P, H, W] to prefill the cache with (each prefill chunk under the prompt of its
+    first frame). ``cache``: an existing KVCache to reuse (it is reset, not reallocated). The cache is released
+    (or reset) when the generator finishes, is closed, or raises -- also on cancellation.
     """
     opts = options or StreamOptions()
     model.check_dtypes()
-    text = prepare(model, context)
-    batch = text.batch
+    schedule = context if isinstance(context, PromptSchedule) else None
+    texts = [prepare(model, e.context) for e in schedule.entries] if schedule is not None else [prepare(model, context)]
+    batch = texts[0].batch
+    if any(t.batch != batch for t in texts):
+        raise ValueError(f"the prompts of a schedule must have one batch size, got {[t.batch for t in texts]}")
     total = check_request(model, num_frames, height, width, prefix, opts, batch)
     steps = make_steps(opts.steps, opts.shift, opts.warp)
     ph, pw = model.config.patch_size[1:]
@@ -224,32 +260,64 @@ def stream(model, context, *, num_frames: int, height: int, width: int, seed: in
         if opts.routing_topk is not None and cache.key_mean is None:
             raise ValueError("history routing needs a cache built with key_means=True")
         cache.reset()
+    recaching = schedule is not None and schedule.needs_latents
+    positions = StreamPositions(model, cache, window=opts.window, mode=opts.positions,
+                                active=opts.positions == "rebased" or recaching)
+    latents = LatentWindow(cache, batch, model.config.in_dim, height, width, model.device) if recaching else None
+    at = schedule.index_at if schedule is not None else (lambda _frame: 0)
     start0 = prefix.shape[2] if prefix is not None else 0
     plan = chunk_plan(start0, total, opts.frames_per_block)
     passes_total = len(plan) * len(steps)
     shape_of = lambda f: (batch, model.config.in_dim, f, height, width)  # noqa: E731
     noise_source = NoiseStream(seed, model.device, math.prod(shape_of(opts.frames_per_block)))
+    current = None  # the schedule entry the cached frames were made under (None: nothing cached yet)
     try:
         if prefix is not None:
-            prefill(model, text, cache, prefix.float(), opts, check_cancel)
+            for start, frames in chunk_plan(0, start0, opts.frames_per_block):  # ``prefill``, prompt by prompt
+                if check_cancel is not None:
+                    check_cancel()
+                current, piece = at(start), prefix[:, :, start:start + frames].float()
+                positions.before(start, frames)
+                commit_chunk(model, texts[current], cache, start, piece, opts)
+                positions.after_commit(start, frames)
+                if latents is not None:
+                    latents.write(start, piece)
         for ci, (start, frames) in enumerate(plan):
+            k = at(start)
+            if current is not None and k != current:
+                policy = schedule.entries[k].policy
+                if policy == "reset":
+                    cache.reset()
+                    positions.reset(start)
+                elif policy == "recache":
+                    recache(model, texts[k], cache, positions, latents, positions.cache_frame(start), frames, opts,
+                            check_cancel)
+            current = k
+            c_start = positions.cache_frame(start)
             noise = noise_source.chunk(ci, len(steps), shape_of(frames))
 
             def on_pass(i, x0, ci=ci):
                 if on_step is not None:
                     on_step(StepEvent(ci, i, len(steps), ci * len(steps) + i + 1, passes_total, x0))
 
+            positions.before(c_start, frames)
             with torch.no_grad():
-                x0 = denoise_chunk(model, text, cache, start, noise, steps, opts, on_pass=on_pass,
+                x0 = denoise_chunk(model, texts[k], cache, c_start, noise, steps, opts, on_pass=on_pass,
                                    check_cancel=check_cancel)
             # The chunk is final after its last denoising pass: hand it out before the clean context
             # pass, which runs when the consumer asks for the next chunk (lower first-chunk latency,
             # and a decoder can start on it meanwhile). The consumer gets its own copy.
-            yield Chunk(ci, start, x0.clone())
+            yield Chunk(ci, start, x0.clone(), k)
             if ci < len(plan) - 1 or opts.final_context_pass:
                 if check_cancel is not None:
                     check_cancel()
-                commit_chunk(model, text, cache, start, x0, opts)
+                nxt = at(plan[ci + 1][0]) if ci < len(plan) - 1 else k
+                # a switch that re-caches or resets replaces this chunk's K/V anyway: no clean pass for them
+                if nxt == k or schedule.entries[nxt].policy == "keep":
+                    commit_chunk(model, texts[k], cache, c_start, x0, opts)
+                    positions.after_commit(c_start, frames)
+                if latents is not None:
+                    latents.write(c_start, x0)
     finally:
         if own:
             cache.release()

@@ -6,9 +6,18 @@ hand it to ``StreamOptions.from_policy`` (``sf_model.sampler``):
 - fixed (``window=None``): the cache holds the whole video. Exact for what the model was trained on, but
   memory grows with the length and absolute RoPE positions must stay inside the model's table.
 - rolling (``window=W``, ``sink=S``): the cache keeps the first S latent frames forever plus the last W
-  latent frames, the current chunk included (``local_attn_size`` / ``sink_size`` of the official code).
-  Only distances up to the window are ever seen, so positions may run past the RoPE table
-  (``extend_positions``): any length, bounded memory.
+  latent frames, the current chunk included. Only distances up to the window are ever seen between window
+  frames, so positions may run past the RoPE table (``extend_positions``): any length, bounded memory.
+- window semantics: our ``window`` does NOT count the sink; the official code's ``local_attn_size`` does (its
+  cache holds ``local_attn_size`` frames, the ``sink_size`` sink frames among them). The same attention needs
+  ``window = local_attn_size - sink_size`` (``from_official``; ``to_official`` back). Passing the official value
+  as ``window`` attends to ``sink`` more frames than the official run (outputs differ by ~2e-2). Every official
+  value read (checkpoint metadata ``local_attn_size``/``sink_size``, the CLI's ``--local-attn-size``) goes
+  through ``from_official``.
+- positions (``positions``): 'absolute' (the official sampler: every frame keeps the RoPE position of its index,
+  so the distance from the sink to the current chunk grows without bound) or 'rebased' (the sink is seen right
+  before the window: the attention sees the sink at positions 0..S-1 and the window at S..S+W-1 whatever the
+  frame index, so no distance exceeds S + W; ``sf_model.positions``). Without a sink both are the same.
 - history routing (``routing_topk=k``): each chunk attends only to the k cached history frames whose
   mean-pooled keys match it best, plus the sink and itself (with either cache).
 
@@ -20,12 +29,38 @@ checkpoint was trained on, else a rolling window of that length with the checkpo
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping
 
 # The official Self Forcing checkpoint was trained on 21 latent frames (81 video frames) with one fixed
 # cache and no sink; checkpoints that store no training length are assumed to be like it.
 WAN_TRAIN_FRAMES = 21
+POSITION_MODES = ("absolute", "rebased")
+
+
+def from_official(local_attn_size: int, sink_size: int = 0) -> tuple[int | None, int]:
+    """(window, sink) of ours for the official code's ``local_attn_size`` / ``sink_size``.
+
+    The official cache holds ``local_attn_size`` latent frames *including* its ``sink_size`` sink frames (and
+    ``local_attn_size = -1`` means one cache for the whole video), while our ``window`` counts only the frames after
+    the sink: ``window = local_attn_size - sink_size`` (``None`` for -1, with no sink: a fixed cache never evicts).
+    LongLive's ``local_attn_size: 12, sink_size: 3`` is ``window=9, sink=3``.
+    """
+    size, sink = whole_frames("local_attn_size", local_attn_size), whole_frames("sink_size", sink_size)
+    if sink < 0:
+        raise ValueError(f"sink_size must be >= 0, got {sink}")
+    if size == -1:
+        return None, 0
+    if size <= sink:
+        raise ValueError(f"local_attn_size {size} must be larger than sink_size {sink} (it counts the sink frames: "
+                         f"the window after the sink is local_attn_size - sink_size = {size - sink} frames), or -1 for "
+                         "a cache of the whole video")
+    return size - sink, sink
+
+
+def to_official(window: int | None, sink: int = 0) -> int:
+    """The official ``local_attn_size`` of our ``window``/``sink`` (-1 for a fixed cache): ``window + sink``."""
+    return -1 if window is None else int(window) + int(sink)
 
 
 def window_error(window: int | None, frames_per_block: int) -> str | None:
@@ -42,6 +77,11 @@ def routing_error(window: int | None, routing_topk: int | None) -> str | None:
         return None
     return (f"routing_topk {routing_topk} is not smaller than the window {window}: routing would keep every "
             f"frame; use a routing_topk below {window}, or 0 to switch routing off")
+
+
+def check_positions(positions: str) -> None:
+    if positions not in POSITION_MODES:
+        raise ValueError(f"positions must be one of {', '.join(POSITION_MODES)}, got {positions!r}")
 
 
 def whole_frames(name: str, value) -> int:
@@ -82,6 +122,7 @@ class CachePolicy:
     window: int | None = None
     sink: int = 0
     routing_topk: int | None = None
+    positions: str = "absolute"       # 'absolute' (official) or 'rebased' (POSITION_MODES)
 
     def __post_init__(self):
         whole_frames("sink", self.sink)  # before a fixed cache drops it: a NaN sink is refused, not ignored
@@ -92,6 +133,7 @@ class CachePolicy:
         if self.window is None and self.sink:  # a fixed cache never evicts: a sink means nothing there
             object.__setattr__(self, "sink", 0)
         check_cache(self.frames_per_block, self.window, self.sink, self.routing_topk)
+        check_positions(self.positions)
 
     @classmethod
     def fixed(cls, frames_per_block: int = 3, routing_topk: int | None = None) -> "CachePolicy":
@@ -99,8 +141,23 @@ class CachePolicy:
 
     @classmethod
     def rolling(cls, frames_per_block: int, window: int, sink: int = 0,
-                routing_topk: int | None = None) -> "CachePolicy":
-        return cls(frames_per_block, window, sink, routing_topk)
+                routing_topk: int | None = None, positions: str = "absolute") -> "CachePolicy":
+        return cls(frames_per_block, window, sink, routing_topk, positions)
+
+    @classmethod
+    def official(cls, frames_per_block: int, local_attn_size: int, sink_size: int = 0,
+                 routing_topk: int | None = None, positions: str = "absolute") -> "CachePolicy":
+        """The cache of the official code's ``local_attn_size``/``sink_size`` (``from_official``)."""
+        window, sink = from_official(local_attn_size, sink_size)
+        return cls(frames_per_block, window, sink, routing_topk, positions)
+
+    @property
+    def local_attn_size(self) -> int:
+        """This cache in the official code's terms (``to_official``)."""
+        return to_official(self.window, self.sink)
+
+    def with_positions(self, positions: str) -> "CachePolicy":
+        return self if positions == self.positions else replace(self, positions=positions)
 
     @property
     def is_rolling(self) -> bool:
@@ -125,7 +182,10 @@ class CachePolicy:
     def describe(self) -> str:
         text = f"rolling window {self.window}" + (f" + sink {self.sink}" if self.sink else "") \
             if self.is_rolling else "full cache"
-        return text + (f", routing top {self.routing_topk}" if self.routing_topk else "")
+        if self.is_rolling and self.sink:
+            text += f" (official local_attn_size {self.local_attn_size})"
+        text += f", routing top {self.routing_topk}" if self.routing_topk else ""
+        return text + (", rebased positions" if self.positions == "rebased" and self.is_rolling and self.sink else "")
 
 
 def cache_slots(window: int | None, sink: int, total_frames: int) -> tuple[int, int]:
@@ -156,8 +216,28 @@ def trained_frames(meta: Mapping) -> int:
 
 
 def checkpoint_sink(meta: Mapping) -> int:
-    """The attention sink the checkpoint was trained with (``sink``; none stored = 0, as the official)."""
-    return int(meta.get("sink", 0) or 0)
+    """The attention sink the checkpoint was trained with (``sink``, or the official ``sink_size``; none stored =
+    0, as the official). Both stored and different: a ValueError."""
+    ours, official = meta.get("sink"), meta.get("sink_size")
+    if ours is not None and official is not None and int(ours) != int(official):
+        raise ValueError(f"the checkpoint's metadata says sink {ours} and sink_size {official}; they must agree")
+    value = ours if ours is not None else official
+    return int(value or 0)
+
+
+def checkpoint_window(meta: Mapping) -> int | None:
+    """The sliding window (ours: frames after the sink) the checkpoint was trained with, or None.
+
+    Read from ``window`` (our exports) or the official ``local_attn_size`` (through ``from_official`` with the
+    checkpoint's sink; -1 = no window). Both stored: they must describe the same window (a ValueError otherwise,
+    naming both, since one of them was written with the other's meaning)."""
+    ours, official = meta.get("window"), meta.get("local_attn_size")
+    mapped = None if official is None else from_official(int(official), checkpoint_sink(meta))[0]
+    if ours is not None and official is not None and mapped != int(ours):
+        raise ValueError(f"the checkpoint's metadata says window {ours} and local_attn_size {official} with sink "
+                         f"{checkpoint_sink(meta)}; local_attn_size counts the sink (window = local_attn_size - sink "
+                         f"= {mapped}), so they disagree")
+    return int(ours) if ours is not None else mapped
 
 
 def checkpoint_frames_per_block(meta: Mapping) -> int:
@@ -170,14 +250,14 @@ def trained_attention(meta: Mapping, cache: CachePolicy) -> CachePolicy:
     window of that size with the checkpoint's sink). Routing that would keep every frame of the window is
     dropped (it equals no routing). Checkpoints that store neither get ``cache`` unchanged."""
     topk = cache.routing_topk if cache.routing_topk is not None else meta.get("routing_topk")
-    window, sink, trained = cache.window, cache.sink, meta.get("window")
+    window, sink, trained = cache.window, cache.sink, checkpoint_window(meta)
     if trained is not None and (window is None or int(trained) < window):
         window, sink = max(int(trained), cache.frames_per_block), sink if cache.is_rolling else checkpoint_sink(meta)
     if topk is not None and routing_error(window, int(topk)):
         topk = None
     if (window, sink, topk) == (cache.window, cache.sink, cache.routing_topk):
         return cache
-    return CachePolicy(cache.frames_per_block, window, sink, None if topk is None else int(topk))
+    return CachePolicy(cache.frames_per_block, window, sink, None if topk is None else int(topk), cache.positions)
 
 
 def default_policy(meta: Mapping, total_frames: int, *, frames_per_block: int | None = None,

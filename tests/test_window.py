@@ -124,3 +124,71 @@ def test_toy_sampler_node_without_options_streams_what_the_cli_streams():
     ref = generate(toy.model, encode_prompt(toy.loaded, TOY_PROMPT, device="cpu"), num_frames=frames, height=16,
                    width=16, seed=4, options=opts)
     assert torch.equal(out, ref)
+
+
+# -- official window semantics: local_attn_size counts the sink, our window does not ----------------------
+def official_attended(num_frames: int, fpb: int, local_attn_size: int, sink_size: int) -> list[set]:
+    """The frames each chunk attends to in the official rolling KV cache (pipeline/causal_inference.py's cache of
+    local_attn_size frames: sink frames pinned at its front, the rest shifted left on eviction, attention over the
+    last local_attn_size frames of the cache), simulated frame by frame."""
+    cache, seen = [], []
+    for start in range(0, num_frames, fpb):
+        new = list(range(start, start + fpb))
+        if len(cache) + fpb > local_attn_size:  # roll: evict the oldest frames after the sink
+            evicted = len(cache) + fpb - local_attn_size
+            cache = cache[:sink_size] + cache[sink_size + evicted:]
+        cache += new
+        seen.append(set(cache[max(0, len(cache) - local_attn_size):]))
+    return seen
+
+
+def ours_attended(num_frames: int, fpb: int, window: int | None, sink: int) -> list[set]:
+    from self_forcing.sf_model.mask import frame_visibility
+
+    vis = frame_visibility(num_frames, fpb, window, sink)
+    return [set(torch_nonzero(vis[start])) for start in range(0, num_frames, fpb)]
+
+
+def torch_nonzero(row) -> list[int]:
+    return [int(i) for i in row.nonzero().flatten()]
+
+
+@pytest.mark.parametrize("local_attn_size, sink_size", [(12, 3), (21, 0), (21, 3), (9, 1)])
+def test_from_official_gives_the_official_attention(local_attn_size, sink_size):
+    from self_forcing.sf_model.window import from_official, to_official
+
+    window, sink = from_official(local_attn_size, sink_size)
+    assert window == local_attn_size - sink_size and sink == sink_size
+    assert to_official(window, sink) == local_attn_size
+    assert ours_attended(60, 3, window, sink) == official_attended(60, 3, local_attn_size, sink_size)
+    if sink_size:  # the official number taken as our window attends to sink_size more frames
+        wrong = ours_attended(60, 3, local_attn_size, sink_size)
+        assert all(len(w) == len(o) + sink_size for w, o in zip(wrong[-5:], official_attended(60, 3, local_attn_size,
+                                                                                             sink_size)[-5:]))
+
+
+def test_the_official_values_are_read_through_the_one_mapping():
+    from self_forcing.sf_model.window import (checkpoint_sink, checkpoint_window, from_official, to_official,
+                                              trained_attention)
+
+    assert from_official(-1) == (None, 0) and to_official(None, 0) == -1
+    for bad, match in [((3, 3), "larger than sink_size 3"), ((2.5, 0), "whole number"), ((12, -1), ">= 0")]:
+        with pytest.raises(ValueError, match=match):
+            from_official(*bad)
+    longlive = {"local_attn_size": 12, "sink_size": 3}
+    assert checkpoint_window(longlive) == 9 and checkpoint_sink(longlive) == 3
+    assert checkpoint_window({"window": 9, "sink": 3, "local_attn_size": 12}) == 9
+    assert checkpoint_window({"local_attn_size": -1}) is None and checkpoint_window({}) is None
+    with pytest.raises(ValueError, match="local_attn_size counts the sink"):
+        checkpoint_window({"window": 12, "sink": 3, "local_attn_size": 12})
+    with pytest.raises(ValueError, match="must agree"):
+        checkpoint_sink({"sink": 1, "sink_size": 3})
+    assert trained_attention(longlive, CachePolicy.fixed(3)) == CachePolicy.rolling(3, 9, 3)
+    opts = StreamOptions.from_meta(longlive, CachePolicy.fixed(3))
+    assert (opts.window, opts.sink) == (9, 3)
+    policy = CachePolicy.official(3, 12, 3, positions="rebased")
+    assert policy == CachePolicy.rolling(3, 9, 3, positions="rebased") and policy.local_attn_size == 12
+    assert "local_attn_size 12" in policy.describe() and "rebased" in policy.describe()
+    assert StreamOptions.from_policy(policy).positions == "rebased"
+    with pytest.raises(ValueError, match="positions must be one of absolute, rebased"):
+        CachePolicy.rolling(3, 9, 3, positions="relative")
