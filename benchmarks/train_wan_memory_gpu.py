@@ -227,7 +227,7 @@ def run_config(real: str, opts: str, args, device: torch.device) -> dict:
                 if args.verbose:
                     print(f"  {name} step {step} {phase}: {row['seconds']:.2f} s, peak {row['peak_alloc_gb']} GB",
                           flush=True)
-        if args.export and result["status"] == "ok" and trainer is not None:
+        if args.export and rows and result["status"] != "oom" and trainer is not None:
             result["export"] = export_and_reload(trainer, gen_cfg, args.export, device)
     except _Stop:
         pass
