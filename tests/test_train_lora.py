@@ -403,3 +403,38 @@ def test_lora_under_fsdp2_two_processes_match_one(tmp_path):
             torch.testing.assert_close(two["merged"][k], v, rtol=0, atol=1e-5)
         else:
             assert torch.equal(two["merged"][k], v), k
+
+
+def test_the_dmd_stage_trains_lora_and_writes_adapters_plus_merged_model(tmp_path):
+    """``[lora] enabled`` through the real stage (``train_dmd``): the base stays frozen, the adapters move, the
+    stage writes the ComfyUI LoRA file and the merged generator, and merged == starting weights + scale B A."""
+    from self_forcing.sf_model.checkpoint import load_model
+    from self_forcing.training.data import make_world
+    from self_forcing.training.dmd import train_dmd
+    from self_forcing.training.engine import init_runtime
+    from self_forcing.training.lora import lora_path
+
+    out = tmp_path / "run"
+    out.mkdir()
+    data = {"run": {"out_dir": str(out), "progress": False, "checkpoint_every": 100},
+            "model": TINY.to_dict(), "world": {"size": 16, "frames": 6},
+            "sampling": {"frames_per_block": 3},
+            "dmd": {"steps": 5, "batch_size": 1, "critic_ratio": 2, "lr": 1e-3, "lr_critic": 1e-3, "ema_decay": 0.5,
+                    "ema_start": 0},
+            "lora": {"enabled": True, "rank": 4, "alpha": 4.0}}
+    cfg = load_config(data=data)
+    world = make_world(cfg)
+    start, teacher = str(tmp_path / "gen.safetensors"), str(tmp_path / "teacher.safetensors")
+    save_dit(start, base_model(0), TINY, "ode_init")
+    save_dit(teacher, base_model(1), TINY, "teacher")
+    path = train_dmd(cfg, init_runtime("cpu"), world, start, teacher, teacher)
+    adapters, _ = read_lora(lora_path(cfg))
+    assert adapters and any(float(w.up.abs().max()) > 0 for w in adapters.values())  # B started at 0, trained
+    merged = load_model(path).model.state_dict()
+    base = load_model(start).model.state_dict()
+    for name in ("blocks.0.self_attn.q", "blocks.1.ffn.2"):
+        w = adapters[name]
+        delta = w.alpha / w.rank * w.up.float() @ w.down.float()
+        torch.testing.assert_close(merged[f"{name}.weight"], base[f"{name}.weight"] + delta, rtol=0, atol=1e-5)
+    untouched = [k for k in base if "blocks." not in k]
+    assert untouched and all(torch.equal(merged[k], base[k]) for k in untouched)  # no adapters outside blocks

@@ -164,6 +164,10 @@ class DmdTrainer:
         # frozen; under FSDP over several processes sharded block by block in its own dtype (1/world each)
         self.real = shard_frozen(real_score.eval().requires_grad_(False), rt)
         common = dict(betas=dc.betas, weight_decay=dc.weight_decay, grad_clip=dc.grad_clip, warmup=dc.warmup)
+        if cfg.lora.enabled:  # adapters on the generator's linears, base frozen (training.lora)
+            from .lora import apply_lora
+
+            apply_lora(generator, cfg.lora, seed=cfg.run.seed)
         self.gen = Trainable("generator", generator, rt, lr=dc.lr, ema_decay=dc.ema_decay, ema_start=dc.ema_start,
                              **common)
         self.critic = Trainable("critic", critic, rt, lr=dc.lr_critic, **common)
@@ -318,7 +322,12 @@ def train_dmd(cfg: TrainConfig, rt: Runtime, world, generator_init: str, critic_
                    time_budget_s=cfg.dmd.time_budget_s)
     path = self_forcing_path(cfg)
     if end.completed and rt.is_main:
-        save_dit(path, trainer.gen.ema_model(), cfg.model, "self_forcing",
-                 {**sampling_meta(cfg), "steps_trained": end.steps})
+        model = trainer.gen.ema_model()
+        if cfg.lora.enabled:  # the adapters as a ComfyUI LoRA file, and the merged model as the stage output
+            from .lora import lora_path, save_and_merge
+
+            model = save_and_merge(model, lora_path(cfg), {"base": os.path.basename(generator_init),
+                                                           "steps_trained": end.steps})
+        save_dit(path, model, cfg.model, "self_forcing", {**sampling_meta(cfg), "steps_trained": end.steps})
     rt.barrier()
     return path
