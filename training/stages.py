@@ -126,7 +126,7 @@ def _run_stage(cfg: TrainConfig, stage: str, rt: Runtime, world, out: dict, stop
     elif stage in RESAMPLING_STAGES:  # Resampling Forcing: teacher-forcing warm-up, then self-resampled history
         from .resampling import run_resampling_stage
 
-        out.update(run_resampling_stage(cfg, rt, world, stage, lambda: teacher_file(cfg),
+        out.update(run_resampling_stage(cfg, rt, world, stage, lambda: roles.student_init_path(cfg),
                                          stop_after=stop_after))
     elif stage == "eval":
         from .evaluate import evaluate_drift
