@@ -265,3 +265,26 @@ def test_the_memory_benchmark_offloads_the_optimizer_in_its_own_process(tmp_path
     assert res["status"] == "ok" and res["all_losses_finite"] and res["optimizer_offload"]
     assert res["offloaded"] == {"generator": True, "critic": True}
     assert res["generator"]["steps"] == 1 and res["critic"]["steps"] == 2
+
+
+def test_run_activation_checkpointing_reaches_the_trained_models_and_changes_no_number():
+    """``run.activation_checkpointing`` (runtime_for -> Trainable) recomputes the generator's and the critic's
+    blocks; a DMD generator + critic step then gives the same weights as without it."""
+    from self_forcing.training.engine import runtime_for
+
+    results = []
+    for ac in (False, True):
+        cfg = base("unused", run={"activation_checkpointing": ac})
+        rt = runtime_for(cfg.run)
+        assert rt.activation_checkpointing is ac
+        gen, critic, real = (build_model(cfg.model, s, CPU) for s in (0, 1, 2))
+        with torch.no_grad():
+            for m in (gen, critic, real):
+                m.head.head.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(7))
+        trainer = DmdTrainer.from_models(cfg, rt, make_world(cfg), gen, critic, real)
+        assert gen.activation_checkpointing is ac and critic.activation_checkpointing is ac
+        assert not real.activation_checkpointing  # frozen: nothing to recompute
+        trainer.step(0)
+        results.append([p.detach().clone() for m in (gen, critic) for p in m.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

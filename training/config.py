@@ -57,6 +57,7 @@ class RunConfig:
     parallel: str = "fsdp"        # fsdp (FSDP2 shards) | ddp (replicas), over torchrun's processes
     optimizer_offload: bool = False  # FSDP2 CPUOffloadPolicy: float32 shards + AdamW state in host memory
     ema_on_cpu: bool = False      # EMA shadows in host memory
+    activation_checkpointing: bool = False  # recompute every block of the trained models in backward
 
     def __post_init__(self):
         if self.precision not in ("fp32", "bf16"):

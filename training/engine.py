@@ -54,6 +54,7 @@ class Runtime:
     optimizer_offload: bool = False  # FSDP2 CPUOffloadPolicy for the trained blocks
     ema_on_cpu: bool = False         # EMA shadows in host memory
     group: bool = False              # a torch.distributed process group exists (init_runtime made it)
+    activation_checkpointing: bool = False  # Trainable recomputes the trained model's blocks in backward
 
     @property
     def distributed(self) -> bool:
@@ -84,7 +85,8 @@ class Runtime:
 
 
 def init_runtime(device: str = "auto", precision: str = "fp32", *, parallel: str = "fsdp",
-                 optimizer_offload: bool = False, ema_on_cpu: bool = False) -> Runtime:
+                 optimizer_offload: bool = False, ema_on_cpu: bool = False,
+                 activation_checkpointing: bool = False) -> Runtime:
     """Pick the device and join the process group when launched by torchrun (or create a 1-process group
     for a single process that offloads its optimiser: FSDP2 then applies as on many processes)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -111,14 +113,16 @@ def init_runtime(device: str = "auto", precision: str = "fp32", *, parallel: str
     if group:
         init_group(dev, world, rank)
     return Runtime(device=dev, precision=precision, rank=rank, world_size=world, local_rank=local_rank,
-                   parallel=parallel, optimizer_offload=optimizer_offload, ema_on_cpu=ema_on_cpu, group=group)
+                   parallel=parallel, optimizer_offload=optimizer_offload, ema_on_cpu=ema_on_cpu, group=group,
+                   activation_checkpointing=activation_checkpointing)
 
 
 def runtime_for(run) -> Runtime:
     """``init_runtime`` with a config's ``[run]`` table."""
     return init_runtime(run.device, run.precision, parallel=getattr(run, "parallel", "fsdp"),
                         optimizer_offload=getattr(run, "optimizer_offload", False),
-                        ema_on_cpu=getattr(run, "ema_on_cpu", False))
+                        ema_on_cpu=getattr(run, "ema_on_cpu", False),
+                        activation_checkpointing=getattr(run, "activation_checkpointing", False))
 
 
 def shutdown(rt: Runtime) -> None:
@@ -246,6 +250,10 @@ class Trainable:
             raise ValueError(f"{name}: no parameter requires gradient; make the parts to train trainable first "
                              "(load_dit(..., trainable=True), model.requires_grad_(True) or LoRA adapters)")
         model.train()
+        if rt.activation_checkpointing and hasattr(model, "set_activation_checkpointing"):
+            # run.activation_checkpointing; "view" history: a trainer whose cache is rewritten between a
+            # chunk's forward and its backward (rolling windows: Self-Forcing++) switches to "copy" itself
+            model.set_activation_checkpointing(True)
         self._skeleton = meta_skeleton(model) if rt.fsdp else None  # for ema_model() of a sharded model
         self.wrapped = Wrapped(model, rt)
         self.sharded = self.wrapped.kind == "fsdp"

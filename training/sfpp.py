@@ -130,6 +130,8 @@ class SfppTrainer:
         self.gen = Trainable("generator", generator.train().requires_grad_(True), rt, lr=sc.lr,
                              ema_decay=sc.ema_decay, ema_start=sc.ema_start, **common)
         self.critic = Trainable("critic", critic.train().requires_grad_(True), rt, lr=sc.lr_critic, **common)
+        if rt.activation_checkpointing:  # the rolling cache is rewritten before backward: keep copied history
+            generator.set_activation_checkpointing(True, history="copy")
         c, f, h, w = world.clip_shape
         self.latent_shape = (c, h, w)
         self.window_frames = sc.window or f
