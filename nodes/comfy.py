@@ -27,7 +27,7 @@ from ..sf_model.schedule import DEFAULT_STEPS_TEXT
 from .decode import StreamDecode, VaeViews, check_wan21_state_dict
 from .latent import latent_space
 from .live import EVENT, LIVE, LiveFrameOptions, LiveFrameSender
-from .long_video import OPTIONS, LongVideoOptions
+from .long_video import OPTIONS, SCHEDULE, LongVideoOptions, add_prompt
 from .model import LOADER, MODEL_FOLDER, describe, load_handle, missing_model_message, model_choices, resolve_devices
 from .sampling import EXTEND, SAMPLER, RunHooks, extend_video, sample_video
 from .schema import InputSpec, NodeSpec, OutputSpec, check_values, validate_node
@@ -260,12 +260,30 @@ class SelfForcingLongVideoOptions(io.ComfyNode):
         return build_schema(OPTIONS)
 
     @classmethod
-    def validate_inputs(cls, cache=None, window=None, sink=None, routing_topk=None):
-        return validate_node(OPTIONS, cache=cache, window=window, sink=sink, routing_topk=routing_topk)
+    def validate_inputs(cls, cache=None, window=None, sink=None, routing_topk=None, positions=None):
+        return validate_node(OPTIONS, cache=cache, window=window, sink=sink, routing_topk=routing_topk,
+                             positions=positions)
 
     @classmethod
-    def execute(cls, cache: str = "rolling", window: int = 21, sink: int = 3, routing_topk: int = 0) -> io.NodeOutput:
-        return io.NodeOutput(LongVideoOptions(cache=cache, window=window, sink=sink, routing_topk=routing_topk).check())
+    def execute(cls, cache: str = "rolling", window: int = 21, sink: int = 3, routing_topk: int = 0,
+                positions: str = "absolute") -> io.NodeOutput:
+        return io.NodeOutput(LongVideoOptions(cache=cache, window=window, sink=sink, routing_topk=routing_topk,
+                                              positions=positions).check())
+
+
+class SelfForcingPromptSchedule(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return build_schema(SCHEDULE)
+
+    @classmethod
+    def validate_inputs(cls, start_frame=None, switch=None):
+        return validate_node(SCHEDULE, start_frame=start_frame, switch=switch)
+
+    @classmethod
+    def execute(cls, previous, conditioning, start_frame: int = 40, switch: str = "recache") -> io.NodeOutput:
+        check_values(SCHEDULE, start_frame=start_frame, switch=switch)  # linked values never reached validate_inputs
+        return io.NodeOutput(add_prompt(previous, conditioning, int(start_frame), switch))
 
 
 def _latent(samples, model) -> dict:
@@ -453,6 +471,7 @@ NODES: list[type[io.ComfyNode]] = [
     SelfForcingSampler,
     SelfForcingExtendVideo,
     SelfForcingLongVideoOptions,
+    SelfForcingPromptSchedule,
     SelfForcingLiveFrames,
     SelfForcingSaveTextEmbeds,
     SelfForcingLoadTextEmbeds,

@@ -26,7 +26,7 @@ from ..sf_model.schedule import DEFAULT_STEPS_TEXT, parse_steps
 from .decode import StreamDecode, decode_latents, run_decoded_stream
 from .latent import WAN21_SPACE, LatentSpace, latent_space
 from .live import LIVE_NAME
-from .long_video import OPTIONS_INPUT, LongVideoOptions, cache_policy
+from .long_video import OPTIONS_INPUT, SCHEDULE_NAME, LongVideoOptions, cache_policy, prompt_schedule
 from .model import ModelHandle
 from .schema import CAT_SAMPLING, LIVE_TYPE, MODEL_TYPE, SEED_MAX, InputSpec, NodeSpec, OutputSpec
 from .text import context_from_conditioning
@@ -47,7 +47,7 @@ def _positive_input() -> InputSpec:
         "The prompt: umT5-XXL hidden states [1, tokens, 4096] from core CLIPLoader (type 'wan') + "
         "CLIPTextEncode, or from 'Load Text Embeddings'. Self Forcing uses no negative prompt (CFG is "
         "distilled into the model). Tokens beyond 512 are dropped, as in Wan. A toy model takes only prompts from "
-        "'Self Forcing Toy Text Encode'.")
+        f"'Self Forcing Toy Text Encode'. Prompt switches mid-video: connect a '{SCHEDULE_NAME}' output here.")
 
 
 def _seed_input() -> InputSpec:
@@ -374,20 +374,24 @@ def sample_video(handle: ModelHandle, conditioning, *, width: int, height: int, 
     opts = run_options(frames_per_block, steps, shift, context_noise, long_video, total_frames=frames,
                        meta=handle.meta, rope_max_frames=cfg.rope_max_frames)
     lat_h, lat_w = height // space.spatial, width // space.spatial
-    context_from_conditioning(conditioning, cfg.text_dim, cfg.text_len)  # fail early, before moving weights
+    first = context_from_conditioning(conditioning, cfg.text_dim, cfg.text_len)  # fail early, before moving weights
     space.check_prompt(conditioning)
+    prompt_schedule(conditioning, first, text_dim=cfg.text_dim, text_len=cfg.text_len, space=space)
 
     def work():
         context = context_from_conditioning(conditioning, cfg.text_dim, cfg.text_len)
+        schedule = prompt_schedule(conditioning, context, text_dim=cfg.text_dim, text_len=cfg.text_len, space=space)
         extra = check_request_fits(handle, opts, frames, lat_h, lat_w, context.shape[0],
                                    decode.reserve_bytes if decode is not None else 0)
         with model_on_device(handle, hooks, extra) as model:
             kw = dict(num_frames=frames, height=lat_h, width=lat_w, seed=seed, opts=opts, prefix=None, hooks=hooks)
             if decode is None:
-                latents = _run_stream(model, context.to(model.device), space=space, **kw)
+                prompts = context.to(model.device) if schedule is None else schedule.to(model.device)
+                latents = _run_stream(model, prompts, space=space, **kw)
                 return space.from_model(latents)
             with decode.open_vae(model.device) as vae:
-                latents, images = _run_decoded(model, vae, context.to(model.device), decode=decode, image_offset=0,
+                prompts = context.to(model.device) if schedule is None else schedule.to(model.device)
+                latents, images = _run_decoded(model, vae, prompts, decode=decode, image_offset=0,
                                                **kw)
         return space.from_model(latents), as_image_batch(images)
 
@@ -452,6 +456,8 @@ def extend_video(handle: ModelHandle, conditioning, latent, *, extend_frames: in
     batch = samples.shape[0]
     if context.shape[0] not in (1, batch):
         raise ValueError(f"positive has batch {context.shape[0]} but the latent has batch {batch}; use one prompt")
+    prompt_schedule(conditioning, context, text_dim=cfg.text_dim, text_len=cfg.text_len, space=space,
+                    offset=prefix_len, batch=batch)  # fail early
     del context
     h, w = samples.shape[3:]
     resampled = bool(resampled_count and resample_strength > 0)
@@ -466,6 +472,8 @@ def extend_video(handle: ModelHandle, conditioning, latent, *, extend_frames: in
 
     def work():
         ctx = context_from_conditioning(conditioning, cfg.text_dim, cfg.text_len).expand(batch, -1, -1)
+        schedule = prompt_schedule(conditioning, ctx, text_dim=cfg.text_dim, text_len=cfg.text_len, space=space,
+                                   offset=prefix_len, batch=batch)
         extra = check_request_fits(handle, opts, prefix_len + new_frames, h, w, batch,
                                    decode.reserve_bytes if decode is not None else 0)
         with model_on_device(handle, hooks, extra) as model:
@@ -477,7 +485,8 @@ def extend_video(handle: ModelHandle, conditioning, latent, *, extend_frames: in
                 if hooks.progress is not None:
                     hooks.progress(0, 1, space.preview(history[:, :, prefix_len - resampled_count:].cpu()))
             if decode is None:
-                new = _run_stream(model, ctx, num_frames=new_frames, height=h, width=w, seed=seed, opts=opts,
+                prompts = ctx if schedule is None else schedule.to(model.device)
+                new = _run_stream(model, prompts, num_frames=new_frames, height=h, width=w, seed=seed, opts=opts,
                                   prefix=history, hooks=hooks, space=space)
                 tail = history[:, :, prefix_len - resampled_count:].to("cpu", torch.float32)
                 return space.from_model(new).to(samples.dtype), space.from_model(tail).to(samples.dtype), None
@@ -486,7 +495,8 @@ def extend_video(handle: ModelHandle, conditioning, latent, *, extend_frames: in
             first = head(tail)
             offset = 0 if first is None else pixel_frames(prefix_len, space.temporal)
             with decode.open_vae(model.device) as vae:
-                new, images = _run_decoded(model, vae, ctx, decode=decode, image_offset=offset, **kw)
+                prompts = ctx if schedule is None else schedule.to(model.device)
+                new, images = _run_decoded(model, vae, prompts, decode=decode, image_offset=offset, **kw)
                 del history, kw
                 if first is not None:  # the input part, decoded on its own as VAEDecode would
                     decode_latents(vae, first, opts.frames_per_block, out=images[:, :offset])

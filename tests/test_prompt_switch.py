@@ -207,3 +207,102 @@ def test_recache_pieces_and_the_kept_latents_are_bounded_by_the_cache():
     for s in range(0, 30, 3):
         store.write(s, x[:, :, s:s + 3])
     assert torch.equal(store.read(0, 3), x[:, :, :3]) and torch.equal(store.read(21, 30), x[:, :, 21:])
+
+
+# -- the nodes: 'Self Forcing Prompt Schedule' and the sampler/extend nodes taking it --------------------------
+@pytest.fixture(scope="module")
+def toy():
+    from self_forcing.nodes import toy as toy_nodes
+    from self_forcing.nodes.model import load_handle
+
+    cpu = torch.device("cpu")
+    return load_handle(toy_nodes.toy_model_path(toy_nodes.TOY_MODELS[0]), toy_nodes.TOY_MODELS[0], dtype="fp32",
+                       attention="sdpa", load_device=cpu, offload_device=cpu, keep_loaded=True, supports_bf16=False)
+
+
+RED = "a red circle bouncing on a black background"
+GREEN = "a green square bouncing on a black background"
+BLUE = "a blue triangle bouncing on a black background"
+
+
+def test_the_schedule_node_chains_prompts_inside_one_conditioning():
+    from self_forcing.nodes.long_video import SCHEDULE, add_prompt, scheduled_prompts
+    from self_forcing.nodes.text import conditioning_from_context, tensor_of
+
+    a, b, c = (conditioning_from_context(x) for x in (A, B, C))
+    two = add_prompt(a, b, 40, "keep")
+    three = add_prompt(two, c, 20)
+    assert tensor_of(three) is A and len(three) == 1  # any other node sees the first prompt
+    assert [(s, cond[0][0] is x, p) for (s, cond, p), x in zip(scheduled_prompts(three), (C, B))] == [
+        (20, True, "recache"), (40, True, "keep")]
+    assert scheduled_prompts(a) == [] and scheduled_prompts(two) != scheduled_prompts(three)  # inputs untouched
+    with pytest.raises(ValueError, match="two prompts of the schedule start at frame 40"):
+        add_prompt(three, a, 40)
+    with pytest.raises(ValueError, match="is itself a schedule"):
+        add_prompt(a, two, 8)
+    with pytest.raises(ValueError, match="keep, recache, reset"):
+        add_prompt(a, b, 8, "forget")
+    assert SCHEDULE.input("switch").default == "recache" and "local" not in SCHEDULE.input("switch").tooltip
+
+
+def test_video_frames_become_latent_frames_rounded_up_and_extend_counts_new_frames():
+    from types import SimpleNamespace
+
+    from self_forcing.nodes.long_video import add_prompt, prompt_schedule
+    from self_forcing.nodes.text import conditioning_from_context
+
+    wan = SimpleNamespace(temporal=4, check_prompt=lambda cond: None)
+    cond = add_prompt(add_prompt(conditioning_from_context(A), conditioning_from_context(B), 41),
+                      conditioning_from_context(C), 0)
+    s = prompt_schedule(cond, A, text_dim=32, text_len=16, space=wan)
+    assert [e.start_frame for e in s.entries] == [0, 11] and s.entries[0].context.shape == A.shape
+    assert torch.equal(s.entries[0].context, C)  # frame 0 replaces the first prompt
+    ext = prompt_schedule(cond, A.expand(2, -1, -1), text_dim=32, text_len=16, space=wan, offset=7, batch=2)
+    assert [e.start_frame for e in ext.entries] == [0, 7, 18] and ext.entries[2].context.shape[0] == 2
+    assert prompt_schedule(conditioning_from_context(A), A, text_dim=32, text_len=16, space=wan) is None
+
+
+def test_the_toy_sampler_node_streams_the_schedule_as_the_core_does(toy):
+    from self_forcing.nodes.long_video import LongVideoOptions, add_prompt
+    from self_forcing.nodes.sampling import sample_video
+    from self_forcing.nodes.toy import encode_toy_prompt
+    from self_forcing.nodes.text import conditioning_from_context
+    from self_forcing.toy.bundle import encode_prompt
+
+    red, green, blue = (encode_toy_prompt(toy, p) for p in (RED, GREEN, BLUE))
+    cond = add_prompt(add_prompt(red, green, 8, "recache"), blue, 14, "reset")
+    options = LongVideoOptions("rolling", window=6, sink=3, routing_topk=0, positions="rebased")
+    out = sample_video(toy, cond, width=32, height=32, length=18, seed=2, long_video=options)
+    enc = lambda p: encode_prompt(toy.loaded, p, device="cpu")  # noqa: E731
+    schedule = PromptSchedule([PromptSwitch(0, enc(RED)), PromptSwitch(8, enc(GREEN), "recache"),
+                               PromptSwitch(14, enc(BLUE), "reset")])
+    opts = StreamOptions.from_policy(options.policy(3, toy.meta), steps=tuple(toy.meta["steps"]),
+                                     shift=float(toy.meta["shift"]), partial_last_chunk=True)
+    ref = generate(toy.model, schedule, num_frames=18, height=16, width=16, seed=2, options=opts)
+    assert torch.equal(out, ref)
+    plain = sample_video(toy, red, width=32, height=32, length=18, seed=2, long_video=options)
+    assert torch.equal(out[:, :, :9], plain[:, :, :9]) and not torch.allclose(out[:, :, 9:], plain[:, :, 9:])
+    wan_prompt = add_prompt(red, conditioning_from_context(torch.randn(1, 4, 4096)), 8)
+    with pytest.raises(ValueError, match="not made by 'Self Forcing Toy Text Encode'"):
+        sample_video(toy, wan_prompt, width=32, height=32, length=18, seed=2, long_video=options)
+
+
+def test_the_toy_extend_node_switches_at_its_new_frames(toy):
+    from self_forcing.nodes.latent import latent_space
+    from self_forcing.nodes.long_video import LongVideoOptions, add_prompt
+    from self_forcing.nodes.sampling import extend_video, sample_video
+    from self_forcing.nodes.toy import encode_toy_prompt
+
+    red, green = encode_toy_prompt(toy, RED), encode_toy_prompt(toy, GREEN)
+    first = latent_space(toy).wrap(sample_video(toy, red, width=32, height=32, length=6, seed=1))
+    options = LongVideoOptions("rolling", window=6, sink=3, routing_topk=0)
+    kw = dict(extend_frames=12, history_frames=0, resample_strength=0.0, seed=3, output="new frames only",
+              long_video=options)
+    switched = extend_video(toy, add_prompt(red, green, 3, "keep"), first, **kw)
+    plain = extend_video(toy, red, first, **kw)
+    assert torch.equal(switched[:, :, :3], plain[:, :, :3])  # new frames 0-2 under red, then green
+    assert not torch.allclose(switched[:, :, 3:], plain[:, :, 3:])
+    # a switch takes over at the first chunk starting at or after it: frame 1 -> the chunk at new frame 3
+    assert torch.equal(switched, extend_video(toy, add_prompt(red, green, 1, "keep"), first, **kw))
+    at_once = extend_video(toy, add_prompt(red, green, 0, "keep"), first, **kw)
+    assert not torch.allclose(at_once[:, :, :3], plain[:, :, :3])
