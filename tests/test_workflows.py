@@ -171,3 +171,68 @@ def test_checker_allows_newer_dynamic_combo_sub_inputs_only_on_known_combos():
     assert "format.codec" in save and check_api(prompt, SCHEMAS) == []
     save["video.codec"] = "x"  # 'video' is a socket, not a combo
     assert check_api(prompt, SCHEMAS) == [f"node {node(prompt, 'SaveVideo')} (SaveVideo): unknown input 'video.codec'"]
+
+
+# -- long video and interaction (issue 17) ---------------------------------------------------------------
+def test_the_long_video_workflows_switch_prompts_and_roll_a_minute():
+    from self_forcing.sf_model.window import to_official
+
+    minute = load(REPO / "workflows" / "api" / "self_forcing_long_video_rolling_60s.json")
+    fps = by_class(minute, "CreateVideo")[0]["inputs"]["fps"]
+    sampler = by_class(minute, "SelfForcingSampler")[0]["inputs"]
+    assert sampler["length"] / fps >= 59.5 and (sampler["length"] - 1) % 4 == 0
+    opts = by_class(minute, "SelfForcingLongVideoOptions")[0]["inputs"]
+    assert opts["positions"] == "rebased" and to_official(opts["window"], opts["sink"]) == 21  # the training length
+    for name in ("self_forcing_long_video_rolling_60s", "self_forcing_toy_prompt_switch"):
+        p = load(REPO / "workflows" / "api" / f"{name}.json")
+        sampler = by_class(p, "SelfForcingSampler")[0]["inputs"]
+        schedule = p[sampler["positive"][0]]
+        assert schedule["class_type"] == "SelfForcingPromptSchedule"  # a chain of two switches feeds positive
+        assert p[schedule["inputs"]["previous"][0]]["class_type"] == "SelfForcingPromptSchedule"
+        starts = [n["inputs"]["start_frame"] for n in by_class(p, "SelfForcingPromptSchedule")]
+        assert len(starts) == 2 and max(starts) < sampler["length"]
+
+
+def test_the_toy_prompt_switch_workflow_runs_as_the_core_stream():
+    """The toy switch graph through the nodes' plain functions (shortened to 33 frames) equals the core sampler fed
+    with the same PromptSchedule, and its first chunks equal a run of the first prompt alone."""
+    import torch
+
+    from self_forcing.nodes.long_video import LongVideoOptions, add_prompt
+    from self_forcing.nodes.model import load_handle
+    from self_forcing.nodes.sampling import sample_video
+    from self_forcing.nodes.toy import encode_toy_prompt, toy_model_path
+    from self_forcing.sf_model.prompt_schedule import PromptSchedule, PromptSwitch
+    from self_forcing.sf_model.sampler import StreamOptions, generate
+    from self_forcing.toy.bundle import encode_prompt
+
+    p = load(REPO / "workflows" / "api" / "self_forcing_toy_prompt_switch.json")
+    cpu = torch.device("cpu")
+    name = p[node(p, "SelfForcingToyModelLoader")]["inputs"]["model_name"]
+    toy = load_handle(toy_model_path(name), name, dtype="fp32", attention="sdpa", load_device=cpu, offload_device=cpu,
+                      keep_loaded=True, supports_bf16=False)
+    texts = {k: v["inputs"]["text"] for k, v in p.items() if v["class_type"] == "SelfForcingToyTextEncode"}
+    conds = {k: encode_toy_prompt(toy, t) for k, t in texts.items()}
+    schedules = {}
+    for k in sorted((k for k, v in p.items() if v["class_type"] == "SelfForcingPromptSchedule"), key=int):
+        i = p[k]["inputs"]
+        prev = conds.get(i["previous"][0]) or schedules[i["previous"][0]]
+        schedules[k] = add_prompt(prev, conds[i["conditioning"][0]], i["start_frame"] // 2, i["switch"])
+    s = p[node(p, "SelfForcingSampler")]["inputs"]
+    opts_in = p[node(p, "SelfForcingLongVideoOptions")]["inputs"]
+    options = LongVideoOptions(**opts_in)
+    out = sample_video(toy, schedules[s["positive"][0]], width=32, height=32, length=33, seed=s["seed"],
+                       long_video=options)
+    order = [p[k]["inputs"] for k in sorted(schedules, key=int)]
+    enc = {k: encode_prompt(toy.loaded, t, device="cpu") for k, t in texts.items()}
+    schedule = PromptSchedule([PromptSwitch(0, enc[order[0]["previous"][0]])] + [
+        PromptSwitch(i["start_frame"] // 2, enc[i["conditioning"][0]], i["switch"]) for i in order])
+    opts = StreamOptions.from_policy(options.policy(3, toy.meta), steps=tuple(toy.meta["steps"]),
+                                     shift=float(toy.meta["shift"]), partial_last_chunk=True)
+    assert torch.equal(out, generate(toy.model, schedule, num_frames=33, height=16, width=16, seed=s["seed"],
+                                     options=opts))
+    alone = generate(toy.model, schedule.entries[0].context, num_frames=12, height=16, width=16, seed=s["seed"],
+                     options=opts)
+    assert torch.equal(out[:, :, :12], alone) and not torch.allclose(out[:, :, 12:15], generate(
+        toy.model, schedule.entries[0].context, num_frames=15, height=16, width=16, seed=s["seed"],
+        options=opts)[:, :, 12:])

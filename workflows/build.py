@@ -144,7 +144,8 @@ def long_video() -> Graph:
     model = _loader(g)
     positive = _prompt(g, PROMPT)
     vae = _vae(g)
-    options = g.add("SelfForcingLongVideoOptions", cache="rolling", window=21, sink=3, routing_topk=0)
+    options = g.add("SelfForcingLongVideoOptions", cache="rolling", window=21, sink=3, routing_topk=0,
+                    positions="absolute")
     latent = g.add("SelfForcingSampler", model=model, positive=positive, width=832, height=480, length=477,
                    **_sampling(), options=options)
     _save(g, latent, vae, "video/self_forcing_long")
@@ -228,7 +229,8 @@ def toy_demo() -> Graph:
                    "model every frame is one latent frame.\n")
     model = g.add("SelfForcingToyModelLoader", model_name=TOY_MODELS[0], device="default")
     positive = g.add("SelfForcingToyTextEncode", model=model, text=TOY_PROMPT)
-    options = g.add("SelfForcingLongVideoOptions", cache="rolling", window=12, sink=0, routing_topk=0)
+    options = g.add("SelfForcingLongVideoOptions", cache="rolling", window=12, sink=0, routing_topk=0,
+                    positions="absolute")
     latent = g.add("SelfForcingSampler", model=model, positive=positive, width=64, height=64, length=45,
                    **_sampling(seed=0), options=options)
     images = g.add("SelfForcingToyDecode", model=model, latent=latent)
@@ -238,8 +240,76 @@ def toy_demo() -> Graph:
     return g
 
 
+TOY_SWITCH_PROMPTS = ("a red circle and a yellow square bouncing on a navy background",
+                      "a green triangle bouncing on a navy background",
+                      "a magenta circle and a cyan triangle bouncing on a navy background")
+MINUTE_PROMPTS = (PROMPT,
+                  "The red fox stops at the edge of a frozen lake and looks around, snow starting to fall, soft grey "
+                  "light, the camera tracking alongside at eye level, cinematic, detailed fur.",
+                  "The red fox runs across the frozen lake in heavy snowfall at dusk, blue hour light, the camera "
+                  "tracking alongside at eye level, cinematic, detailed fur.")
+
+
+def toy_prompt_switch() -> Graph:
+    """Prompt switching on the bundled toy model (runs on a CPU): three prompts, each switch re-caching the KV cache
+    under the new prompt; a rolling window of 9 frames + a sink of 3 (sink + window = its 12-frame training clip)
+    with rebased positions, 69 frames (about 8.6 s at 8 fps; sampler lengths are 4k+1)."""
+    g = Graph("self_forcing_toy_prompt_switch",
+              "Prompt switching mid-stream with the toy model (runs on a CPU in seconds): the video starts with the "
+              "first prompt, switches at frame 24 and at frame 48 (Self Forcing Prompt Schedule, chained), each switch "
+              "re-caching the KV cache under the new prompt, while the chunks keep streaming. Rolling window 9 + sink 3 "
+              "with rebased positions: 69 frames, about 8.6 s at 8 fps.",
+              note="## Files this workflow needs\n- none: `assets/self_forcing_toy.safetensors` ships with the pack\n\n"
+                   "Each Prompt Schedule node adds one switch: 'previous' is the prompt (or schedule) before it, "
+                   "'conditioning' the prompt from 'start_frame' on. 'switch': recache (recompute the cached frames "
+                   "under the new prompt), keep (old keys/values stay) or reset (a new shot). Toy prompts use only the "
+                   "toy vocabulary.\n")
+    model = g.add("SelfForcingToyModelLoader", model_name=TOY_MODELS[0], device="default")
+    prompts = [g.add("SelfForcingToyTextEncode", f"Prompt {i + 1}", model=model, text=text)
+               for i, text in enumerate(TOY_SWITCH_PROMPTS)]
+    first = g.add("SelfForcingPromptSchedule", "Switch at frame 24", previous=prompts[0], conditioning=prompts[1],
+                  start_frame=24, switch="recache")
+    second = g.add("SelfForcingPromptSchedule", "Switch at frame 48", previous=first, conditioning=prompts[2],
+                   start_frame=48, switch="recache")
+    options = g.add("SelfForcingLongVideoOptions", cache="rolling", window=9, sink=3, routing_topk=0,
+                    positions="rebased")
+    latent = g.add("SelfForcingSampler", model=model, positive=second, width=64, height=64, length=69,
+                   **_sampling(seed=0), options=options)
+    images = g.add("SelfForcingToyDecode", model=model, latent=latent)
+    video = g.add("CreateVideo", images=images, fps=8.0)
+    g.add("SaveVideo", video=video, filename_prefix="video/self_forcing_toy_switch", format="auto", codec="auto",
+          **{"format.codec": "auto"})
+    return g
+
+
+def long_video_minute() -> Graph:
+    """A minute of Wan video (961 frames = 241 latent frames) through a rolling cache whose sink + window is the
+    official 21-frame training length (window 18 + sink 3 = local_attn_size 21), with rebased positions so no
+    distance the model sees exceeds it, and two prompt switches (KV re-cache)."""
+    g = Graph("self_forcing_long_video_rolling_60s",
+              "A minute-long video (961 frames, 60 s at 16 fps) with a rolling KV cache: window 18 + sink 3 latent "
+              "frames (the official local_attn_size 21, the training length; our window does not count the sink) "
+              "and rebased positions, so the model never sees a distance longer than it was trained on, whatever "
+              "the length. The prompt switches at 20 s and 40 s (KV re-cache). Memory and time per chunk stay flat.",
+              note=files_note())
+    model = _loader(g)
+    clip = g.add("CLIPLoader", clip_name=weights.UMT5.name, type="wan", device="default")
+    prompts = [g.add("CLIPTextEncode", f"Prompt {i + 1}", text=text, clip=clip) for i, text in enumerate(MINUTE_PROMPTS)]
+    vae = _vae(g)
+    first = g.add("SelfForcingPromptSchedule", "Switch at 20 s", previous=prompts[0], conditioning=prompts[1],
+                  start_frame=320, switch="recache")
+    second = g.add("SelfForcingPromptSchedule", "Switch at 40 s", previous=first, conditioning=prompts[2],
+                   start_frame=640, switch="recache")
+    options = g.add("SelfForcingLongVideoOptions", cache="rolling", window=18, sink=3, routing_topk=0,
+                    positions="rebased")
+    latent = g.add("SelfForcingSampler", model=model, positive=second, width=832, height=480, length=961,
+                   **_sampling(), options=options)
+    _save(g, latent, vae, "video/self_forcing_minute")
+    return g
+
+
 WORKFLOWS = (t2v_stream, t2v_stream_decode, long_video, extend, image_to_video, save_embeds, t2v_from_embeds,
-             toy_demo)
+             toy_demo, toy_prompt_switch, long_video_minute)
 
 
 # -- writers ---------------------------------------------------------------------------------------
