@@ -79,8 +79,13 @@ def parse_args(argv=None):
 
 
 class Driver:
-    def __init__(self, args):
+    """One call of the driver. ``clock`` (seconds, like ``time.time``) is what every time decision and record
+    reads: the call's start, the time left, the markers, ``driver.jsonl``; tests pass a fake one. The protocol's
+    deadline is handed to ``run_protocol`` in ``time.time()`` units (now + the time this clock says is left)."""
+
+    def __init__(self, args, clock=time.time):
         self.args = args
+        self.clock = clock
         self.preset = dict(PRESETS[args.budget])
         if args.seeds:
             self.preset["seeds"] = list(args.seeds)
@@ -93,7 +98,7 @@ class Driver:
         self.root = os.path.abspath(args.root or os.path.join("runs", f"toy_baselines_{args.budget}"))
         self.results = os.path.abspath(args.results or os.path.join(self.root, "results"))
         self.max_wall = args.max_wall or self.preset["max_wall_s"]
-        self.t0 = time.time()
+        self.t0 = self.clock()
         self.rt = None
         self.warmed = False
         self.sim = {"call": 1, "used": 0.0, "total": 0.0, "warm": False}  # --dry-run bookkeeping
@@ -102,7 +107,7 @@ class Driver:
 
     # -- bookkeeping ---------------------------------------------------------------------------------
     def left(self) -> float:
-        return self.max_wall - (time.time() - self.t0)
+        return self.max_wall - (self.clock() - self.t0)
 
     def marker(self, folder: str, step: str) -> str:
         return os.path.join(folder, ".done", step)
@@ -113,10 +118,11 @@ class Driver:
     def mark(self, folder: str, step: str) -> None:
         os.makedirs(os.path.join(folder, ".done"), exist_ok=True)
         with open(self.marker(folder, step), "w") as fh:
-            fh.write(f"{time.time():.0f}\n")
+            fh.write(f"{self.clock():.0f}\n")
 
     def record(self, **entry) -> None:
-        entry = {"time": round(time.time(), 1), "call_elapsed_s": round(time.time() - self.t0, 1), **entry}
+        now = self.clock()
+        entry = {"time": round(now, 1), "call_elapsed_s": round(now - self.t0, 1), **entry}
         print(f"[driver] {json.dumps(entry)}", flush=True)
         with open(os.path.join(self.results, "driver.jsonl"), "a") as fh:
             fh.write(json.dumps(entry) + "\n")
@@ -186,9 +192,9 @@ class Driver:
                 print(f"[driver] stopped before {step} (needs ~{need:.0f} s, {self.left():.0f} s left in this call); "
                       "rerun the same command to continue", flush=True)
                 return 3
-            t = time.time()
+            t = self.clock()
             finished = getattr(self, f"step_{step}", self.step_stage)(step, seed, folder)
-            self.record(event="step", step=step, seed=seed, seconds=round(time.time() - t, 1), finished=finished)
+            self.record(event="step", step=step, seed=seed, seconds=round(self.clock() - t, 1), finished=finished)
             if finished:
                 self.mark(folder, step)
             else:
@@ -198,7 +204,7 @@ class Driver:
             print(f"[plan] about {self.sim['total']:.0f} s in {self.sim['call']} call(s) of at most "
                   f"{self.max_wall:.0f} s")
             return 0
-        print(f"[driver] all done in this call's {time.time() - self.t0:.0f} s; results in {self.results}", flush=True)
+        print(f"[driver] all done in this call's {self.clock() - self.t0:.0f} s; results in {self.results}", flush=True)
         return 0
 
     def plan_step(self, step, seed, need) -> None:
@@ -283,7 +289,7 @@ class Driver:
         from self_forcing.training.baselines import teacher_forcing_flow
         from self_forcing.training.models import build_model
 
-        t0 = time.time()
+        t0 = self.clock()
         model = build_model(cfg.model, 0, rt.device).train()
         c, f, h, w = world.clip_shape
         fpb = cfg.sampling.frames_per_block
@@ -300,7 +306,7 @@ class Driver:
         torch.cuda.synchronize()
         del model
         self.warmed = True
-        self.record(event="warm_up", seconds=round(time.time() - t0, 1), shapes=sorted(shapes))
+        self.record(event="warm_up", seconds=round(self.clock() - t0, 1), shapes=sorted(shapes))
 
     def step_protocol(self, step, seed, folder) -> bool:
         from self_forcing.training.protocol import Protocol, collect_models, run_protocol
@@ -310,7 +316,8 @@ class Driver:
         models = collect_models(runs=[self.seed_dir(s) for s in self.preset["seeds"]])
         proto = Protocol(prompts=p["prompts"], seeds=tuple(p["seeds"]), lengths=tuple(p["lengths"]),
                          batch_size=p["batch_size"], bootstrap=p["bootstrap"])
-        deadline = self.t0 + self.max_wall - 20 - self.protocol_per_model()
+        # run_protocol compares its deadline with time.time(): now + what this call's clock says is left
+        deadline = time.time() + self.left() - 20 - self.protocol_per_model()
         res = run_protocol(models, os.path.join(self.results, "protocol"), proto, deadline=deadline)
         if res is None:
             return False
@@ -323,9 +330,9 @@ def _write_json(obj, path: str) -> None:
         json.dump(obj, fh)
 
 
-def main(argv=None) -> int:
+def main(argv=None, clock=time.time) -> int:
     args = parse_args(argv)
-    return Driver(args).run()
+    return Driver(args, clock=clock).run()
 
 
 if __name__ == "__main__":

@@ -307,16 +307,40 @@ def load_driver():
     return mod
 
 
+class StageClock:
+    """The driver's clock in the test: it stands still except when a stage runs, which advances it by what the
+    driver models that stage to take (its time budget plus the driver's overhead), whatever the machine's speed."""
+
+    def __init__(self, drv):
+        self.now, self.drv, self.budgets = 1_000_000.0, drv, []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def wrap(self, run_stages):
+        def timed(cfg, stages, *args, **kwargs):
+            out = run_stages(cfg, stages, *args, **kwargs)
+            for stage in stages:
+                budget = getattr(getattr(cfg, stage, None), "time_budget_s", 0.0)
+                self.budgets.append((stage, budget))
+                self.now += budget + self.drv.OVERHEAD_S[stage]
+            return out
+        return timed
+
+
 def test_gpu_driver_stops_when_out_of_time_and_continues_where_it_stopped(tmp_path, monkeypatch):
-    from self_forcing.training import protocol
+    from self_forcing.training import protocol, stages
 
     drv = load_driver()
     monkeypatch.setitem(drv.PRESETS, "tiny", {
         "teacher_total_s": 2.0, "teacher_slice_s": 1.2, "budget_s": 0.6, "seeds": [0, 1], "max_wall_s": 600,
         "protocol": {"prompts": 2, "seeds": [0], "lengths": [1, 2], "batch_size": 2, "bootstrap": 20}})
     monkeypatch.setattr(drv, "OVERHEAD_S", {k: 0.5 for k in drv.OVERHEAD_S})
+    monkeypatch.setattr(drv, "WARM_UP_S", 5.0)  # never paid on the CPU, so every masked stage's estimate has it
     monkeypatch.setattr(drv, "PROTOCOL_S_PER_MODEL", 0.01)
     monkeypatch.setattr(drv, "MIN_TEACHER_SLICE_S", 0.3)
+    clock = StageClock(drv)
+    monkeypatch.setattr(stages, "run_stages", clock.wrap(stages.run_stages))
 
     def stand_in(videos, prompts):
         return {"darkness_error": (videos.float().mean(dim=(1, 3, 4)) + 1).abs().numpy()}
@@ -329,18 +353,39 @@ def test_gpu_driver_stops_when_out_of_time_and_continues_where_it_stopped(tmp_pa
             "run.checkpoint_every=5"]
     args = ["--budget", "tiny", "--root", str(tmp_path / "runs"), "--results", str(tmp_path / "res"),
             "--copy-exports"] + [a for s in tiny for a in ("--set", s)]
-    # a first call with too little time: the teacher runs one slice and the call stops
-    assert drv.main(args + ["--max-wall", "3"]) == 3
+    teacher_log = str(tmp_path / "runs" / "teacher" / "teacher" / "log.jsonl")
+
+    def call(extra=()):
+        return drv.main(args + list(extra), clock=clock)
+
+    # call 1, 3 s: the teacher runs one slice (1.2 s of its 2 s) and the call stops, the teacher unfinished
+    assert call(["--max-wall", "3"]) == 3
+    assert clock.budgets == [("teacher", 1.2)]
     log = read_jsonl(str(tmp_path / "res" / "driver.jsonl"))
-    assert log[0]["step"] == "teacher" and not log[0]["finished"]
-    first = loop_seconds(str(tmp_path / "runs" / "teacher" / "teacher" / "log.jsonl"))
+    assert [(r["event"], r["step"], r["finished"]) for r in log] == [("step", "teacher", False)]
+    first = loop_seconds(teacher_log)
     assert 1.2 <= first < 2.0
-    assert drv.main(args) == 0  # the rest in one call
+    # call 2, 4 s: the rest of the teacher (<= 1.3 s with its overhead) and ode_pairs (0.59 s) fit; ode_init
+    # (0.18 s + 0.5 s overhead + 5 s warm-up) does not fit in what is left, so the call stops before it
+    assert call(["--max-wall", "4"]) == 3
+    assert [s for s, _ in clock.budgets] == ["teacher", "teacher", "ode_pairs"]
+    assert clock.budgets[1][1] == pytest.approx(2.0 - first, abs=1e-3)
+    assert clock.budgets[2][1] == pytest.approx(0.6 * 0.15)
+    log = read_jsonl(str(tmp_path / "res" / "driver.jsonl"))[1:]
+    assert [(r["event"], r.get("step"), r.get("finished")) for r in log[:2]] == [
+        ("step", "teacher", True), ("step", "ode_pairs", True)]
+    assert log[2]["event"] == "stopped" and (log[2]["before"], log[2]["seed"]) == ("ode_init", 0)
+    assert log[2]["estimate_s"] == round(0.6 * 0.3 + 0.5 + 5.0) and log[2]["left_s"] <= 3
+    assert log[2]["call_elapsed_s"] == pytest.approx((2.0 - first + 0.5) + (0.6 * 0.15 + 0.5), abs=0.051)
+    assert loop_seconds(teacher_log) >= 1.98
+    assert not os.path.exists(tmp_path / "runs" / "seed0" / ".done" / "ode_init")
+    # call 3, the preset's 600 s: everything else, starting at ode_init of seed 0
+    assert call() == 0
     log = read_jsonl(str(tmp_path / "res" / "driver.jsonl"))
     done = [(r["step"], r["seed"]) for r in log if r.get("event") == "step" and r["finished"]]
     assert done[0] == ("teacher", None) and done[-1] == ("protocol", None)
+    assert done[2] == ("ode_init", 0) and len(done) == 1 + 2 * len(drv.SEED_STAGES) + 1  # each step once
     assert [s for s, seed in done if seed == 1] == list(drv.SEED_STAGES)
-    assert loop_seconds(str(tmp_path / "runs" / "teacher" / "teacher" / "log.jsonl")) >= 1.98
     for seed in (0, 1):
         report = json.loads((tmp_path / "res" / f"seed{seed}" / "compute.json").read_text())
         assert report["budget_s"] == 0.6 and report["models"]["teacher_forcing"]["budget_s"] == 0.6
@@ -349,4 +394,6 @@ def test_gpu_driver_stops_when_out_of_time_and_continues_where_it_stopped(tmp_pa
     assert sorted(res["models"]) == ["causal_init", "diffusion_forcing", "self_forcing", "teacher_forcing"]
     assert res["table"]["mean"]["darkness_error"]["2"]["self_forcing"]["n"] == 4  # 2 training seeds x 2 prompts
     assert "self_forcing - teacher_forcing" in res["paired"]
-    assert drv.main(args) == 0  # nothing left: a no-op
+    runs = len(clock.budgets)
+    assert call() == 0  # nothing left: a no-op
+    assert len(clock.budgets) == runs
