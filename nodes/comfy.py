@@ -24,6 +24,7 @@ from comfy_api.latest import ComfyExtension, io, ui
 from ..sf_model import weights
 from ..sf_model.latent_format import SPATIAL_STRIDE
 from ..sf_model.schedule import DEFAULT_STEPS_TEXT
+from .core_model import model_handle
 from .decode import StreamDecode, VaeViews, check_wan21_state_dict
 from .latent import latent_space
 from .live import EVENT, LIVE, LiveFrameOptions, LiveFrameSender
@@ -96,6 +97,29 @@ def build_schema(spec: NodeSpec, dynamic_options: dict[str, list] | None = None)
     if spec.search_aliases and "search_aliases" in fields:  # newer cores only
         kwargs["search_aliases"] = list(spec.search_aliases)
     return io.Schema(**kwargs)
+
+
+def accept_core_model(schema: io.Schema) -> io.Schema:
+    """The sampler's 'model' socket also takes a core MODEL (UNETLoader, LoRA nodes): type
+    'SELF_FORCING_MODEL,MODEL', so saved workflows' links keep validating."""
+    schema.inputs = [io.MultiType.Input(i, types=[io.Model]) if i.id == "model" else i for i in schema.inputs]
+    return schema
+
+
+def core_loader(hooks: RunHooks):
+    """How a core MODEL is loaded for a run (``core_model.borrowed_handle``): ComfyUI loads it fully on its
+    device with its patches (LoRA) merged; memory for the run is then freed with that model kept loaded."""
+
+    def load(patcher) -> None:
+        mm.load_models_gpu([patcher], force_full_load=True)
+
+        def free_memory(nbytes: int, device: torch.device) -> None:
+            if device.type != "cpu":
+                mm.load_models_gpu([patcher], memory_required=int(nbytes * 1.1), force_full_load=True)
+
+        hooks.free_memory = free_memory
+
+    return load
 
 
 def _to_pil(image: torch.Tensor):
@@ -309,7 +333,7 @@ def _outputs(result, node_name: str, model) -> io.NodeOutput:
 class SelfForcingSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return build_schema(SAMPLER)
+        return accept_core_model(build_schema(SAMPLER))
 
     @classmethod
     def validate_inputs(cls, width=None, height=None, length=None, frames_per_block=None, steps=None, shift=None,
@@ -333,16 +357,18 @@ class SelfForcingSampler(io.ComfyNode):
             decode = stream_decode(vae, batch=batch, frames_per_block=frames_per_block,
                                    latent_height=height // SPATIAL_STRIDE, latent_width=width // SPATIAL_STRIDE,
                                    live=live_frames)
-        result = sample_video(model, positive, width=width, height=height, length=length, seed=seed,
-                              frames_per_block=frames_per_block, steps=steps, shift=shift,
-                              context_noise=context_noise, long_video=options, hooks=run_hooks(), decode=decode)
-        return _outputs(result, SAMPLER.display_name, model)
+        hooks = run_hooks()
+        with model_handle(model, load=core_loader(hooks)) as handle:  # ours, or a core MODEL's weights borrowed
+            result = sample_video(handle, positive, width=width, height=height, length=length, seed=seed,
+                                  frames_per_block=frames_per_block, steps=steps, shift=shift,
+                                  context_noise=context_noise, long_video=options, hooks=hooks, decode=decode)
+            return _outputs(result, SAMPLER.display_name, handle)
 
 
 class SelfForcingExtendVideo(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return build_schema(EXTEND)
+        return accept_core_model(build_schema(EXTEND))
 
     @classmethod
     def validate_inputs(cls, extend_frames=None, history_frames=None, resample_strength=None, frames_per_block=None,
@@ -365,11 +391,14 @@ class SelfForcingExtendVideo(io.ComfyNode):
             batch, h, w = _batch_and_size(samples, 1, (60, 104))
             decode = stream_decode(vae, batch=batch, frames_per_block=frames_per_block, latent_height=h,
                                    latent_width=w, live=live_frames)
-        result = extend_video(model, positive, latent, extend_frames=extend_frames, history_frames=history_frames,
-                              resample_strength=resample_strength, seed=seed, frames_per_block=frames_per_block,
-                              steps=steps, shift=shift, context_noise=context_noise, output=output,
-                              long_video=options, hooks=run_hooks(), decode=decode)
-        return _outputs(result, EXTEND.display_name, model)
+        hooks = run_hooks()
+        with model_handle(model, load=core_loader(hooks)) as handle:  # ours, or a core MODEL's weights borrowed
+            result = extend_video(handle, positive, latent, extend_frames=extend_frames,
+                                  history_frames=history_frames, resample_strength=resample_strength, seed=seed,
+                                  frames_per_block=frames_per_block, steps=steps, shift=shift,
+                                  context_noise=context_noise, output=output, long_video=options, hooks=hooks,
+                                  decode=decode)
+            return _outputs(result, EXTEND.display_name, handle)
 
 
 class SelfForcingLiveFrames(io.ComfyNode):

@@ -1,0 +1,148 @@
+"""Core MODEL input: run our stream sampler on the Wan 2.1 diffusion model inside a ComfyUI core MODEL
+(a ``ModelPatcher``, e.g. from core UNETLoader, with LoRAs from core LoraLoaderModelOnly), no ComfyUI import.
+
+ComfyUI loads and patches the weights (``comfy.model_management.load_models_gpu``: LoRA patches are merged into
+the diffusion model's weights, and its memory manager accounts for them); this module then *borrows* them for
+one run: a ``CausalWanModel`` skeleton (built once per core diffusion model, on the meta device) is bound to the
+core model's current tensors, sharing their storage (no copy when dtype and device already match), and
+unbound again when the run ends, so nothing of ours keeps the weights alive after the run. Bare Wan names are
+ComfyUI's names for the Wan diffusion model (``blocks.0.self_attn.q.weight``, ...), so the keys match one to one.
+
+What is read from the patcher is public and long-stable: ``patcher.model.diffusion_model`` (the torch module),
+``patcher.load_device``, ``patcher.model_dtype()`` and ``patcher.model.manual_cast_dtype`` (the compute dtype of
+weights stored in fp8). The ComfyUI call that loads and patches is passed in (``load``), from ``nodes.comfy``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..sf_model.checkpoint import CheckpointError, LoadedModel, check_compatible
+from ..sf_model.config import infer_config
+from .model import ModelHandle
+
+CORE_LAYOUT = "core MODEL (ComfyUI ModelPatcher, weights borrowed from ComfyUI)"
+CORE_MODEL_TYPE = "MODEL"
+# Keys of core's fp8 'scaled' weights: their scale is applied by core's own ops, which we do not run.
+SCALED_PARTS = ("scale_weight", "scale_input")
+
+
+def is_core_model(obj) -> bool:
+    """Whether a socket value is a core MODEL (a ModelPatcher around a model with a diffusion model), as opposed
+    to our ``ModelHandle``."""
+    if isinstance(obj, ModelHandle):
+        return False
+    inner = getattr(obj, "model", None)
+    return (inner is not None and isinstance(getattr(inner, "diffusion_model", None), torch.nn.Module)
+            and hasattr(obj, "load_device") and callable(getattr(obj, "model_dtype", None)))
+
+
+def compute_dtype(patcher) -> torch.dtype:
+    """The dtype core computes in: the manual-cast dtype for weights stored narrower (fp8), else the weights'."""
+    cast = getattr(patcher.model, "manual_cast_dtype", None)
+    return cast if cast is not None else patcher.model_dtype()
+
+
+def core_state_dict(diffusion_model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The diffusion model's current tensors under bare Wan names (shared, not copied); refuses weights our
+    model cannot run as they are (core's scaled fp8 layout)."""
+    sd = {k: v.detach() for k, v in diffusion_model.state_dict(keep_vars=True).items()}
+    scaled = sorted(k for k in sd if k.rsplit(".", 1)[-1] in SCALED_PARTS)
+    if scaled:
+        raise CheckpointError(f"the core MODEL holds scaled fp8 weights ({scaled[0]}, ... {len(scaled)} scales); the "
+                              "Self Forcing sampler cannot apply their scales: load the model with UNETLoader "
+                              "weight_dtype 'default' (or 'fp8_e4m3fn' unscaled), or with 'Load Self Forcing Model'")
+    return sd
+
+
+@dataclass
+class Skeleton:
+    """Our model's structure for one core diffusion model: parameters on the meta device between runs."""
+
+    model: torch.nn.Module
+    config: object
+
+
+_SKELETONS: "weakref.WeakKeyDictionary[torch.nn.Module, Skeleton]" = weakref.WeakKeyDictionary()
+
+
+def skeleton_for(diffusion_model: torch.nn.Module, sd: dict[str, torch.Tensor], attention: str) -> Skeleton:
+    """The cached skeleton of a core diffusion model (built on first use; a new core model, e.g. another
+    UNETLoader file, gets its own). Raises ``CheckpointError`` naming missing/unexpected keys for non-Wan models."""
+    from ..sf_model.model import CausalWanModel
+
+    found = _SKELETONS.get(diffusion_model)
+    if found is not None and found.model.attn_backend_request == attention:
+        return found
+    try:
+        config = infer_config(sd)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"the core MODEL is not a Wan 2.1 text-to-video diffusion model ({e}); connect a "
+                              "Wan 2.1 model (UNETLoader) or 'Load Self Forcing Model'") from e
+    with torch.device("meta"):
+        model = CausalWanModel(config, attn_backend=attention)
+    check_compatible(model, sd, source="core MODEL")
+    found = Skeleton(model.eval().requires_grad_(False), config)
+    _SKELETONS[diffusion_model] = found
+    return found
+
+
+def bind(skeleton: Skeleton, sd: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> int:
+    """Point the skeleton's parameters at ``sd``'s tensors (moved/cast only where they are not already on
+    ``device`` in ``dtype``; those are the only copies). Returns the bytes copied."""
+    copied = 0
+    ready = {}
+    for name, t in sd.items():
+        if t.device != device or t.dtype != dtype:
+            t = t.to(device=device, dtype=dtype)
+            copied += t.numel() * t.element_size()
+        ready[name] = torch.nn.Parameter(t, requires_grad=False)
+    skeleton.model.load_state_dict(ready, strict=True, assign=True)
+    return copied
+
+
+def unbind(skeleton: Skeleton) -> None:
+    """Drop every reference to the borrowed tensors (parameters back on the meta device)."""
+    for module in skeleton.model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            setattr(module, name, torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                                     requires_grad=False))
+
+
+@contextmanager
+def borrowed_handle(patcher, *, load: Callable[[object], None], attention: str = "auto", name: str = "core MODEL"):
+    """A ``ModelHandle`` for one run on a core MODEL's (patched) weights.
+
+    ``load(patcher)`` must make ComfyUI load the model on its load device with its patches (LoRA) applied,
+    fully (``comfy.model_management.load_models_gpu([patcher], force_full_load=True)``). The handle rests and
+    runs on the patcher's load device and is never moved by us (``keep_loaded``): ComfyUI owns the weights.
+    """
+    load(patcher)
+    diffusion_model = patcher.model.diffusion_model
+    sd = core_state_dict(diffusion_model)
+    skeleton = skeleton_for(diffusion_model, sd, attention)
+    device, dtype = torch.device(patcher.load_device), compute_dtype(patcher)
+    bind(skeleton, sd, device, dtype)
+    del sd
+    handle = ModelHandle(loaded=LoadedModel(model=skeleton.model, config=skeleton.config, layout=CORE_LAYOUT,
+                                            meta={}),
+                         name=name, load_device=device, offload_device=device, dtype=dtype, keep_loaded=True)
+    try:
+        yield handle
+    finally:
+        unbind(skeleton)
+
+
+@contextmanager
+def model_handle(model, *, load: Callable[[object], None], attention: str = "auto"):
+    """What the sampler nodes run on: our ``ModelHandle`` as it is, or a core MODEL's borrowed handle."""
+    if not is_core_model(model):
+        yield model
+        return
+    with borrowed_handle(model, load=load, attention=attention) as handle:
+        yield handle

@@ -1,0 +1,179 @@
+#!/usr/bin/env python3
+"""End-to-end check of the core MODEL input in a REAL ComfyUI (not part of CI: CI has no ComfyUI).
+
+Writes, with this package: a small random Wan-shaped causal model (dim 256 = 2 heads of 128, which ComfyUI's Wan
+detection assumes; saved with ``save_model``: bare Wan/ComfyUI key names and the ``causal_ar`` metadata), a random
+LoRA in core's key format (``training.lora.save_lora``), the LoRA merged into the weights BY HAND
+(W + alpha/rank * up @ down, float64, written as float32) and a random prompt. Then, in ComfyUI's own Python
+(the harness venv, in-process, no server), runs the graph nodes' code: core ``UNETLoader`` -> core
+``LoraLoaderModelOnly`` -> our 'Self Forcing Stream Sampler' (and 'Extend Video'), and our 'Load Self Forcing
+Model' on the base and on the hand-merged file -> the same sampler. Passes when:
+
+- core MODEL without LoRA -> our sampler == our loader -> our sampler (bit-identical: the same weights);
+- core MODEL + LoRA -> our sampler == our loader of the hand-merged file (max |diff| <= 1e-4 on latents of
+  magnitude ~1; float32 on the CPU: the only difference is the order of the LoRA sum);
+- the LoRA changes the latents (so the comparison above is not vacuous), a second run gives the same latents,
+  after a run none of our parameters holds memory (weights borrowed, then released);
+- extend from the sampler's latent: core MODEL + LoRA == our loader of the merged file (<= 1e-4);
+- the sampler's model input has type 'SELF_FORCING_MODEL,MODEL' and core accepts a saved 'SELF_FORCING_MODEL'
+  link and a 'MODEL' link to it (comfy_execution.validation.validate_node_input).
+
+    python tests/comfy_core_model_e2e.py [--comfy-dir DIR] [--comfy-python PY] [--work DIR]
+
+Defaults as tests/comfy_lora_e2e.py: $COMFY_DIR, else $COMFY_HARNESS_HOME/ComfyUI (COMFY_HARNESS_HOME default
+~/comfy-harness); the python of $COMFY_VENV (default $COMFY_HARNESS_HOME/venv). Nothing is written into ComfyUI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+COMFY_SIDE = r'''
+import json, sys
+import torch
+work, = sys.argv[1:]
+import comfy.cli_args
+comfy.cli_args.args.cpu = True  # as main.py --cpu
+import folder_paths
+folder_paths.add_model_folder_path("diffusion_models", work)
+folder_paths.add_model_folder_path("loras", work)
+import nodes as core_nodes
+from comfy_execution.validation import validate_node_input
+from self_forcing.nodes import comfy as sf
+from self_forcing.nodes.core_model import is_core_model
+
+prompt = torch.load(f"{work}/prompt.pt")
+positive = [[prompt, {}]]
+KW = dict(width=64, height=64, length=17, seed=7, frames_per_block=1, steps="1000,750,500,250", shift=5.0,
+          context_noise=0.0)
+
+def sample(model):
+    return sf.SelfForcingSampler.execute(model=model, positive=positive, **KW).args[0]["samples"]
+
+def extend(model, latent):
+    out = sf.SelfForcingExtendVideo.execute(model=model, positive=positive, latent={"samples": latent},
+                                           extend_frames=8, history_frames=2, resample_strength=0.3, seed=3,
+                                           frames_per_block=1, steps="1000,500", shift=5.0, context_noise=0.0,
+                                           output="joined")
+    return out.args[0]["samples"]
+
+def ours(name):
+    return sf.SelfForcingModelLoader.execute(model_name=name, dtype="fp32", attention="sdpa", device="cpu").args[0]
+
+core = core_nodes.UNETLoader().load_unet("base.safetensors", "default")[0]
+core_lora = core_nodes.LoraLoaderModelOnly().load_lora_model_only(core, "lora.safetensors", 1.0)[0]
+res = {"core_class": type(core.model).__name__, "core_dtype": str(core.model_dtype()),
+       "is_core": [is_core_model(core), is_core_model(core_lora)], "lora_patches": len(core_lora.patches)}
+a_core = sample(core)
+a_ours = sample(ours("base.safetensors"))
+b_core = sample(core_lora)
+b_core2 = sample(core_lora)
+b_merged = sample(ours("merged.safetensors"))
+from self_forcing.nodes.core_model import _SKELETONS
+res["skeletons"] = len(_SKELETONS)
+res["params_left_on_a_device"] = sum(p.device.type != "meta" for s in _SKELETONS.values() for p in s.model.parameters())
+e_core = extend(core_lora, b_core)
+e_merged = extend(ours("merged.safetensors"), b_merged)
+d = lambda x, y: float((x.float() - y.float()).abs().max())
+res.update(shape=list(a_core.shape), no_lora_diff=d(a_core, a_ours), lora_diff=d(b_core, b_merged),
+           lora_effect=d(b_core, a_core), rerun_diff=d(b_core, b_core2), extend_diff=d(e_core, e_merged),
+           extend_shape=list(e_core.shape), latent_scale=float(a_core.abs().max()))
+schema = sf.SelfForcingSampler.define_schema()
+itype = next(i for i in schema.inputs if i.id == "model").get_io_type()
+res.update(input_type=itype, link_ours=bool(validate_node_input("SELF_FORCING_MODEL", itype)),
+           link_core=bool(validate_node_input("MODEL", itype)), link_vae=bool(validate_node_input("VAE", itype)))
+print(json.dumps(res))
+'''
+
+
+def write_files(work: Path) -> None:
+    """base.safetensors, lora.safetensors (core's key format), merged.safetensors (merged by hand), prompt.pt."""
+    import copy
+
+    import torch
+    from safetensors.torch import load_file
+
+    from self_forcing.sf_model.checkpoint import load_state_dict_file, save_model
+    from self_forcing.sf_model.config import WanConfig
+    from self_forcing.training.config import LoraConfig
+    from self_forcing.training.lora import apply_lora, save_lora
+    from self_forcing.training.models import build_model
+
+    cfg = WanConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=4096, text_len=512, freq_dim=256)
+    base = build_model(cfg, 0, torch.device("cpu"))
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():  # every weight random (the init zeroes the head: the output would not depend on the rest)
+        for p in base.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.5 / max(1, p.shape[-1]) ** 0.5))
+    save_model(str(work / "base.safetensors"), base, cfg, dtype=torch.float32)
+    model = apply_lora(copy.deepcopy(base), LoraConfig(rank=8, alpha=4.0), seed=1)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    save_lora(str(work / "lora.safetensors"), model, {"base": "base.safetensors"}, dtype=torch.float32)
+    # The merge by hand, from the LoRA file itself.
+    sd, config, _, _, _ = load_state_dict_file(str(work / "base.safetensors"))
+    lora = load_file(str(work / "lora.safetensors"))
+    merged = 0
+    for key in [k[:-len(".lora_up.weight")] for k in lora if k.endswith(".lora_up.weight")]:
+        up, down = lora[f"{key}.lora_up.weight"].double(), lora[f"{key}.lora_down.weight"].double()
+        scale = float(lora[f"{key}.alpha"]) / down.shape[0]
+        name = key.removeprefix("diffusion_model.") + ".weight"
+        sd[name] = (sd[name].double() + scale * (up @ down)).float()
+        merged += 1
+    assert merged > 0
+    save_model(str(work / "merged.safetensors"), sd, config, dtype=torch.float32)
+    torch.save(torch.randn(1, 24, 4096, generator=torch.Generator().manual_seed(5)), work / "prompt.pt")
+
+
+def main() -> int:
+    home = Path(os.environ.get("COMFY_HARNESS_HOME", Path.home() / "comfy-harness"))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--comfy-dir", default=os.environ.get("COMFY_DIR", str(home / "ComfyUI")))
+    ap.add_argument("--comfy-python", default=str(Path(os.environ.get("COMFY_VENV", home / "venv")) / "bin" / "python"))
+    ap.add_argument("--work", default=None, help="folder for the files (default: a new temporary folder)")
+    args = ap.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="comfy_core_model_e2e_"))
+    work.mkdir(parents=True, exist_ok=True)
+    write_files(work)
+    pkg = work / "pkg"  # the package importable as self_forcing in ComfyUI's python, without installing it
+    pkg.mkdir(exist_ok=True)
+    if not (pkg / "self_forcing").exists():
+        (pkg / "self_forcing").symlink_to(REPO, target_is_directory=True)
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": os.pathsep.join([args.comfy_dir, str(pkg)])}
+    proc = subprocess.run([args.comfy_python, "-c", COMFY_SIDE, str(work)], cwd=args.comfy_dir, env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stdout, proc.stderr, sep="\n")
+        return 1
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    checks = {
+        "core UNETLoader gives a core MODEL (Wan)": r["is_core"] == [True, True] and r["core_class"].startswith("WAN"),
+        "the LoRA patches weights": r["lora_patches"] > 0,
+        "core MODEL == our loader (no LoRA, bit-identical)": r["no_lora_diff"] == 0.0,
+        "core MODEL + LoRA == our loader of the hand-merged file (<= 1e-4)": r["lora_diff"] <= 1e-4,
+        "the LoRA changes the latents (> 1e-2)": r["lora_effect"] > 1e-2,
+        "a second run gives the same latents": r["rerun_diff"] == 0.0,
+        "no borrowed weight kept after the runs": r["params_left_on_a_device"] == 0 and r["skeletons"] >= 1,
+        "extend: core MODEL + LoRA == hand-merged (<= 1e-4)": r["extend_diff"] <= 1e-4,
+        "model input 'SELF_FORCING_MODEL,MODEL' takes both links, not others":
+            r["input_type"] == "SELF_FORCING_MODEL,MODEL" and r["link_ours"] and r["link_core"] and not r["link_vae"],
+    }
+    print(json.dumps({"work": str(work), **r}, indent=1))
+    for name, ok in checks.items():
+        print(("PASS " if ok else "FAIL ") + name)
+    return 0 if all(checks.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
