@@ -8,16 +8,21 @@ invocations (and the training stages resume from their checkpoints after a kill)
     <out_dir>/teacher.safetensors          (toy: the teacher plays every role; Wan: [models], ``training.roles``)
     <out_dir>/ode_pairs/rank<R>.pt
     <out_dir>/ode_init.safetensors
-    <out_dir>/self_forcing.safetensors     (EMA generator)
+    <out_dir>/self_forcing.safetensors     (EMA generator; with [lora] enabled the merged generator, and its
+                                            adapters in <out_dir>/self_forcing_lora.safetensors)
     <out_dir>/teacher_forcing.safetensors, <out_dir>/diffusion_forcing.safetensors   (baselines, EMA)
     <out_dir>/<sfpp.name>.safetensors      (Self-Forcing++, EMA; ``--stages sfpp`` after a Self Forcing run,
                                             which also writes its bundle <sfpp.name>_<kind>.safetensors)
     <out_dir>/resampling_warmup.safetensors, <out_dir>/<resampling.name>.safetensors   (Resampling Forcing,
                                             EMA, asked for by name; the second also writes its bundle)
-    <out_dir>/<stage>/checkpoint.pt, <out_dir>/<stage>/log.jsonl
+    <out_dir>/<stage>/checkpoint/latest    (the committed step folder's name; ``training.sharded_checkpoint``)
+    <out_dir>/<stage>/checkpoint/step_<N>/ (torch.distributed.checkpoint shards + meta.pt; the previous
+                                            step folder is kept as the fallback)
+    <out_dir>/<stage>/log.jsonl
     <out_dir>/stage_times.jsonl            (wall seconds of every stage run)
     export.path                            (bundled, fp16; next to it causal_init_/teacher_forcing_/
-                                            diffusion_forcing_<kind>.safetensors when configured/present)
+                                            diffusion_forcing_<kind>.safetensors when configured/present,
+                                            and <stem>_lora.safetensors with [lora] enabled)
     <out_dir>/compute.json                 (steps and seconds each model got, written by export)
     <out_dir>/eval.json                    (drift curves)
 """
