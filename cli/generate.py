@@ -10,6 +10,20 @@ chunk stay flat. ``--window auto`` (the default) is the rule the nodes use witho
 (``sf_model.window.default_policy``): one fixed cache while the video fits the checkpoint's training clip,
 else a rolling window of the training clip length with the checkpoint's attention sink.
 
+Prompt switches mid-stream: ``--prompt-at FRAME:[POLICY:]PROMPT`` (repeatable; FRAME a latent frame, the switch
+happening at the first chunk starting at or after it; PROMPT the text for a toy model, an embeddings file for Wan;
+POLICY keep, recache or reset, default ``--switch``, i.e. recache: LongLive's KV re-cache)::
+
+    self-forcing generate --frames 72 --window 9 --sink 3 --positions rebased \
+        --prompt "a red circle bouncing on a navy background" \
+        --prompt-at "24:a green triangle bouncing on a navy background" \
+        --prompt-at "48:reset:a blue square bouncing on a navy background" --out switch.mp4
+
+Official window values: the official code's ``local_attn_size`` counts the sink frames, ``--window`` does not;
+``--local-attn-size N --sink S`` is ``--window N-S --sink S`` (``sf_model.window.from_official``).
+``--positions rebased`` keeps the sink right before the window in RoPE positions (no distance beyond sink +
+window on endless streams; ``sf_model.positions``).
+
 Wan checkpoints (any layout the loader reads: Self Forcing training files, ComfyUI/Wan or diffusers names)
 need the prompt as text embeddings saved by the nodes' 'Save Text Embeddings' (``--embeds``; the umT5
 encoder is not bundled) and the Wan2.1 VAE (``--vae``: wan_2.1_vae.safetensors or Wan2.1_VAE.pth)::
@@ -43,6 +57,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from ..sf_model.prompt_schedule import DEFAULT_SWITCH, SWITCH_POLICIES
+from ..sf_model.window import POSITION_MODES
 from .video_out import MAX_FPS, STDOUT, FragmentedMP4Writer, RawWriter, VideoWriter, part_path, staged
 
 DEFAULT_PROMPT = "a red circle and a blue square bouncing on a black background"
@@ -78,8 +94,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "video), or 'auto' (a fixed cache while the video fits the training clip, else a rolling "
                         "window of the training clip length)")
     p.add_argument("--sink", type=int, default=None,
-                   help="latent frames kept in a rolling cache forever (attention sink); default: the checkpoint's "
-                        "(0 when it stores none)")
+                   help="latent frames kept in a rolling cache forever (attention sink), in addition to --window; "
+                        "default: the checkpoint's (0 when it stores none)")
+    p.add_argument("--local-attn-size", type=int, default=None, metavar="N",
+                   help="the official code's local_attn_size instead of --window: it COUNTS the sink, so it is "
+                        "--window N-SINK (-1: one cache for the whole video)")
+    p.add_argument("--positions", default="absolute", choices=POSITION_MODES,
+                   help="RoPE positions with a rolling cache and a sink: absolute (the official sampler) or rebased "
+                        "(the sink seen right before the window: no distance beyond sink + window)")
+    p.add_argument("--prompt-at", action="append", default=[], metavar="FRAME:[POLICY:]PROMPT",
+                   help="switch the prompt at latent frame FRAME (repeatable): the prompt text (toy models) or an "
+                        "embeddings .safetensors file (Wan models); POLICY keep, recache or reset (default --switch)")
+    p.add_argument("--switch", default=DEFAULT_SWITCH, choices=SWITCH_POLICIES,
+                   help="what a prompt switch does to the KV cache: recache (recompute the cached frames under the new "
+                        "prompt, LongLive), keep (old keys/values stay) or reset (empty it: a new shot)")
     p.add_argument("--steps", default=None, help="denoising steps, e.g. '1000, 500' (default: the model's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, or auto")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="model (and VAE) dtype")
@@ -213,13 +241,29 @@ class Job:
 
 
 def cache_policy(args, meta: dict, num_frames: int):
-    """The KV-cache policy of ``--window``/``--sink`` for ``num_frames`` latent frames: 'auto' is
-    ``default_policy`` (the nodes' rule without a Long-Video Options node), 'none' one fixed cache, an int a
-    rolling window (with ``--sink``, default the checkpoint's)."""
+    """The KV-cache policy of ``--window``/``--sink``/``--local-attn-size``/``--positions`` for ``num_frames``
+    latent frames: 'auto' is ``default_policy`` (the nodes' rule without a Long-Video Options node), 'none' one
+    fixed cache, an int a rolling window (with ``--sink``, default the checkpoint's); ``--local-attn-size`` is the
+    official value, read through ``from_official``."""
+    positions = getattr(args, "positions", "absolute")
+    return _window_policy(args, meta, num_frames).with_positions(positions)
+
+
+def _window_policy(args, meta: dict, num_frames: int):
     from ..sf_model.window import CachePolicy, checkpoint_frames_per_block, checkpoint_sink, default_policy
 
     fpb = checkpoint_frames_per_block(meta)
     text = str(args.window).strip()
+    official = getattr(args, "local_attn_size", None)
+    if official is not None:
+        if text != "auto":
+            raise ValueError("give either --window (ours: the frames after the sink) or --local-attn-size (the "
+                             "official value: the sink included), not both")
+        sink = args.sink if args.sink is not None else checkpoint_sink(meta)
+        try:
+            return CachePolicy.official(fpb, official, sink if official != -1 else 0)
+        except ValueError as e:
+            raise ValueError(f"--local-attn-size {official} / --sink {sink}: {e}") from None
     if text == "auto":
         policy = default_policy(meta, num_frames)
         if args.sink is not None and policy.is_rolling:
@@ -248,7 +292,53 @@ def sampling_options(args, meta: dict, num_frames: int):
 def _cache_note(opts) -> str:
     from ..sf_model.window import CachePolicy
 
-    return CachePolicy(opts.frames_per_block, opts.window, opts.sink, opts.routing_topk).describe()
+    return CachePolicy(opts.frames_per_block, opts.window, opts.sink, opts.routing_topk, opts.positions).describe()
+
+
+def parse_prompt_at(values, default: str = DEFAULT_SWITCH) -> list[tuple[int, str, str]]:
+    """(latent frame, policy, prompt) of every ``--prompt-at FRAME:[POLICY:]PROMPT``, by frame."""
+    out = []
+    for value in values or ():
+        head, sep, rest = str(value).partition(":")
+        if not sep or not rest.strip():
+            raise ValueError(f"--prompt-at {value!r}: expected FRAME:PROMPT or FRAME:POLICY:PROMPT, e.g. "
+                             "'24:a green triangle bouncing on a navy background' or '24:reset:prompt.safetensors'")
+        try:
+            frame = int(head)
+        except ValueError:
+            raise ValueError(f"--prompt-at {value!r}: {head!r} is not a latent frame number") from None
+        if frame < 1:
+            raise ValueError(f"--prompt-at {value!r}: the frame must be >= 1 (frame 0 is --prompt / --embeds)")
+        policy, sep, prompt = rest.partition(":")
+        if not sep or policy not in SWITCH_POLICIES:
+            policy, prompt = default, rest
+        if not prompt.strip():
+            raise ValueError(f"--prompt-at {value!r}: the prompt is empty")
+        out.append((frame, policy, prompt))
+    frames = sorted(f for f, _, _ in out)
+    if len(set(frames)) != len(frames):
+        raise ValueError(f"--prompt-at: two prompts start at the same frame ({frames})")
+    return sorted(out)
+
+
+def prompt_plan(args, first, num_frames: int, encode: Callable):
+    """``first`` (a context) alone, or a ``PromptSchedule`` with the ``--prompt-at`` switches (``encode(prompt)``
+    -> context); switches past the video are refused."""
+    from ..sf_model.prompt_schedule import PromptSchedule
+
+    switches = parse_prompt_at(getattr(args, "prompt_at", None), getattr(args, "switch", DEFAULT_SWITCH))
+    if not switches:
+        return first
+    late = [f for f, _, _ in switches if f >= num_frames]
+    if late:
+        raise ValueError(f"--prompt-at frame {late[0]} is past the video's last latent frame {num_frames - 1}")
+    return PromptSchedule.of(first, [(f, encode(prompt), policy) for f, policy, prompt in switches])
+
+
+def _prompts_note(prompts) -> str:
+    from ..sf_model.prompt_schedule import PromptSchedule
+
+    return f", prompts at {prompts.describe()}" if isinstance(prompts, PromptSchedule) else ""
 
 
 def prepare_toy(args, loaded, path: str, device, dtype, build: Callable) -> Job:
@@ -270,6 +360,7 @@ def prepare_toy(args, loaded, path: str, device, dtype, build: Callable) -> Job:
     opts = sampling_options(args, loaded.meta, num_frames)
     # the toy encoder's tokenizer is the one rule for prompts (empty or unknown words: a ValueError)
     context = encode_prompt(loaded, args.prompt if args.prompt is not None else DEFAULT_PROMPT, "cpu")
+    context = prompt_plan(args, context, num_frames, lambda text: encode_prompt(loaded, text, "cpu"))
     build(estimate_run_bytes(loaded.config, opts, num_frames, h, w, 1, dtype))
     context = context.to(device)
     note = "" if (h, w) == (trained_h, trained_w) else f", trained at {trained_w * factor}x{trained_h * factor}"
@@ -284,7 +375,7 @@ def prepare_toy(args, loaded, path: str, device, dtype, build: Callable) -> Job:
     return Job(os.path.basename(path), w * factor, h * factor, num_frames, num_frames, chunks,
                args.fps or int(info.get("fps", 8)),
                f"{num_frames} latent frames in {chunks} chunks of {fpb}, {len(opts.steps)} steps, "
-               f"{_cache_note(opts)}, {w * factor}x{h * factor}{note}", chunk_frames)
+               f"{_cache_note(opts)}{_prompts_note(context)}, {w * factor}x{h * factor}{note}", chunk_frames)
 
 
 def read_vae(path: str):
@@ -312,18 +403,23 @@ def prepare_wan(args, loaded, path: str, device, dtype, build: Callable) -> Job:
         raise ValueError("--prompt needs a toy model with a bundled text encoder; for Wan checkpoints encode the "
                          "prompt with umT5-XXL in ComfyUI, save it with 'Save Text Embeddings' and pass --embeds")
     cfg = loaded.config
-    try:
-        emb, _ = load_text_embeds(args.embeds)
-    except ValueError as e:
-        raise ValueError(f"--embeds: {e}") from None
-    except Exception as e:  # noqa: BLE001 - the safetensors reader's own errors (no stable import path)
-        raise ValueError(f"--embeds {args.embeds} cannot be read (not a safetensors file, truncated or damaged; "
-                         f"write one with 'Save Text Embeddings'): {e}") from None
-    if emb.shape[-1] != cfg.text_dim:
-        raise ValueError(f"{os.path.basename(args.embeds)} holds embeddings of width {emb.shape[-1]} but the model "
-                         f"expects {cfg.text_dim} (Wan: umT5-XXL, 4096)")
-    if emb.shape[0] > 1:
-        print(f"{os.path.basename(args.embeds)} holds {emb.shape[0]} prompts; using the first", file=sys.stderr)
+
+    def read_embeds(path: str, flag: str):
+        try:
+            emb, _ = load_text_embeds(path)
+        except ValueError as e:
+            raise ValueError(f"{flag}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - the safetensors reader's own errors (no stable import path)
+            raise ValueError(f"{flag} {path} cannot be read (not a safetensors file, truncated or damaged; "
+                             f"write one with 'Save Text Embeddings'): {e}") from None
+        if emb.shape[-1] != cfg.text_dim:
+            raise ValueError(f"{os.path.basename(path)} holds embeddings of width {emb.shape[-1]} but the model "
+                             f"expects {cfg.text_dim} (Wan: umT5-XXL, 4096)")
+        if emb.shape[0] > 1:
+            print(f"{os.path.basename(path)} holds {emb.shape[0]} prompts; using the first", file=sys.stderr)
+        return emb[:1, :cfg.text_len].float()
+
+    emb = read_embeds(args.embeds, "--embeds")
     vae_sd, vae_cfg = read_vae(args.vae)
     if vae_cfg.z_dim != cfg.in_dim:
         raise ValueError(f"the VAE has {vae_cfg.z_dim} latent channels but the model takes {cfg.in_dim}: "
@@ -332,8 +428,9 @@ def prepare_wan(args, loaded, path: str, device, dtype, build: Callable) -> Job:
     h, w = latent_size(args, factor, tuple(cfg.patch_size[1:]), WAN_SIZE)
     num_frames = args.frames or WAN_FRAMES
     opts = sampling_options(args, loaded.meta, num_frames)
+    context = prompt_plan(args, emb, num_frames, lambda path: read_embeds(path, "--prompt-at"))
     build(estimate_run_bytes(cfg, opts, num_frames, h, w, 1, dtype, decode=vae_cfg))
-    context = emb[:1, :cfg.text_len].float().to(device)
+    context = context.to(device)
     try:
         vae = vae_from_state_dict(vae_sd, device=device, dtype=dtype, config=vae_cfg)
     except ValueError as e:
@@ -350,7 +447,8 @@ def prepare_wan(args, loaded, path: str, device, dtype, build: Callable) -> Job:
     frames = pixel_frames(num_frames, vae.config.temporal_factor)
     return Job(os.path.basename(path), w * factor, h * factor, frames, num_frames, chunks, args.fps or WAN_FPS,
                f"{num_frames} latent frames ({frames} video frames) in {chunks} chunks of {fpb}, "
-               f"{len(opts.steps)} steps, {_cache_note(opts)}, {w * factor}x{h * factor}", chunk_frames)
+               f"{len(opts.steps)} steps, {_cache_note(opts)}{_prompts_note(context)}, {w * factor}x{h * factor}",
+               chunk_frames)
 
 
 def prepare(args, device):

@@ -170,7 +170,8 @@ def recache(model, text: TextContext, cache: KVCache, positions: StreamPositions
     in ``sf_model.prompt_schedule.recache_pieces``' chunks."""
     sink_pieces, window_pieces, lo = recache_pieces(cache.sink, n, next_frames, opts.window, opts.frames_per_block)
     kept = [(c, latents.read(c, c + f)) for c, f in sink_pieces + window_pieces]
-    removed = lo - cache.sink if window_pieces else 0
+    removed = lo - cache.sink if n > cache.sink else 0  # frames between the sink and the kept window (none kept:
+    # a window of one chunk sees only the sink and itself)
     cache.reset()
     positions.repack(removed)
     for c, lat in kept:

@@ -99,6 +99,16 @@ def test_a_second_recache_recomputes_from_the_kept_latents_again(tiny_model):
     assert torch.allclose(video[:, :, 24:], ref, atol=5e-5), (video[:, :, 24:] - ref).abs().max()
 
 
+def test_recache_with_a_window_of_one_chunk_keeps_only_the_sink(tiny_model):
+    opts = opts_of(window=3)
+    video = latents(run(tiny_model, PromptSchedule([PromptSwitch(0, A), PromptSwitch(9, B, "recache")]), 15, opts))
+    history = [(video[:, :, 0:3], range(0, 3), range(0, 3))]
+    new = [(chunk_noise(4, ci, 2, (1, 16, 3, H, W), "cpu"), range(3 * ci, 3 * ci + 3), range(3 * ci, 3 * ci + 3))
+           for ci in (3, 4)]
+    ref = full_sequence(tiny_model, B, history, new, 3, 3, opts)
+    assert torch.allclose(video[:, :, 9:], ref, atol=5e-5), (video[:, :, 9:] - ref).abs().max()
+
+
 def test_recache_with_rebased_positions_packs_the_window_after_the_sink(tiny_model):
     opts = opts_of(positions="rebased")
     video = latents(run(tiny_model, PromptSchedule([PromptSwitch(0, A), PromptSwitch(15, B, "recache")]), 18, opts))
@@ -306,3 +316,54 @@ def test_the_toy_extend_node_switches_at_its_new_frames(toy):
     assert torch.equal(switched, extend_video(toy, add_prompt(red, green, 1, "keep"), first, **kw))
     at_once = extend_video(toy, add_prompt(red, green, 0, "keep"), first, **kw)
     assert not torch.allclose(at_once[:, :, :3], plain[:, :, :3])
+
+
+# -- the CLI: --prompt-at FRAME:[POLICY:]PROMPT -------------------------------------------------------------
+def test_cli_prompt_at_parsing():
+    from self_forcing.cli.generate import parse_prompt_at, prompt_plan
+
+    assert parse_prompt_at(["24:a b: c", "6:reset:x.safetensors", "12:keep:y"], "recache") == [
+        (6, "reset", "x.safetensors"), (12, "keep", "y"), (24, "recache", "a b: c")]
+    for bad, match in [("x:prompt", "not a latent frame"), ("0:p", ">= 1"), ("5", "expected FRAME:PROMPT"),
+                       ("5:keep: ", "empty")]:
+        with pytest.raises(ValueError, match=match):
+            parse_prompt_at([bad])
+    with pytest.raises(ValueError, match="same frame"):
+        parse_prompt_at(["3:a", "3:b"])
+
+    class Args:
+        prompt_at, switch = ["9:keep:B", "3:C"], "reset"
+
+    plan = prompt_plan(Args, A, 12, {"B": B, "C": C}.get)
+    assert [(e.start_frame, e.policy) for e in plan.entries] == [(0, "recache"), (3, "reset"), (9, "keep")]
+    assert plan.entries[1].context is C and prompt_plan(type("N", (), {})(), A, 12, None) is A
+    with pytest.raises(ValueError, match="frame 9 is past the video's last latent frame 8"):
+        prompt_plan(Args, A, 9, {"B": B, "C": C}.get)
+
+
+def test_cli_switches_prompts_as_the_core_stream_does(tmp_path, monkeypatch, capsysbinary):
+    import numpy as np
+
+    from self_forcing.cli import main
+    from self_forcing.cli.generate import default_model_path
+    from self_forcing.sf_model.checkpoint import load_model
+    from self_forcing.sf_model.pipeline import frames_to_uint8
+    from self_forcing.toy.bundle import encode_prompt, latents_to_video
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "--frames", "9", "--raw", "-", "--no-progress", "--width", "32", "--height", "32",
+                 "--window", "3", "--sink", "3", "--positions", "rebased", "--prompt", RED,
+                 "--prompt-at", f"3:keep:{GREEN}", "--prompt-at", f"6:{BLUE}"]) == 0
+    captured = capsysbinary.readouterr()
+    assert b"rebased positions, prompts at frame 0; frame 3 (keep); frame 6 (recache)" in captured.err
+    got = np.frombuffer(captured.out, dtype=np.uint8).reshape(9, 32, 32, 3)
+    loaded = load_model(default_model_path(), dtype=torch.float32)
+    meta = loaded.meta
+    enc = lambda p: encode_prompt(loaded, p, "cpu")  # noqa: E731
+    schedule = PromptSchedule([PromptSwitch(0, enc(RED)), PromptSwitch(3, enc(GREEN), "keep"),
+                               PromptSwitch(6, enc(BLUE), "recache")])
+    opts = StreamOptions(frames_per_block=3, steps=meta["steps"], shift=meta["shift"], context_noise=0.0, window=3,
+                         sink=3, extend_positions=True, positions="rebased", partial_last_chunk=True)
+    lat = generate(loaded.model, schedule, num_frames=9, height=16, width=16, seed=0, options=opts)
+    ref = torch.cat([frames_to_uint8(latents_to_video(loaded, lat[:, :, s:s + 3]))[0] for s in (0, 3, 6)]).numpy()
+    assert np.array_equal(got, ref)

@@ -192,3 +192,29 @@ def test_the_official_values_are_read_through_the_one_mapping():
     assert StreamOptions.from_policy(policy).positions == "rebased"
     with pytest.raises(ValueError, match="positions must be one of absolute, rebased"):
         CachePolicy.rolling(3, 9, 3, positions="relative")
+
+
+def test_cli_local_attn_size_and_positions_map_through_the_official_mapping():
+    args = argparse.Namespace(window="auto", sink=3, steps=None, local_attn_size=12, positions="rebased")
+    assert cache_policy(args, {}, 240) == CachePolicy.rolling(3, 9, 3, positions="rebased")
+    args.local_attn_size, args.sink = -1, None
+    assert cache_policy(args, {}, 240) == CachePolicy.fixed(3).with_positions("rebased")
+    args.local_attn_size, args.sink = 3, 3
+    with pytest.raises(ValueError, match="--local-attn-size 3 / --sink 3: .*larger than sink_size"):
+        cache_policy(args, {}, 240)
+    args.window = "9"
+    with pytest.raises(ValueError, match="either --window .* or --local-attn-size"):
+        cache_policy(args, {}, 240)
+
+
+def test_the_options_node_states_both_semantics_and_defaults_from_the_checkpoint():
+    from self_forcing.nodes.long_video import OPTIONS, LongVideoOptions, cache_policy as node_policy
+
+    tip = OPTIONS.input("window").tooltip
+    assert "local_attn_size" in tip and "window = local_attn_size - sink" in tip
+    longlive = {"local_attn_size": 12, "sink_size": 3, "frames_per_block": 3}
+    auto = LongVideoOptions("rolling", window=0, sink=-1, routing_topk=0, positions="rebased")
+    assert auto.check().policy(3, longlive) == CachePolicy.rolling(3, 9, 3, positions="rebased")
+    assert auto.policy(3, {}) == CachePolicy.rolling(3, 21, 0, positions="rebased")  # official: 21, no sink
+    assert LongVideoOptions("rolling", 0, 3).policy(3, TOY_META) == CachePolicy.rolling(3, 9, 3)  # 12 - 3
+    assert node_policy(None, frames_per_block=3, total_frames=100, meta=longlive) == CachePolicy.rolling(3, 9, 3)
