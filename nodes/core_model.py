@@ -15,6 +15,7 @@ weights stored in fp8). The ComfyUI call that loads and patches is passed in (``
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -71,6 +72,13 @@ class Skeleton:
 _SKELETONS: "weakref.WeakKeyDictionary[torch.nn.Module, Skeleton]" = weakref.WeakKeyDictionary()
 
 
+def _int_attr(module: torch.nn.Module, name: str) -> int | None:
+    """What the weights do not show (head count, text length): core's Wan module keeps them as attributes
+    ('num_heads', 'text_len'); without them Wan's head_dim 128 and text length 512 are assumed."""
+    value = getattr(module, name, None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def skeleton_for(diffusion_model: torch.nn.Module, sd: dict[str, torch.Tensor], attention: str) -> Skeleton:
     """The cached skeleton of a core diffusion model (built on first use; a new core model, e.g. another
     UNETLoader file, gets its own). Raises ``CheckpointError`` naming missing/unexpected keys for non-Wan models."""
@@ -80,7 +88,10 @@ def skeleton_for(diffusion_model: torch.nn.Module, sd: dict[str, torch.Tensor], 
     if found is not None and found.model.attn_backend_request == attention:
         return found
     try:
-        config = infer_config(sd)
+        config = infer_config(sd, num_heads=_int_attr(diffusion_model, "num_heads"))
+        text_len = _int_attr(diffusion_model, "text_len")
+        if text_len is not None:
+            config = dataclasses.replace(config, text_len=text_len)
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"the core MODEL is not a Wan 2.1 text-to-video diffusion model ({e}); connect a "
                               "Wan 2.1 model (UNETLoader) or 'Load Self Forcing Model'") from e

@@ -1,0 +1,109 @@
+"""Core MODEL input (nodes.core_model) without ComfyUI: a patcher-shaped object around a Wan module.
+
+The real-ComfyUI check (core UNETLoader -> LoraLoaderModelOnly -> our sampler) is tests/comfy_core_model_e2e.py.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from self_forcing.nodes.core_model import _SKELETONS, borrowed_handle, is_core_model, model_handle
+from self_forcing.nodes.model import ModelHandle
+from self_forcing.nodes.sampling import extend_video, sample_video
+from self_forcing.sf_model.checkpoint import CheckpointError, LoadedModel
+from self_forcing.sf_model.config import TINY
+
+
+class Inner:
+    def __init__(self, module, cast=None):
+        self.diffusion_model = module
+        self.manual_cast_dtype = cast
+
+
+class Patcher:
+    """What core_model reads of a ModelPatcher: .model.diffusion_model, .load_device, .model_dtype()."""
+
+    def __init__(self, module, cast=None):
+        self.model = Inner(module, cast)
+        self.load_device = torch.device("cpu")
+        self.loads = 0
+
+    def model_dtype(self):
+        return next(self.model.diffusion_model.parameters()).dtype
+
+
+def core_module(model, dtype=torch.float32):
+    """A Wan module as core holds it: bare Wan names, num_heads / text_len as attributes."""
+    module = copy.deepcopy(model).to(dtype)
+    module.num_heads, module.text_len = TINY.num_heads, TINY.text_len
+    return module
+
+
+def ours(model):
+    return ModelHandle(LoadedModel(model, model.config, "test", {}), "tiny", torch.device("cpu"),
+                       torch.device("cpu"), torch.float32)
+
+
+def load(patcher):
+    patcher.loads += 1
+
+
+def prompt():
+    g = torch.Generator().manual_seed(1)
+    return [[torch.randn(1, 6, TINY.text_dim, generator=g), {}]]
+
+
+KW = dict(width=64, height=32, length=13, seed=3, frames_per_block=1, steps="1000,500", shift=5.0)
+
+
+def test_a_core_model_samples_like_our_handle_on_the_same_weights_without_copying(tiny_model):
+    patcher = Patcher(core_module(tiny_model))
+    assert is_core_model(patcher) and not is_core_model(ours(tiny_model))
+    with borrowed_handle(patcher, load=load) as handle:
+        assert patcher.loads == 1 and handle.keep_loaded and handle.load_device == handle.offload_device
+        shared = dict(patcher.model.diffusion_model.named_parameters())
+        assert all(p.data_ptr() == shared[n].data_ptr() for n, p in handle.model.named_parameters())
+        got = sample_video(handle, prompt(), **KW)
+        ext = extend_video(handle, prompt(), {"samples": got}, extend_frames=4, history_frames=1,
+                           resample_strength=0.3, seed=1, frames_per_block=1, steps="1000,500")
+    want = sample_video(ours(tiny_model), prompt(), **KW)
+    assert torch.equal(got, want)
+    assert torch.equal(ext, extend_video(ours(tiny_model), prompt(), {"samples": want}, extend_frames=4,
+                                         history_frames=1, resample_strength=0.3, seed=1, frames_per_block=1,
+                                         steps="1000,500"))
+    # released after the run: no parameter of ours holds memory; the skeleton is reused, new weights are seen
+    skeleton = _SKELETONS[patcher.model.diffusion_model]
+    assert all(p.device.type == "meta" for p in skeleton.model.parameters())
+    with torch.no_grad():
+        patcher.model.diffusion_model.head.head.weight.mul_(2.0)  # as core patching weights would
+    with model_handle(patcher, load=load) as handle:
+        assert handle.model is skeleton.model and patcher.loads == 2
+        changed = sample_video(handle, prompt(), **KW)
+    assert not torch.equal(changed, got)
+
+
+def test_our_handle_passes_through_unchanged(tiny_model):
+    h = ours(tiny_model)
+    with model_handle(h, load=load) as got:
+        assert got is h
+
+
+def test_weights_stored_narrower_are_cast_to_the_compute_dtype(tiny_model):
+    patcher = Patcher(core_module(tiny_model, torch.bfloat16), cast=torch.float32)
+    with borrowed_handle(patcher, load=load) as handle:
+        assert handle.dtype == torch.float32 and handle.model.dtype == torch.float32
+        got = sample_video(handle, prompt(), **KW)
+    ref = copy.deepcopy(tiny_model).to(torch.bfloat16).to(torch.float32)
+    assert torch.equal(got, sample_video(ours(ref), prompt(), **KW))
+
+
+def test_scaled_fp8_and_non_wan_models_are_refused_with_a_message(tiny_model):
+    module = core_module(tiny_model)
+    module.blocks[0].ffn[0].register_buffer("scale_weight", torch.ones(()))
+    with pytest.raises(CheckpointError, match="scaled fp8"):
+        with borrowed_handle(Patcher(module), load=load):
+            pass
+    with pytest.raises(CheckpointError, match="not a Wan 2.1"):
+        with borrowed_handle(Patcher(torch.nn.Sequential(torch.nn.Linear(4, 4))), load=load):
+            pass
