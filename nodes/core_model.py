@@ -23,12 +23,13 @@ from typing import Callable
 
 import torch
 
-from ..sf_model.checkpoint import CheckpointError, LoadedModel, check_compatible
+from ..sf_model.checkpoint import CheckpointError, LoadedModel, check_compatible, load_state_dict_file
 from ..sf_model.config import infer_config
 from .model import ModelHandle
 
 CORE_LAYOUT = "core MODEL (ComfyUI ModelPatcher, weights borrowed from ComfyUI)"
 CORE_MODEL_TYPE = "MODEL"
+META_KEY = "self_forcing"  # our checkpoint metadata on a core MODEL: patcher.model_options[META_KEY]["meta"]
 # Keys of core's fp8 'scaled' weights: their scale is applied by core's own ops, which we do not run.
 SCALED_PARTS = ("scale_weight", "scale_input")
 
@@ -125,6 +126,32 @@ def unbind(skeleton: Skeleton) -> None:
                                                      requires_grad=False))
 
 
+def core_meta(patcher) -> dict:
+    """Our checkpoint metadata (frames per block, steps, shift, trained window) riding on a core MODEL made by
+    ``core_model_from_file`` (kept through core's clones, e.g. LoRA nodes); {} for core UNETLoader models."""
+    options = getattr(patcher, "model_options", None)
+    ours = options.get(META_KEY) if isinstance(options, dict) else None
+    return dict(ours.get("meta", {})) if isinstance(ours, dict) else {}
+
+
+def core_model_from_file(path: str, *, build: Callable, dtype: torch.dtype | None = None):
+    """A core MODEL from any checkpoint layout our loader reads (official .pt training checkpoints, FSDP
+    wrappers, diffusers names, Wan/ComfyUI names), for core LoRA nodes and our sampler: the file is read and
+    normalised to bare Wan names here, then ``build(state_dict, model_options=...)`` - core's public
+    ``comfy.sd.load_diffusion_model_state_dict`` - makes the ModelPatcher (one copy of the weights, core's).
+    ``dtype`` None lets core pick the weight dtype. Our metadata rides along (``core_meta``)."""
+    sd, _config, layout, meta, extras = load_state_dict_file(path)
+    if extras:
+        raise CheckpointError(f"{path}: a self-contained model with bundled parts ({layout}) is not a core "
+                              "MODEL; load it with 'Load Self Forcing Toy Model'")
+    patcher = build(sd, model_options={"dtype": dtype} if dtype is not None else {})
+    del sd
+    if patcher is None:
+        raise CheckpointError(f"{path}: ComfyUI did not recognise the weights ({layout}) as a diffusion model")
+    patcher.model_options[META_KEY] = {"meta": dict(meta)}
+    return patcher
+
+
 @contextmanager
 def borrowed_handle(patcher, *, load: Callable[[object], None], attention: str = "auto", name: str = "core MODEL"):
     """A ``ModelHandle`` for one run on a core MODEL's (patched) weights.
@@ -141,7 +168,7 @@ def borrowed_handle(patcher, *, load: Callable[[object], None], attention: str =
     bind(skeleton, sd, device, dtype)
     del sd
     handle = ModelHandle(loaded=LoadedModel(model=skeleton.model, config=skeleton.config, layout=CORE_LAYOUT,
-                                            meta={}),
+                                            meta=core_meta(patcher)),
                          name=name, load_device=device, offload_device=device, dtype=dtype, keep_loaded=True)
     try:
         yield handle

@@ -14,6 +14,9 @@ Model' on the base and on the hand-merged file -> the same sampler. Passes when:
   magnitude ~1; float32 on the CPU: the only difference is the order of the LoRA sum);
 - the LoRA changes the latents (so the comparison above is not vacuous), a second run gives the same latents,
   after a run none of our parameters holds memory (weights borrowed, then released);
+- the other way: our reader (an official-layout .pt) -> ``core_model_from_file`` (core's public
+  ``comfy.sd.load_diffusion_model_state_dict``) -> core ``LoraLoaderModelOnly`` -> our sampler == the hand-merged
+  file through our loader (<= 1e-4), and without the LoRA == our loader (<= 1e-6);
 - extend from the sampler's latent: core MODEL + LoRA == our loader of the merged file (<= 1e-4);
 - the sampler's model input has type 'SELF_FORCING_MODEL,MODEL' and core accepts a saved 'SELF_FORCING_MODEL'
   link and a 'MODEL' link to it (comfy_execution.validation.validate_node_input).
@@ -80,6 +83,20 @@ b_merged = sample(ours("merged.safetensors"))
 from self_forcing.nodes.core_model import _SKELETONS
 res["skeletons"] = len(_SKELETONS)
 res["params_left_on_a_device"] = sum(p.device.type != "meta" for s in _SKELETONS.values() for p in s.model.parameters())
+# the other way: our reader (here an official-layout training checkpoint) -> a core MODEL -> core LoRA node
+import comfy.sd
+from self_forcing.nodes.core_model import core_model_from_file
+try:
+    core_nodes.UNETLoader().load_unet("official.pt", "default")
+    res["unetloader_reads_official"] = True
+except Exception as e:  # noqa: BLE001 - recorded
+    res["unetloader_reads_official"] = repr(e)[:200]
+ours_core = core_model_from_file(f"{work}/official.pt", build=comfy.sd.load_diffusion_model_state_dict,
+                                 dtype=torch.float32)
+ours_lora = core_nodes.LoraLoaderModelOnly().load_lora_model_only(ours_core, "lora.safetensors", 1.0)[0]
+res["from_ours_meta"] = ours_lora.model_options.get("self_forcing", {}).get("meta", {}).get("frames_per_block")
+res["from_ours_diff"] = float((sample(ours_core) - a_ours).abs().max())
+res["from_ours_lora_diff"] = float((sample(ours_lora) - b_merged).abs().max())
 e_core = extend(core_lora, b_core)
 e_merged = extend(ours("merged.safetensors"), b_merged)
 d = lambda x, y: float((x.float() - y.float()).abs().max())
@@ -133,6 +150,8 @@ def write_files(work: Path) -> None:
         merged += 1
     assert merged > 0
     save_model(str(work / "merged.safetensors"), sd, config, dtype=torch.float32)
+    official = {"generator_ema": {f"model.{k}": v for k, v in load_state_dict_file(str(work / "base.safetensors"))[0].items()}}
+    torch.save(official, work / "official.pt")  # the official Self Forcing layout ({'generator_ema': {'model.*'}})
     torch.save(torch.randn(1, 24, 4096, generator=torch.Generator().manual_seed(5)), work / "prompt.pt")
 
 
@@ -165,6 +184,8 @@ def main() -> int:
         "the LoRA changes the latents (> 1e-2)": r["lora_effect"] > 1e-2,
         "a second run gives the same latents": r["rerun_diff"] == 0.0,
         "no borrowed weight kept after the runs": r["params_left_on_a_device"] == 0 and r["skeletons"] >= 1,
+        "our reader -> core MODEL == our loader (no LoRA, <= 1e-6)": r["from_ours_diff"] <= 1e-6,
+        "our reader -> core MODEL -> core LoRA == hand-merged (<= 1e-4)": r["from_ours_lora_diff"] <= 1e-4,
         "extend: core MODEL + LoRA == hand-merged (<= 1e-4)": r["extend_diff"] <= 1e-4,
         "model input 'SELF_FORCING_MODEL,MODEL' takes both links, not others":
             r["input_type"] == "SELF_FORCING_MODEL,MODEL" and r["link_ours"] and r["link_core"] and not r["link_vae"],

@@ -8,10 +8,11 @@ import copy
 import pytest
 import torch
 
-from self_forcing.nodes.core_model import _SKELETONS, borrowed_handle, is_core_model, model_handle
+from self_forcing.nodes.core_model import (_SKELETONS, borrowed_handle, core_meta, core_model_from_file,
+                                          is_core_model, model_handle)
 from self_forcing.nodes.model import ModelHandle
 from self_forcing.nodes.sampling import extend_video, sample_video
-from self_forcing.sf_model.checkpoint import CheckpointError, LoadedModel
+from self_forcing.sf_model.checkpoint import CheckpointError, LoadedModel, save_model
 from self_forcing.sf_model.config import TINY
 
 
@@ -107,3 +108,27 @@ def test_scaled_fp8_and_non_wan_models_are_refused_with_a_message(tiny_model):
     with pytest.raises(CheckpointError, match="not a Wan 2.1"):
         with borrowed_handle(Patcher(torch.nn.Sequential(torch.nn.Linear(4, 4))), load=load):
             pass
+
+
+def test_our_reader_makes_a_core_model_carrying_our_metadata(tiny_model, tmp_path):
+    path = str(tmp_path / "tiny.safetensors")
+    save_model(path, tiny_model, TINY, meta={"frames_per_block": 1, "shift": 4.0})
+    built = {}
+
+    def build(sd, model_options):  # stands in for comfy.sd.load_diffusion_model_state_dict
+        built.update(sd=sd, options=model_options)
+        module = core_module(tiny_model)
+        module.load_state_dict(sd)
+        patcher = Patcher(module)
+        patcher.model_options = {}
+        return patcher
+
+    patcher = core_model_from_file(path, build=build, dtype=torch.float32)
+    assert built["options"] == {"dtype": torch.float32} and "blocks.0.self_attn.q.weight" in built["sd"]
+    assert core_meta(patcher)["frames_per_block"] == 1 and core_meta(Patcher(core_module(tiny_model))) == {}
+    with borrowed_handle(patcher, load=load) as handle:
+        assert handle.meta["shift"] == 4.0
+        got = sample_video(handle, prompt(), **KW)
+    assert torch.equal(got, sample_video(ours(tiny_model), prompt(), **KW))
+    with pytest.raises(CheckpointError, match="did not recognise"):
+        core_model_from_file(path, build=lambda sd, model_options: None)
