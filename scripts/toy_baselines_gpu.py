@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import shutil
 import sys
 import time
+
+from self_forcing.training.step_driver import StepBook, compile_once, protocol_seconds, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "training", "configs", "toy_baselines.toml")
@@ -80,12 +81,11 @@ def parse_args(argv=None):
 
 class Driver:
     """One call of the driver. ``clock`` (seconds, like ``time.time``) is what every time decision and record
-    reads: the call's start, the time left, the markers, ``driver.jsonl``; tests pass a fake one. The protocol's
-    deadline is handed to ``run_protocol`` in ``time.time()`` units (now + the time this clock says is left)."""
+    reads (through ``self.book``, a :class:`StepBook`: the call's start, the time left, the markers,
+    ``driver.jsonl``); tests pass a fake one."""
 
     def __init__(self, args, clock=time.time):
         self.args = args
-        self.clock = clock
         self.preset = dict(PRESETS[args.budget])
         if args.seeds:
             self.preset["seeds"] = list(args.seeds)
@@ -98,34 +98,12 @@ class Driver:
         self.root = os.path.abspath(args.root or os.path.join("runs", f"toy_baselines_{args.budget}"))
         self.results = os.path.abspath(args.results or os.path.join(self.root, "results"))
         self.max_wall = args.max_wall or self.preset["max_wall_s"]
-        self.t0 = self.clock()
+        self.book = StepBook(self.results, self.max_wall, clock)
         self.rt = None
         self.warmed = False
         self.sim = {"call": 1, "used": 0.0, "total": 0.0, "warm": False}  # --dry-run bookkeeping
         os.makedirs(self.root, exist_ok=True)
         os.makedirs(self.results, exist_ok=True)
-
-    # -- bookkeeping ---------------------------------------------------------------------------------
-    def left(self) -> float:
-        return self.max_wall - (self.clock() - self.t0)
-
-    def marker(self, folder: str, step: str) -> str:
-        return os.path.join(folder, ".done", step)
-
-    def done(self, folder: str, step: str) -> bool:
-        return os.path.isfile(self.marker(folder, step))
-
-    def mark(self, folder: str, step: str) -> None:
-        os.makedirs(os.path.join(folder, ".done"), exist_ok=True)
-        with open(self.marker(folder, step), "w") as fh:
-            fh.write(f"{self.clock():.0f}\n")
-
-    def record(self, **entry) -> None:
-        now = self.clock()
-        entry = {"time": round(now, 1), "call_elapsed_s": round(now - self.t0, 1), **entry}
-        print(f"[driver] {json.dumps(entry)}", flush=True)
-        with open(os.path.join(self.results, "driver.jsonl"), "a") as fh:
-            fh.write(json.dumps(entry) + "\n")
 
     # -- configs -------------------------------------------------------------------------------------
     def config(self, folder: str, seed: int, extra=()):
@@ -172,40 +150,37 @@ class Driver:
 
     def protocol_per_model(self) -> float:
         p = self.preset["protocol"]
-        return PROTOCOL_S_PER_MODEL * p["prompts"] * len(p["seeds"]) * max(p["lengths"]) / (64 * 3 * 20)
+        return protocol_seconds(PROTOCOL_S_PER_MODEL, p["prompts"], p["seeds"], p["lengths"])
 
     def seed_dir(self, seed: int) -> str:
         return os.path.join(self.root, f"seed{seed}")
 
     def run(self) -> int:
+        book = self.book
         for step, seed in self.plan():
             folder = self.teacher_dir() if step == "teacher" else (
                 self.results if step == "protocol" else self.seed_dir(seed))
-            if self.done(folder, step):
+            if book.done(folder, step):
                 continue
             need = self.estimate(step, seed)
             if self.args.dry_run:
                 self.plan_step(step, seed, need)
                 continue
-            if need > self.left():
-                self.record(event="stopped", before=step, seed=seed, estimate_s=round(need), left_s=round(self.left()))
-                print(f"[driver] stopped before {step} (needs ~{need:.0f} s, {self.left():.0f} s left in this call); "
-                      "rerun the same command to continue", flush=True)
-                return 3
-            t = self.clock()
+            left = book.left()
+            if need > left:
+                return book.stop(f"{step} (needs ~{need:.0f} s, {left:.0f} s left in this call)", before=step,
+                                 seed=seed, estimate_s=round(need), left_s=round(left))
+            t = book.clock()
             finished = getattr(self, f"step_{step}", self.step_stage)(step, seed, folder)
-            self.record(event="step", step=step, seed=seed, seconds=round(self.clock() - t, 1), finished=finished)
-            if finished:
-                self.mark(folder, step)
-            else:
-                print("[driver] rerun the same command to continue", flush=True)
-                return 3
+            book.record(event="step", step=step, seed=seed, seconds=round(book.clock() - t, 1), finished=finished)
+            if not finished:
+                return book.rerun()
+            book.mark(folder, step)
         if self.args.dry_run:
             print(f"[plan] about {self.sim['total']:.0f} s in {self.sim['call']} call(s) of at most "
                   f"{self.max_wall:.0f} s")
             return 0
-        print(f"[driver] all done in this call's {self.clock() - self.t0:.0f} s; results in {self.results}", flush=True)
-        return 0
+        return book.all_done()
 
     def plan_step(self, step, seed, need) -> None:
         """--dry-run: print the step's expected wall time and the call it would run in (calls of --max-wall;
@@ -249,12 +224,12 @@ class Driver:
 
         total, used = self.preset["teacher_total_s"], loop_seconds(os.path.join(folder, "teacher", "log.jsonl")) or 0
         slack = min(1.0, 0.01 * total)  # the loop stops after the step that crosses its budget
-        budget = min(total - used, self.preset["teacher_slice_s"] or total, self.left() - OVERHEAD_S["teacher"])
+        budget = min(total - used, self.preset["teacher_slice_s"] or total, self.book.left() - OVERHEAD_S["teacher"])
         if total - used > slack and budget > slack:
             cfg = self.config(folder, 0, [f"teacher.time_budget_s={budget:.3f}"])
             run_stages(cfg, ["teacher"], self.runtime(cfg), make_world(cfg))
         used = loop_seconds(os.path.join(folder, "teacher", "log.jsonl")) or 0
-        _write_json(collect(folder), os.path.join(self.results, "teacher_curves.json"))
+        write_json(collect(folder), os.path.join(self.results, "teacher_curves.json"))
         return used >= total - slack and os.path.isfile(self.teacher_file())
 
     def step_stage(self, step, seed, folder) -> bool:
@@ -269,7 +244,7 @@ class Driver:
         run_stages(cfg, [step], self.runtime(cfg), world)
         out = os.path.join(self.results, os.path.basename(folder))
         os.makedirs(out, exist_ok=True)
-        _write_json(collect(folder), os.path.join(out, "curves.json"))
+        write_json(collect(folder), os.path.join(out, "curves.json"))
         if step == "export":
             shutil.copy(os.path.join(folder, "compute.json"), os.path.join(out, "compute.json"))
             if self.args.copy_exports:
@@ -282,31 +257,28 @@ class Driver:
         forcing; [clean | noisy]: teacher forcing) once per process before any stage's clock runs, so no
         model's time budget pays for compilation (the compiled kernels are shared in-process)."""
         rt = self.runtime(cfg)
-        if self.warmed or rt.device.type != "cuda":
+        if self.warmed:
             return
         import torch
 
         from self_forcing.training.baselines import teacher_forcing_flow
-        from self_forcing.training.models import build_model
 
-        t0 = self.clock()
-        model = build_model(cfg.model, 0, rt.device).train()
         c, f, h, w = world.clip_shape
         fpb = cfg.sampling.frames_per_block
         shapes = {(cfg.ode_init.batch_size, "block"), (cfg.diffusion_forcing.batch_size, "block"),
                   (cfg.teacher_forcing.batch_size, "teacher_forcing")}
-        for batch, kind in sorted(shapes):
-            x = torch.randn(batch, c, f, h, w, device=rt.device)
-            t = torch.full((batch, f), 500.0, device=rt.device)
-            ctx = world.uncond(batch, rt.device)
-            with rt.autocast():
-                out = (model(x, t, ctx, frames_per_block=fpb) if kind == "block"
-                       else teacher_forcing_flow(model, x, x, t, ctx, fpb))
-            out.float().mean().backward()
-        torch.cuda.synchronize()
-        del model
-        self.warmed = True
-        self.record(event="warm_up", seconds=round(self.clock() - t0, 1), shapes=sorted(shapes))
+
+        def forwards(model):
+            for batch, kind in sorted(shapes):
+                x = torch.randn(batch, c, f, h, w, device=rt.device)
+                t = torch.full((batch, f), 500.0, device=rt.device)
+                ctx = world.uncond(batch, rt.device)
+                with rt.autocast():
+                    out = (model(x, t, ctx, frames_per_block=fpb) if kind == "block"
+                           else teacher_forcing_flow(model, x, x, t, ctx, fpb))
+                out.float().mean().backward()
+
+        self.warmed = compile_once(self.book, rt, cfg.model, forwards, shapes=sorted(shapes))
 
     def step_protocol(self, step, seed, folder) -> bool:
         from self_forcing.training.protocol import Protocol, collect_models, run_protocol
@@ -316,18 +288,12 @@ class Driver:
         models = collect_models(runs=[self.seed_dir(s) for s in self.preset["seeds"]])
         proto = Protocol(prompts=p["prompts"], seeds=tuple(p["seeds"]), lengths=tuple(p["lengths"]),
                          batch_size=p["batch_size"], bootstrap=p["bootstrap"])
-        # run_protocol compares its deadline with time.time(): now + what this call's clock says is left
-        deadline = time.time() + self.left() - 20 - self.protocol_per_model()
+        deadline = self.book.deadline(20 + self.protocol_per_model())  # in time.time() units
         res = run_protocol(models, os.path.join(self.results, "protocol"), proto, deadline=deadline)
         if res is None:
             return False
         print(headline(res), flush=True)
         return True
-
-
-def _write_json(obj, path: str) -> None:
-    with open(path, "w") as fh:
-        json.dump(obj, fh)
 
 
 def main(argv=None, clock=time.time) -> int:

@@ -38,6 +38,8 @@ import shutil
 import sys
 import time
 
+from self_forcing.training.step_driver import StepBook, compile_once, protocol_seconds, write_json
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "training", "configs", "toy_resampling.toml")
 GROUPS = {"ablation": ("rf", "rf_parallel", "rf_noise_aug"), "shift": ("rf_s0.1", "rf", "rf_s3.0"),
@@ -95,14 +97,18 @@ def parse_args(argv=None):
 
 
 class Driver:
-    def __init__(self, args):
+    """One call of the driver. ``clock`` (seconds, like ``time.time``) is what every time decision and record
+    reads (through ``self.book``, a :class:`StepBook`: the call's start, the time left, the markers,
+    ``driver.jsonl``); tests pass a fake one."""
+
+    def __init__(self, args, clock=time.time):
         from self_forcing.training.config import load_config
 
         self.args = args
         self.base = os.path.abspath(args.baselines)
         self.root = os.path.abspath(args.root or os.path.join(self.base, "resampling"))
         self.results = os.path.abspath(args.results or os.path.join(self.root, "results"))
-        self.t0 = time.time()
+        self.book = StepBook(self.results, args.max_wall, clock)
         self.rt = None
         self.warmed = False
         self.fpb = load_config(args.config, args.overrides).sampling.frames_per_block
@@ -122,24 +128,6 @@ class Driver:
         self.sim_used = 0.0
         os.makedirs(self.root, exist_ok=True)
         os.makedirs(self.results, exist_ok=True)
-
-    # -- bookkeeping -----------------------------------------------------------------------------------
-    def left(self) -> float:
-        return self.args.max_wall - (time.time() - self.t0)
-
-    def done(self, folder: str, step: str) -> bool:
-        return os.path.isfile(os.path.join(folder, ".done", step))
-
-    def mark(self, folder: str, step: str) -> None:
-        os.makedirs(os.path.join(folder, ".done"), exist_ok=True)
-        with open(os.path.join(folder, ".done", step), "w") as fh:
-            fh.write(f"{time.time():.0f}\n")
-
-    def record(self, **entry) -> None:
-        entry = {"time": round(time.time(), 1), "call_elapsed_s": round(time.time() - self.t0, 1), **entry}
-        print(f"[driver] {json.dumps(entry)}", flush=True)
-        with open(os.path.join(self.results, "driver.jsonl"), "a") as fh:
-            fh.write(json.dumps(entry) + "\n")
 
     # -- what the baselines run gives -------------------------------------------------------------------
     def teacher_dir(self) -> str:
@@ -238,13 +226,14 @@ class Driver:
 
     def protocol_per_model(self) -> float:
         a = self.args
-        return PROTOCOL_S_PER_MODEL * a.prompts * len(a.protocol_seeds) * max(a.lengths) / (64 * 3 * 20)
+        return protocol_seconds(PROTOCOL_S_PER_MODEL, a.prompts, a.protocol_seeds, a.lengths)
 
     def run(self) -> int:
+        book = self.book
         for step, seed, variant in self.plan():
             folder = self.folder(step, seed, variant)
             name = self.protocol_marker() if step == "protocol" else (step if step != "variant" else "resampling")
-            if self.done(folder, name):
+            if book.done(folder, name):
                 continue
             need = self.estimate(step, seed, variant)
             if self.args.dry_run:
@@ -255,25 +244,21 @@ class Driver:
                 self.warmed = self.warmed or step in ("warmup", "variant")
                 print(f"[plan] {step} seed={seed} variant={variant}: ~{need:.0f} s")
                 continue
-            if need > self.left():
-                self.record(event="stopped", before=step, seed=seed, variant=variant, estimate_s=round(need),
-                            left_s=round(self.left()))
-                print(f"[driver] stopped before {step} {variant or ''} (needs ~{need:.0f} s, {self.left():.0f} s "
-                      "left); rerun the same command to continue", flush=True)
-                return 3
-            t = time.time()
+            left = book.left()
+            if need > left:
+                return book.stop(f"{step} {variant or ''} (needs ~{need:.0f} s, {left:.0f} s left)", before=step,
+                                 seed=seed, variant=variant, estimate_s=round(need), left_s=round(left))
+            t = book.clock()
             finished = getattr(self, f"step_{step}")(seed, variant, folder)
-            self.record(event="step", step=step, seed=seed, variant=variant, seconds=round(time.time() - t, 1),
+            book.record(event="step", step=step, seed=seed, variant=variant, seconds=round(book.clock() - t, 1),
                         finished=finished)
             if not finished:
-                print("[driver] rerun the same command to continue", flush=True)
-                return 3
-            self.mark(folder, name)
+                return book.rerun()
+            book.mark(folder, name)
         if self.args.dry_run:
             print(f"[plan] about {self.sim_used:.0f} s (calls of at most {self.args.max_wall:.0f} s)")
             return 0
-        print(f"[driver] all done in this call's {time.time() - self.t0:.0f} s; results in {self.results}", flush=True)
-        return 0
+        return book.all_done()
 
     # -- steps ---------------------------------------------------------------------------------------------
     def step_teacher(self, seed, variant, folder) -> bool:
@@ -307,43 +292,38 @@ class Driver:
         world = make_world(cfg)
         self.warm_up(cfg, world)
         for stage in stages:
-            done = os.path.join(folder, ".done", stage)
-            if not os.path.isfile(done):
+            if not self.book.done(folder, stage):
                 run_stages(cfg, [stage], self.runtime(cfg), world)
-                self.mark(folder, stage)
+                self.book.mark(folder, stage)
         rel = os.path.relpath(folder, self.root)
         out = os.path.join(self.results, rel)
         os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "curves.json"), "w") as fh:
-            json.dump(collect(folder), fh)
+        write_json(collect(folder), os.path.join(out, "curves.json"))
         return True
 
     def warm_up(self, cfg, world) -> None:
         """Compile the FlexAttention kernels of the [history | noisy] forward (with and without gradient) once
         per process before any stage's clock runs, so that no model's budget pays for compilation."""
         rt = self.runtime(cfg)
-        if self.warmed or rt.device.type != "cuda":
+        if self.warmed:
             return
         import torch
 
-        from self_forcing.training.models import build_model
         from self_forcing.training.resampling import Layout, history_flow
 
-        t0 = time.time()
-        model = build_model(cfg.model, 0, rt.device).train()
         c, f, h, w = world.clip_shape
-        x = torch.randn(cfg.resampling.batch_size, c, f, h, w, device=rt.device)
-        t = torch.full((x.shape[0], f), 500.0, device=rt.device)
-        ctx = world.uncond(x.shape[0], rt.device)
         layout = Layout.of(cfg)
-        with rt.autocast():
-            history_flow(model, x, x, t, ctx, layout).float().mean().backward()
-            with torch.no_grad():
-                history_flow(model, x, x, t, ctx, layout)
-        torch.cuda.synchronize()
-        del model
-        self.warmed = True
-        self.record(event="warm_up", seconds=round(time.time() - t0, 1))
+
+        def forwards(model):
+            x = torch.randn(cfg.resampling.batch_size, c, f, h, w, device=rt.device)
+            t = torch.full((x.shape[0], f), 500.0, device=rt.device)
+            ctx = world.uncond(x.shape[0], rt.device)
+            with rt.autocast():
+                history_flow(model, x, x, t, ctx, layout).float().mean().backward()
+                with torch.no_grad():
+                    history_flow(model, x, x, t, ctx, layout)
+
+        self.warmed = compile_once(self.book, rt, cfg.model, forwards)
 
     def protocol_models(self) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
         """(every variant trained for all seeds so far -- this call's and earlier calls' --, the references)."""
@@ -378,7 +358,7 @@ class Driver:
         pairs = tuple(pairs_for(list(models), list(refs), a.routing_k, self.fpb))
         proto = Protocol(prompts=a.prompts, seeds=tuple(a.protocol_seeds), lengths=tuple(a.lengths),
                          batch_size=a.batch_size, bootstrap=a.bootstrap, paired=pairs)
-        deadline = self.t0 + a.max_wall - 20 - self.protocol_per_model()
+        deadline = self.book.deadline(20 + self.protocol_per_model())  # in time.time() units
         res = run_protocol(models, os.path.join(self.results, "protocol"), proto, deadline=deadline)
         if res is None:
             return False
@@ -386,8 +366,8 @@ class Driver:
         return True
 
 
-def main(argv=None) -> int:
-    return Driver(parse_args(argv)).run()
+def main(argv=None, clock=time.time) -> int:
+    return Driver(parse_args(argv), clock=clock).run()
 
 
 if __name__ == "__main__":

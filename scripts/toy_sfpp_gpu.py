@@ -39,6 +39,22 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def importable() -> None:
+    """Make the repository importable as ``self_forcing`` (a symlink in a temporary folder), as the shell
+    wrappers of the other drivers do."""
+    try:
+        import self_forcing  # noqa: F401
+    except ImportError:
+        pkg = tempfile.mkdtemp()
+        os.symlink(ROOT, os.path.join(pkg, "self_forcing"))
+        sys.path.insert(0, pkg)
+
+
+importable()
+from self_forcing.training.step_driver import StepBook, protocol_seconds, write_json  # noqa: E402
+
 CONFIG = os.path.join(ROOT, "training", "configs", "toy_sfpp.toml")
 BASE_CONFIG = os.path.join(ROOT, "training", "configs", "toy_baselines.toml")
 MODELS = {"continued": "self_forcing_continued", "sfpp": "sfpp"}
@@ -83,19 +99,12 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def importable() -> None:
-    """Make the repository importable as ``self_forcing`` (a symlink in a temporary folder), as the shell
-    wrappers of the other drivers do."""
-    try:
-        import self_forcing  # noqa: F401
-    except ImportError:
-        pkg = tempfile.mkdtemp()
-        os.symlink(ROOT, os.path.join(pkg, "self_forcing"))
-        sys.path.insert(0, pkg)
-
-
 class Driver:
-    def __init__(self, args):
+    """One call of the driver. ``clock`` (seconds, like ``time.time``) is what every time decision and record
+    reads (through ``self.book``, a :class:`StepBook`: the call's start, the time left, the markers,
+    ``driver.jsonl``, the wall seconds in the compute reports); tests pass a fake one."""
+
+    def __init__(self, args, clock=time.time):
         self.args = args
         self.preset = dict(PRESETS[args.budget])
         for key in ("seeds", "updates", "horizon"):
@@ -107,31 +116,10 @@ class Driver:
         self.root = os.path.abspath(args.root or os.path.join("runs", f"toy_sfpp_{args.budget}"))
         self.results = os.path.abspath(args.results or os.path.join(self.root, "results"))
         self.max_wall = args.max_wall or self.preset["max_wall_s"]
-        self.t0 = time.time()
+        self.book = StepBook(self.results, self.max_wall, clock)
         self.rt = None
         os.makedirs(self.root, exist_ok=True)
         os.makedirs(self.results, exist_ok=True)
-
-    # -- bookkeeping (as scripts/toy_baselines_gpu.py) -------------------------------------------------
-    def left(self) -> float:
-        return self.max_wall - (time.time() - self.t0)
-
-    def marker(self, folder: str, step: str) -> str:
-        return os.path.join(folder, ".done", step)
-
-    def done(self, folder: str, step: str) -> bool:
-        return os.path.isfile(self.marker(folder, step))
-
-    def mark(self, folder: str, step: str) -> None:
-        os.makedirs(os.path.join(folder, ".done"), exist_ok=True)
-        with open(self.marker(folder, step), "w") as fh:
-            fh.write(f"{time.time():.0f}\n")
-
-    def record(self, **entry) -> None:
-        entry = {"time": round(time.time(), 1), "call_elapsed_s": round(time.time() - self.t0, 1), **entry}
-        print(f"[driver] {json.dumps(entry)}", flush=True)
-        with open(os.path.join(self.results, "driver.jsonl"), "a") as fh:
-            fh.write(json.dumps(entry) + "\n")
 
     # -- inputs ----------------------------------------------------------------------------------------
     def seed_dir(self, seed: int) -> str:
@@ -208,7 +196,7 @@ class Driver:
 
     def protocol_per_model(self) -> float:
         p = self.preset["protocol"]
-        return PROTOCOL_S_PER_MODEL * p["prompts"] * len(p["seeds"]) * max(p["lengths"]) / (64 * 3 * 20)
+        return protocol_seconds(PROTOCOL_S_PER_MODEL, p["prompts"], p["seeds"], p["lengths"])
 
     def models(self) -> list[str]:
         names = ["self_forcing", *MODELS.values()]
@@ -218,34 +206,31 @@ class Driver:
         if not os.path.isfile(self.teacher_file()):
             print(f"error: no shared teacher at {self.teacher_file()}", file=sys.stderr)
             return 2
+        book = self.book
         for step, seed in self.plan():
             folder = self.results if step == "protocol" else self.seed_dir(seed)
-            if self.done(folder, step):
+            if book.done(folder, step):
                 continue
             need = 20 + self.protocol_per_model() if step == "protocol" else OVERHEAD_S + MIN_SLICE_S
             if self.args.dry_run:
                 print(f"[plan] {step}" + (f" seed {seed}" if seed is not None else "") + f": at least ~{need:.0f} s")
                 continue
-            if need > self.left():
-                self.record(event="stopped", before=step, seed=seed, need_s=round(need), left_s=round(self.left()))
-                print(f"[driver] stopped before {step} ({self.left():.0f} s left in this call); rerun the same "
-                      "command to continue", flush=True)
-                return 3
-            t = time.time()
+            left = book.left()
+            if need > left:
+                return book.stop(f"{step} ({left:.0f} s left in this call)", before=step, seed=seed,
+                                 need_s=round(need), left_s=round(left))
+            t = book.clock()
             finished = self.step_protocol() if step == "protocol" else self.step_train(step, seed)
-            self.record(event="step", step=step, seed=seed, seconds=round(time.time() - t, 1), finished=finished)
-            if finished:
-                self.mark(folder, step)
-            else:
-                print("[driver] rerun the same command to continue", flush=True)
-                return 3
+            book.record(event="step", step=step, seed=seed, seconds=round(book.clock() - t, 1), finished=finished)
+            if not finished:
+                return book.rerun()
+            book.mark(folder, step)
         if self.args.dry_run:
             print(f"[plan] {len(self.preset['seeds'])} seed(s) x 2 models x {self.preset['updates']} generator "
                   f"updates, horizon {self.preset['horizon']}; protocol ~{self.protocol_per_model():.0f} s per "
                   "model and seed")
             return 0
-        print(f"[driver] all done in this call's {time.time() - self.t0:.0f} s; results in {self.results}", flush=True)
-        return 0
+        return book.all_done()
 
     def step_train(self, step: str, seed: int) -> bool:
         """One slice of a model's training (the time this call has left); True once its bundle exists."""
@@ -255,22 +240,22 @@ class Driver:
         from self_forcing.training.sfpp import sfpp_export_path
         from self_forcing.training.stages import run_stages
 
-        slice_s = max(1.0, self.left() - OVERHEAD_S)
+        slice_s = max(1.0, self.book.left() - OVERHEAD_S)
         cfg = self.config(seed, step, slice_s)
-        t = time.time()
+        t = self.book.clock()
         out = run_stages(cfg, ["sfpp"], self.runtime(cfg), make_world(cfg))
         name = cfg.sfpp.name
         folder = os.path.join(self.results, f"seed{seed}")
         os.makedirs(folder, exist_ok=True)
-        _write_json(collect(cfg.run.out_dir), os.path.join(folder, "curves.json"))
+        write_json(collect(cfg.run.out_dir), os.path.join(folder, "curves.json"))
         report_path = os.path.join(folder, f"{name}_compute.json")
         report = _read_json(report_path) or {"wall_s": 0.0}
-        report.update(wall_s=round(report["wall_s"] + time.time() - t, 1), generator_updates=self.preset["updates"],
+        report.update(wall_s=round(report["wall_s"] + self.book.clock() - t, 1), generator_updates=self.preset["updates"],
                       critic_steps=cfg.sfpp.steps, horizon=cfg.sfpp.horizon,
                       rollout_frames=cfg.sfpp.horizon * cfg.world.frames, start=cfg.sfpp.generator_path,
                       critic_start=cfg.sfpp.critic_path or "teacher",
                       loop_s=loop_seconds(os.path.join(cfg.run.out_dir, name, "log.jsonl")))
-        _write_json(report, report_path)
+        write_json(report, report_path)
         bundle = sfpp_export_path(cfg)
         if out and self.args.copy_exports:
             shutil.copy(bundle, folder)
@@ -296,7 +281,7 @@ class Driver:
                  ("self_forcing_continued", "self_forcing"))
         proto = Protocol(prompts=p["prompts"], seeds=tuple(p["seeds"]), lengths=tuple(p["lengths"]),
                          batch_size=p["batch_size"], bootstrap=p["bootstrap"], paired=pairs)
-        deadline = self.t0 + self.max_wall - 20 - self.protocol_per_model()
+        deadline = self.book.deadline(20 + self.protocol_per_model())  # in time.time() units
         res = run_protocol(self.model_paths(), os.path.join(self.results, "protocol"), proto, deadline=deadline)
         if res is None:
             return False
@@ -311,18 +296,10 @@ def _read_json(path: str):
         return json.load(fh)
 
 
-def _write_json(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh)
-    os.replace(tmp, path)
-
-
-def main(argv=None) -> int:
+def main(argv=None, clock=time.time) -> int:
     args = parse_args(argv)
-    importable()
     try:
-        return Driver(args).run()
+        return Driver(args, clock=clock).run()
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

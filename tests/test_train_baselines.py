@@ -21,6 +21,7 @@ from self_forcing.training.config import load_config
 from self_forcing.training.data import RandomWorld as World
 from self_forcing.training.engine import Runtime, read_jsonl
 from self_forcing.training.stages import resolve_stages, run_stages
+from self_forcing.training.step_driver import ManualClock
 
 CPU = Runtime(device=torch.device("cpu"))
 
@@ -296,26 +297,13 @@ def test_time_boxed_baselines_export_as_toy_bundles_with_their_compute(tmp_path)
 
 
 # -- the GPU driver, at test size on the CPU --------------------------------------------------------------
-def load_driver():
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
-                        "toy_baselines_gpu.py")
-    spec = importlib.util.spec_from_file_location("toy_baselines_gpu", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-class StageClock:
+class StageClock(ManualClock):
     """The driver's clock in the test: it stands still except when a stage runs, which advances it by what the
     driver models that stage to take (its time budget plus the driver's overhead), whatever the machine's speed."""
 
     def __init__(self, drv):
-        self.now, self.drv, self.budgets = 1_000_000.0, drv, []
-
-    def __call__(self) -> float:
-        return self.now
+        super().__init__()
+        self.drv, self.budgets = drv, []
 
     def wrap(self, run_stages):
         def timed(cfg, stages, *args, **kwargs):
@@ -323,15 +311,15 @@ class StageClock:
             for stage in stages:
                 budget = getattr(getattr(cfg, stage, None), "time_budget_s", 0.0)
                 self.budgets.append((stage, budget))
-                self.now += budget + self.drv.OVERHEAD_S[stage]
+                self.advance(budget + self.drv.OVERHEAD_S[stage])
             return out
         return timed
 
 
 def test_gpu_driver_stops_when_out_of_time_and_continues_where_it_stopped(tmp_path, monkeypatch):
+    from self_forcing.scripts import toy_baselines_gpu as drv
     from self_forcing.training import protocol, stages
 
-    drv = load_driver()
     monkeypatch.setitem(drv.PRESETS, "tiny", {
         "teacher_total_s": 2.0, "teacher_slice_s": 1.2, "budget_s": 0.6, "seeds": [0, 1], "max_wall_s": 600,
         "protocol": {"prompts": 2, "seeds": [0], "lengths": [1, 2], "batch_size": 2, "bootstrap": 20}})

@@ -326,23 +326,29 @@ def test_toy_bundle_of_a_variant_carries_its_sampler_and_compute(tmp_path):
 
 
 # -- the GPU driver, at test size on the CPU ----------------------------------------------------------------------
-def load_driver():
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
-                        "toy_resampling_gpu.py")
-    spec = importlib.util.spec_from_file_location("toy_resampling_gpu", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_gpu_driver_trains_variants_from_one_warm_up_and_runs_the_protocol(tmp_path, monkeypatch):
-    from self_forcing.training import protocol
+    from self_forcing.scripts import toy_resampling_gpu as drv
+    from self_forcing.training import protocol, stages
+    from self_forcing.training.step_driver import ManualClock
 
-    drv = load_driver()
     monkeypatch.setattr(drv, "OVERHEAD_S", {k: 0.5 for k in drv.OVERHEAD_S})
+    monkeypatch.setattr(drv, "WARM_UP_S", 5.0)  # never paid on the CPU, so every training step's estimate has it
     monkeypatch.setattr(drv, "PROTOCOL_S_PER_MODEL", 0.01)
+    # the driver's clock stands still except when a stage trains: it takes its time budget plus the overhead
+    clock, trained = ManualClock(), []
+    budget_of = {"teacher": lambda c: (c.teacher.time_budget_s, "teacher"),
+                 "resampling_warmup": lambda c: (c.resampling.warmup_time_budget_s, "warmup"),
+                 "resampling": lambda c: (c.resampling.time_budget_s, "variant")}
+
+    def timed(cfg, names, *a, real=stages.run_stages, **kw):
+        out = real(cfg, names, *a, **kw)
+        for name in names:
+            budget, overhead = budget_of[name](cfg)
+            trained.append((name, budget))
+            clock.advance(budget + drv.OVERHEAD_S[overhead])
+        return out
+
+    monkeypatch.setattr(stages, "run_stages", timed)
 
     def stand_in(videos, prompts):
         return {"darkness_error": (videos.float().mean(dim=(1, 3, 4)) + 1).abs().numpy()}
@@ -354,9 +360,27 @@ def test_gpu_driver_trains_variants_from_one_warm_up_and_runs_the_protocol(tmp_p
     args = ["--baselines", str(tmp_path / "base"), "--results", str(tmp_path / "res"), "--variants", "rf,rf_noise_aug",
             "--budget-s", "0.8", "--teacher-s", "0.5", "--prompts", "2", "--protocol-seeds", "0", "--lengths", "1", "2",
             "--batch-size", "2", "--bootstrap", "20"] + [a for s in tiny for a in ("--set", s)]
-    assert drv.main(args + ["--max-wall", "0.2"]) == 3  # not even the teacher fits: stop, nothing done
-    assert drv.main(args) == 0
-    log = read_jsonl(str(tmp_path / "res" / "driver.jsonl"))
+    log_path = str(tmp_path / "res" / "driver.jsonl")
+
+    def call(argv, extra=()):
+        return drv.main(argv + list(extra), clock=clock)
+
+    assert call(args, ["--max-wall", "0.2"]) == 3  # not even the teacher (0.5 s + 0.5 s) fits: stop, nothing done
+    assert trained == [] and [(r["event"], r["before"], r["estimate_s"]) for r in read_jsonl(log_path)] == [
+        ("stopped", "teacher", 1)]
+    # 7.5 s: the teacher (1 s of the clock) and the shared warm-up (0.2 + 0.5 s; estimate 5.7 s with the kernels'
+    # warm-up) fit; the first variant (0.6 + 0.5 + 5 s) does not fit in the 5.8 s left: stop before it
+    assert call(args, ["--max-wall", "7.5"]) == 3
+    assert trained == [("teacher", 0.5), ("resampling_warmup", pytest.approx(0.2))]
+    log = read_jsonl(log_path)[1:]
+    assert [(r["event"], r.get("step"), r.get("finished")) for r in log] == [
+        ("step", "teacher", True), ("step", "warmup", True), ("stopped", None, None)]
+    assert (log[2]["before"], log[2]["variant"], log[2]["estimate_s"], log[2]["left_s"]) == ("variant", "rf", 6, 6)
+    assert log[2]["call_elapsed_s"] == pytest.approx(1.0 + 0.7)
+    # the rest with the default 570 s
+    assert call(args) == 0
+    assert [name for name, _ in trained] == ["teacher", "resampling_warmup", "resampling", "resampling"]
+    log = read_jsonl(log_path)
     done = [(r["step"], r["variant"]) for r in log if r.get("event") == "step" and r["finished"]]
     assert done == [("teacher", None), ("warmup", None), ("variant", "rf"), ("variant", "rf_noise_aug"),
                     ("protocol", None)]
@@ -369,10 +393,11 @@ def test_gpu_driver_trains_variants_from_one_warm_up_and_runs_the_protocol(tmp_p
         assert meta["compute"]["budget_s"] == pytest.approx(0.8)  # warm-up 0.2 + resampling 0.6
     res = json.loads((tmp_path / "res" / "protocol" / "results.json").read_text())
     assert sorted(res["models"]) == ["rf", "rf_noise_aug"] and "rf - rf_noise_aug" in res["paired"]
-    assert drv.main(args) == 0  # nothing left: a no-op
-    assert len([r for r in read_jsonl(str(tmp_path / "res" / "driver.jsonl")) if r.get("event") == "step"]) == 5
+    assert call(args) == 0  # nothing left: a no-op
+    assert len([r for r in read_jsonl(log_path) if r.get("event") == "step"]) == 5 and len(trained) == 4
     # a new variant trains from the same warm-up and the protocol runs again with all three
-    assert drv.main([a if a != "rf,rf_noise_aug" else "rf_parallel" for a in args]) == 0
+    assert call([a if a != "rf,rf_noise_aug" else "rf_parallel" for a in args]) == 0
+    assert trained[4:] == [("resampling", pytest.approx(0.6))]
     res = json.loads((tmp_path / "res" / "protocol" / "results.json").read_text())
     assert sorted(res["models"]) == ["rf", "rf_noise_aug", "rf_parallel"]
 

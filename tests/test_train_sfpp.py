@@ -483,16 +483,6 @@ def test_two_processes_share_the_window_and_match_one_process(tmp_path):
 
 
 # -- the GPU driver, at test size on the CPU --------------------------------------------------------------
-def load_driver():
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "toy_sfpp_gpu.py")
-    spec = importlib.util.spec_from_file_location("toy_sfpp_gpu", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def baselines_root(tmp_path):
     """What the baselines driver leaves: a shared teacher and a seed folder with a Self Forcing run."""
     from self_forcing.training.config import load_config
@@ -516,12 +506,13 @@ def baselines_root(tmp_path):
 
 
 def test_gpu_driver_continues_self_forcing_both_ways_and_runs_the_protocol(tmp_path, monkeypatch):
+    from self_forcing.scripts import toy_sfpp_gpu as drv
     from self_forcing.sf_model.checkpoint import load_model
-    from self_forcing.training import protocol
+    from self_forcing.training import protocol, stages
     from self_forcing.training.engine import read_jsonl
+    from self_forcing.training.step_driver import ManualClock
 
     base = baselines_root(tmp_path)
-    drv = load_driver()
     monkeypatch.setitem(drv.PRESETS, "tiny", {
         "updates": 2, "horizon": 3, "seeds": [0], "max_wall_s": 600,
         "protocol": {"prompts": 2, "seeds": [0], "lengths": [1, 3], "batch_size": 2, "bootstrap": 20}})
@@ -533,13 +524,44 @@ def test_gpu_driver_continues_self_forcing_both_ways_and_runs_the_protocol(tmp_p
         return {"darkness_error": (videos.float().mean(dim=(1, 3, 4)) + 1).abs().numpy()}
 
     monkeypatch.setattr(protocol, "default_metrics", lambda: (stand_in, ("darkness_error",)))
+    # the driver's clock stands still except when a model trains, which takes `cost` seconds of it
+    clock, cost, trained = ManualClock(), {"s": 0.0}, []
+
+    def timed(cfg, names, *a, real=stages.run_stages, **kw):
+        out = real(cfg, names, *a, **kw)
+        trained.append((cfg.sfpp.name, cfg.sfpp.slice_s))
+        clock.advance(cost["s"])
+        return out
+
+    monkeypatch.setattr(stages, "run_stages", timed)
     args = ["--baselines-root", str(base), "--budget", "tiny", "--root", str(tmp_path / "runs"),
             "--results", str(tmp_path / "res"), "--set", 'run.device="cpu"', "--set", "sfpp.batch_size=1",
             "--set", "run.log_every=1"]
-    # a call with too little time: no step starts
-    assert drv.main(args + ["--max-wall", "0.8"]) == 3
-    assert drv.main(args) == 0
-    log = read_jsonl(str(tmp_path / "res" / "driver.jsonl"))
+    log_path = str(tmp_path / "res" / "driver.jsonl")
+
+    def call(extra=()):
+        return drv.main(args + list(extra), clock=clock)
+
+    # call 1, 0.8 s: less than a step's least (0.5 s overhead + 0.5 s slice): no step starts
+    assert call(["--max-wall", "0.8"]) == 3
+    assert trained == [] and [(r["event"], r["before"], r["need_s"]) for r in read_jsonl(log_path)] == [
+        ("stopped", "continued", 1)]
+    # call 2, the preset's 600 s, the first model's training takes 599.3 s of them: it trains for the time the
+    # call has left (its slice) and finishes; 0.7 s are left, too few to start Self-Forcing++
+    cost["s"] = 599.3
+    assert call() == 3
+    assert trained == [("self_forcing_continued", pytest.approx(600 - 0.5))]
+    log = read_jsonl(log_path)[1:]
+    assert [(r["event"], r.get("step"), r.get("finished"), r.get("seconds")) for r in log] == [
+        ("step", "continued", True, 599.3), ("stopped", None, None, None)]
+    assert (log[1]["before"], log[1]["left_s"], log[1]["call_elapsed_s"]) == ("sfpp", 1, 599.3)
+    assert os.path.isfile(tmp_path / "runs" / "seed0" / ".done" / "continued")
+    assert not os.path.exists(tmp_path / "runs" / "seed0" / ".done" / "sfpp")
+    # call 3: Self-Forcing++ (1 s of the clock) and the protocol
+    cost["s"] = 1.0
+    assert call() == 0
+    assert [name for name, _ in trained] == ["self_forcing_continued", "sfpp"]
+    log = read_jsonl(log_path)
     done = [(r["step"], r["seed"]) for r in log if r.get("event") == "step" and r["finished"]]
     assert done == [("continued", 0), ("sfpp", 0), ("protocol", None)]
     res = json.loads((tmp_path / "res" / "protocol" / "results.json").read_text())
@@ -551,11 +573,12 @@ def test_gpu_driver_continues_self_forcing_both_ways_and_runs_the_protocol(tmp_p
         report = json.loads((tmp_path / "res" / "seed0" / f"{name}_compute.json").read_text())
         assert report["generator_updates"] == 2 and report["critic_steps"] == 10  # critic_ratio 5
         assert report["critic_start"].endswith("dmd")  # the Self Forcing run's own critic continues
+        assert report["wall_s"] == {"sfpp": 1.0, "self_forcing_continued": 599.3}[name]  # the driver's clock
         metas[name] = load_model(str(tmp_path / "runs" / "seed0" / f"{name}_toy.safetensors")).meta
     assert metas["sfpp"]["sfpp"]["rollout_frames"] == 18 and metas["self_forcing_continued"]["sfpp"]["horizon"] == 1
     assert metas["sfpp"]["sfpp"]["start"].endswith("self_forcing.safetensors")
-    assert drv.main(args) == 0  # nothing left: a no-op
-    assert len(read_jsonl(str(tmp_path / "res" / "driver.jsonl"))) == len(log)
+    assert call() == 0  # nothing left: a no-op
+    assert len(read_jsonl(log_path)) == len(log) and len(trained) == 2
 
 
 def test_wan_memory_benchmark_runs_at_test_size(tmp_path):
