@@ -104,13 +104,18 @@ def skeleton_for(diffusion_model: torch.nn.Module, sd: dict[str, torch.Tensor], 
     return found
 
 
+def _on(t: torch.Tensor, device: torch.device) -> bool:
+    """Whether ``t`` is on ``device`` ('cuda' without an index matches any CUDA tensor's current device)."""
+    return t.device.type == device.type and (device.index is None or t.device.index == device.index)
+
+
 def bind(skeleton: Skeleton, sd: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> int:
     """Point the skeleton's parameters at ``sd``'s tensors (moved/cast only where they are not already on
     ``device`` in ``dtype``; those are the only copies). Returns the bytes copied."""
     copied = 0
     ready = {}
     for name, t in sd.items():
-        if t.device != device or t.dtype != dtype:
+        if not _on(t, device) or t.dtype != dtype:
             t = t.to(device=device, dtype=dtype)
             copied += t.numel() * t.element_size()
         ready[name] = torch.nn.Parameter(t, requires_grad=False)
