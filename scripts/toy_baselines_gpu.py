@@ -166,16 +166,10 @@ class Driver:
             if self.args.dry_run:
                 self.plan_step(step, seed, need)
                 continue
-            left = book.left()
-            if need > left:
-                return book.stop(f"{step} (needs ~{need:.0f} s, {left:.0f} s left in this call)", before=step,
-                                 seed=seed, estimate_s=round(need), left_s=round(left))
-            t = book.clock()
-            finished = getattr(self, f"step_{step}", self.step_stage)(step, seed, folder)
-            book.record(event="step", step=step, seed=seed, seconds=round(book.clock() - t, 1), finished=finished)
-            if not finished:
-                return book.rerun()
-            book.mark(folder, step)
+            run = getattr(self, f"step_{step}", self.step_stage)
+            code = book.run_step(step, folder, step, need, lambda: run(step, seed, folder), seed=seed)
+            if code is not None:
+                return code
         if self.args.dry_run:
             print(f"[plan] about {self.sim['total']:.0f} s in {self.sim['call']} call(s) of at most "
                   f"{self.max_wall:.0f} s")
@@ -281,19 +275,13 @@ class Driver:
         self.warmed = compile_once(self.book, rt, cfg.model, forwards, shapes=sorted(shapes))
 
     def step_protocol(self, step, seed, folder) -> bool:
-        from self_forcing.training.protocol import Protocol, collect_models, run_protocol
-        from self_forcing.training.protocol_report import headline
+        from self_forcing.training.protocol import Protocol, collect_models
 
         p = self.preset["protocol"]
         models = collect_models(runs=[self.seed_dir(s) for s in self.preset["seeds"]])
         proto = Protocol(prompts=p["prompts"], seeds=tuple(p["seeds"]), lengths=tuple(p["lengths"]),
                          batch_size=p["batch_size"], bootstrap=p["bootstrap"])
-        deadline = self.book.deadline(20 + self.protocol_per_model())  # in time.time() units
-        res = run_protocol(models, os.path.join(self.results, "protocol"), proto, deadline=deadline)
-        if res is None:
-            return False
-        print(headline(res), flush=True)
-        return True
+        return self.book.protocol(models, proto, reserve=20 + self.protocol_per_model())
 
 
 def main(argv=None, clock=time.time) -> int:

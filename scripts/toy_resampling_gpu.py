@@ -97,9 +97,8 @@ def parse_args(argv=None):
 
 
 class Driver:
-    """One call of the driver. ``clock`` (seconds, like ``time.time``) is what every time decision and record
-    reads (through ``self.book``, a :class:`StepBook`: the call's start, the time left, the markers,
-    ``driver.jsonl``); tests pass a fake one."""
+    """One call; its time decisions, markers and ``driver.jsonl`` go through ``self.book`` (a :class:`StepBook`
+    on ``clock``, a fake one in the tests)."""
 
     def __init__(self, args, clock=time.time):
         from self_forcing.training.config import load_config
@@ -244,17 +243,11 @@ class Driver:
                 self.warmed = self.warmed or step in ("warmup", "variant")
                 print(f"[plan] {step} seed={seed} variant={variant}: ~{need:.0f} s")
                 continue
-            left = book.left()
-            if need > left:
-                return book.stop(f"{step} {variant or ''} (needs ~{need:.0f} s, {left:.0f} s left)", before=step,
-                                 seed=seed, variant=variant, estimate_s=round(need), left_s=round(left))
-            t = book.clock()
-            finished = getattr(self, f"step_{step}")(seed, variant, folder)
-            book.record(event="step", step=step, seed=seed, variant=variant, seconds=round(book.clock() - t, 1),
-                        finished=finished)
-            if not finished:
-                return book.rerun()
-            book.mark(folder, name)
+            run = getattr(self, f"step_{step}")
+            code = book.run_step(step, folder, name, need, lambda: run(seed, variant, folder),
+                                 label=f"{step} {variant}" if variant else step, seed=seed, variant=variant)
+            if code is not None:
+                return code
         if self.args.dry_run:
             print(f"[plan] about {self.sim_used:.0f} s (calls of at most {self.args.max_wall:.0f} s)")
             return 0
@@ -347,8 +340,7 @@ class Driver:
         return "protocol-" + hashlib.sha1(key.encode()).hexdigest()[:12]
 
     def step_protocol(self, seed, variant, folder) -> bool:
-        from self_forcing.training.protocol import Protocol, run_protocol
-        from self_forcing.training.protocol_report import headline
+        from self_forcing.training.protocol import Protocol
 
         a = self.args
         models, refs = self.protocol_models()
@@ -358,12 +350,7 @@ class Driver:
         pairs = tuple(pairs_for(list(models), list(refs), a.routing_k, self.fpb))
         proto = Protocol(prompts=a.prompts, seeds=tuple(a.protocol_seeds), lengths=tuple(a.lengths),
                          batch_size=a.batch_size, bootstrap=a.bootstrap, paired=pairs)
-        deadline = self.book.deadline(20 + self.protocol_per_model())  # in time.time() units
-        res = run_protocol(models, os.path.join(self.results, "protocol"), proto, deadline=deadline)
-        if res is None:
-            return False
-        print(headline(res), flush=True)
-        return True
+        return self.book.protocol(models, proto, reserve=20 + self.protocol_per_model())
 
 
 def main(argv=None, clock=time.time) -> int:

@@ -100,9 +100,8 @@ def parse_args(argv=None):
 
 
 class Driver:
-    """One call of the driver. ``clock`` (seconds, like ``time.time``) is what every time decision and record
-    reads (through ``self.book``, a :class:`StepBook`: the call's start, the time left, the markers,
-    ``driver.jsonl``, the wall seconds in the compute reports); tests pass a fake one."""
+    """One call. ``clock``: the time source of ``self.book`` (a :class:`StepBook`), which every time decision,
+    marker, record and the compute reports' wall seconds read; tests pass a fake one."""
 
     def __init__(self, args, clock=time.time):
         self.args = args
@@ -215,16 +214,11 @@ class Driver:
             if self.args.dry_run:
                 print(f"[plan] {step}" + (f" seed {seed}" if seed is not None else "") + f": at least ~{need:.0f} s")
                 continue
-            left = book.left()
-            if need > left:
-                return book.stop(f"{step} ({left:.0f} s left in this call)", before=step, seed=seed,
-                                 need_s=round(need), left_s=round(left))
-            t = book.clock()
-            finished = self.step_protocol() if step == "protocol" else self.step_train(step, seed)
-            book.record(event="step", step=step, seed=seed, seconds=round(book.clock() - t, 1), finished=finished)
-            if not finished:
-                return book.rerun()
-            book.mark(folder, step)
+            code = book.run_step(step, folder, step, need, lambda: (
+                self.step_protocol() if step == "protocol" else self.step_train(step, seed)), need_key="need_s",
+                seed=seed)
+            if code is not None:
+                return code
         if self.args.dry_run:
             print(f"[plan] {len(self.preset['seeds'])} seed(s) x 2 models x {self.preset['updates']} generator "
                   f"updates, horizon {self.preset['horizon']}; protocol ~{self.protocol_per_model():.0f} s per "
@@ -273,20 +267,14 @@ class Driver:
         return out
 
     def step_protocol(self) -> bool:
-        from self_forcing.training.protocol import Protocol, run_protocol
-        from self_forcing.training.protocol_report import headline
+        from self_forcing.training.protocol import Protocol
 
         p = self.preset["protocol"]
         pairs = (("sfpp", "self_forcing"), ("sfpp", "self_forcing_continued"),
                  ("self_forcing_continued", "self_forcing"))
         proto = Protocol(prompts=p["prompts"], seeds=tuple(p["seeds"]), lengths=tuple(p["lengths"]),
                          batch_size=p["batch_size"], bootstrap=p["bootstrap"], paired=pairs)
-        deadline = self.book.deadline(20 + self.protocol_per_model())  # in time.time() units
-        res = run_protocol(self.model_paths(), os.path.join(self.results, "protocol"), proto, deadline=deadline)
-        if res is None:
-            return False
-        print(headline(res), flush=True)
-        return True
+        return self.book.protocol(self.model_paths(), proto, reserve=20 + self.protocol_per_model())
 
 
 def _read_json(path: str):

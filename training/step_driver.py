@@ -66,16 +66,39 @@ class StepBook:
             fh.write(json.dumps(entry) + "\n")
         return entry
 
-    def stop(self, message: str, **entry) -> int:
-        """Record a ``stopped`` event, print why and how to go on; the driver's exit code 3."""
-        self.record(event="stopped", **entry)
-        print(f"[driver] stopped before {message}; rerun the same command to continue", flush=True)
-        return 3
+    def run_step(self, step: str, folder: str, marker: str, need: float, run: Callable[[], bool], *,
+                 label: str | None = None, need_key: str = "estimate_s", **keys) -> int | None:
+        """One step of a plan. When fewer than ``need`` seconds are left: record ``stopped`` (``before``, the
+        ``keys``, ``need_key``, ``left_s``) and return 3 ("rerun to continue"). Else ``run()`` (True: the step
+        finished), record ``step`` (``step``, the ``keys``, ``seconds``, ``finished``); finished: write the
+        ``marker`` in ``folder`` and return None, else return 3 (the step continues in the next call)."""
+        left = self.left()
+        if need > left:
+            self.record(event="stopped", before=step, **keys, **{need_key: round(need)}, left_s=round(left))
+            print(f"[driver] stopped before {label or step} (needs ~{need:.0f} s, {left:.0f} s left in this call); "
+                  "rerun the same command to continue", flush=True)
+            return 3
+        t = self.clock()
+        finished = run()
+        self.record(event="step", step=step, **keys, seconds=round(self.clock() - t, 1), finished=finished)
+        if not finished:
+            print("[driver] rerun the same command to continue", flush=True)
+            return 3
+        self.mark(folder, marker)
+        return None
 
-    def rerun(self) -> int:
-        """A step ran but did not finish (it continues in the next call): exit code 3."""
-        print("[driver] rerun the same command to continue", flush=True)
-        return 3
+    def protocol(self, models, proto, reserve: float) -> bool:
+        """Run the evaluation protocol (``training.protocol.run_protocol``) on ``models`` into
+        ``<results>/protocol`` until ``reserve`` seconds before the end of this call. False when it stopped for
+        time (each model's metrics are cached: the next call goes on); True when done (headline printed)."""
+        from .protocol import run_protocol
+        from .protocol_report import headline
+
+        res = run_protocol(models, os.path.join(self.results, "protocol"), proto, deadline=self.deadline(reserve))
+        if res is None:
+            return False
+        print(headline(res), flush=True)
+        return True
 
     def all_done(self) -> int:
         print(f"[driver] all done in this call's {self.elapsed():.0f} s; results in {self.results}", flush=True)
