@@ -244,7 +244,8 @@ class Driver:
         write_json(collect(cfg.run.out_dir), os.path.join(folder, "curves.json"))
         report_path = os.path.join(folder, f"{name}_compute.json")
         report = _read_json(report_path) or {"wall_s": 0.0}
-        report.update(wall_s=round(report["wall_s"] + self.book.clock() - t, 1), generator_updates=self.preset["updates"],
+        report.update(wall_s=round(report["wall_s"] + self.book.clock() - t, 1),
+                      generator_updates=self.preset["updates"],
                       critic_steps=cfg.sfpp.steps, horizon=cfg.sfpp.horizon,
                       rollout_frames=cfg.sfpp.horizon * cfg.world.frames, start=cfg.sfpp.generator_path,
                       critic_start=cfg.sfpp.critic_path or "teacher",

@@ -65,14 +65,16 @@ def generator_source(cfg: TrainConfig) -> str:
 
 
 def has_checkpoint(folder: str) -> bool:
-    """A stage folder holding a trainer checkpoint (a ``checkpoint.pt`` file or a ``checkpoint/`` folder)."""
+    """A stage folder holding a trainer checkpoint: its ``checkpoint/`` folder of ``torch.distributed.checkpoint``
+    step folders (training/sharded_checkpoint.py), or an older single ``checkpoint.pt`` (still read)."""
     return os.path.isfile(os.path.join(folder, "checkpoint.pt")) or os.path.isdir(os.path.join(folder, "checkpoint"))
 
 
 def critic_source(cfg: TrainConfig) -> str | None:
-    """The critic to start from: ``sfpp.critic_path`` (a trainer checkpoint -- a stage folder or its
-    ``checkpoint.pt`` -- or a model file), else the dmd stage's live critic when the run has one
-    (``<out_dir>/dmd``), else None: ``roles.critic_init_path`` (the toy teacher; Wan: ``models.critic_init``)."""
+    """The critic to start from: ``sfpp.critic_path`` (a trainer checkpoint -- a stage folder, e.g.
+    ``<run>/dmd``, or an older single ``checkpoint.pt`` -- or a model file), else the dmd stage's live critic when
+    the run has one (``<out_dir>/dmd``), else None: ``roles.critic_init_path`` (the toy teacher; Wan:
+    ``models.critic_init``)."""
     if cfg.sfpp.critic_path:
         if not os.path.exists(cfg.sfpp.critic_path):
             raise ValueError(f"sfpp.critic_path {cfg.sfpp.critic_path} does not exist")
@@ -82,7 +84,9 @@ def critic_source(cfg: TrainConfig) -> str | None:
 
 
 def checkpoint_part(path: str, part: str) -> dict:
-    """The whole weights of one part of a trainer checkpoint: a stage folder or its ``checkpoint.pt``."""
+    """The whole weights of one part of a trainer checkpoint: a stage folder (its newest readable DCP step
+    folder, ``read_full_checkpoint``), or an older single ``checkpoint.pt`` (the file, or a stage folder
+    holding one)."""
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "checkpoint.pt")):
         from .sharded_checkpoint import read_full_checkpoint
 
@@ -270,9 +274,9 @@ def cache_meta(cfg: TrainConfig, world) -> dict:
 
 def train_sfpp(cfg: TrainConfig, rt: Runtime, world, real_score_path: str, *,
                stop_after: int | None = None) -> dict[str, str]:
-    """Train (resuming ``<out_dir>/<name>/checkpoint.pt``); once every step ran, write the stage output and the
-    bundle. Returns {"sfpp": output, "export_sfpp": bundle}, or {} when this call stopped early (``slice_s``,
-    ``stop_after``)."""
+    """Train (resuming the stage's checkpoint, ``<out_dir>/<name>/checkpoint/``); once every step ran, write the
+    stage output and the bundle. Returns {"sfpp": output, "export_sfpp": bundle}, or {} when this call stopped
+    early (``slice_s``, ``stop_after``)."""
     from .baselines import loop_seconds
     from .export import export_model
 
