@@ -3,6 +3,7 @@ tests freeze and what ``workflows/`` checks the shipped workflows against."""
 
 from __future__ import annotations
 
+from .core_model import CORE_LOADER
 from .live import LIVE
 from .long_video import OPTIONS, SCHEDULE
 from .model import LOADER
@@ -12,5 +13,5 @@ from .text import LOAD_EMBEDS, SAVE_EMBEDS
 from .toy import TOY_DECODE, TOY_ENCODE, TOY_LOADER
 
 ALL_NODES: tuple[NodeSpec, ...] = (LOADER, OPTIONS, SAMPLER, EXTEND, LIVE, SAVE_EMBEDS, LOAD_EMBEDS, TOY_LOADER,
-                                   TOY_ENCODE, TOY_DECODE, SCHEDULE)
+                                   TOY_ENCODE, TOY_DECODE, SCHEDULE, CORE_LOADER)
 NODES_BY_ID = {n.node_id: n for n in ALL_NODES}

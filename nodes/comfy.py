@@ -16,6 +16,7 @@ import os
 from contextlib import contextmanager
 
 import comfy.model_management as mm
+import comfy.sd
 import comfy.utils
 import folder_paths
 import torch
@@ -24,7 +25,7 @@ from comfy_api.latest import ComfyExtension, io, ui
 from ..sf_model import weights
 from ..sf_model.latent_format import SPATIAL_STRIDE
 from ..sf_model.schedule import DEFAULT_STEPS_TEXT
-from .core_model import model_handle
+from .core_model import CORE_DTYPES, CORE_LOADER, core_model_from_file, describe_core, model_handle
 from .decode import StreamDecode, VaeViews, check_wan21_state_dict
 from .latent import latent_space
 from .live import EVENT, LIVE, LiveFrameOptions, LiveFrameSender
@@ -46,7 +47,8 @@ _CUSTOM = {}
 def socket(io_type: str):
     """The io class of a socket type: core types where core has one, ``io.Custom`` otherwise."""
     core = {"LATENT": io.Latent, "CONDITIONING": io.Conditioning, "STRING": io.String, "INT": io.Int,
-            "FLOAT": io.Float, "BOOLEAN": io.Boolean, "IMAGE": io.Image, "VIDEO": io.Video, "VAE": io.Vae}
+            "FLOAT": io.Float, "BOOLEAN": io.Boolean, "IMAGE": io.Image, "VIDEO": io.Video, "VAE": io.Vae,
+            "MODEL": io.Model}
     if io_type in core:
         return core[io_type]
     if io_type not in _CUSTOM:
@@ -278,6 +280,22 @@ class SelfForcingModelLoader(io.ComfyNode):
         return io.NodeOutput(handle, info, ui=ui.PreviewText(info))
 
 
+class SelfForcingCoreModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        ensure_folders()
+        return build_schema(CORE_LOADER, {"model_name": folder_paths.get_filename_list(MODEL_FOLDER)})
+
+    @classmethod
+    def execute(cls, model_name: str, weight_dtype: str = "default") -> io.NodeOutput:
+        # Our reader (every layout), then core's public builder: one copy of the weights, core's.
+        patcher = core_model_from_file(_model_path(model_name, False), build=comfy.sd.load_diffusion_model_state_dict,
+                                       dtype=CORE_DTYPES[weight_dtype])
+        info = describe_core(patcher)
+        log.info("Self Forcing model %s as core MODEL:\n%s", model_name, info)
+        return io.NodeOutput(patcher, info, ui=ui.PreviewText(info))
+
+
 class SelfForcingLongVideoOptions(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -497,6 +515,7 @@ class SelfForcingToyDecode(io.ComfyNode):
 # -- the extension --------------------------------------------------------------------------------------
 NODES: list[type[io.ComfyNode]] = [
     SelfForcingModelLoader,
+    SelfForcingCoreModelLoader,
     SelfForcingSampler,
     SelfForcingExtendVideo,
     SelfForcingLongVideoOptions,

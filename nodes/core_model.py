@@ -25,13 +25,36 @@ import torch
 
 from ..sf_model.checkpoint import CheckpointError, LoadedModel, check_compatible, load_state_dict_file
 from ..sf_model.config import infer_config
-from .model import ModelHandle
+from .model import MODEL_FOLDER, ModelHandle
+from .schema import CAT_LOADERS, InputSpec, NodeSpec, OutputSpec
 
 CORE_LAYOUT = "core MODEL (ComfyUI ModelPatcher, weights borrowed from ComfyUI)"
 CORE_MODEL_TYPE = "MODEL"
 META_KEY = "self_forcing"  # our checkpoint metadata on a core MODEL: patcher.model_options[META_KEY]["meta"]
 # Keys of core's fp8 'scaled' weights: their scale is applied by core's own ops, which we do not run.
 SCALED_PARTS = ("scale_weight", "scale_input")
+CORE_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+CORE_LOADER = NodeSpec(
+    node_id="SelfForcingCoreModelLoader",
+    display_name="Load Self Forcing Model (core MODEL)",
+    category=CAT_LOADERS,
+    description="Reads a Self Forcing / causal Wan 2.1 checkpoint in any layout 'Load Self Forcing Model' knows "
+                "(official .pt, safetensors, Wan/ComfyUI or diffusers names) and outputs a core MODEL: for core "
+                "LoRA nodes (LoraLoaderModelOnly) and then the Self Forcing samplers.",
+    inputs=(
+        InputSpec("model_name", "COMBO", "Checkpoint file in models/diffusion_models (any layout the Self Forcing "
+                  "loader knows).", options_source=MODEL_FOLDER),
+        InputSpec("weight_dtype", "COMBO", "Weight dtype of the core MODEL. default: ComfyUI picks it for the "
+                  "device (as UNETLoader's default).", default="default", options=tuple(CORE_DTYPES)),
+    ),
+    outputs=(
+        OutputSpec(CORE_MODEL_TYPE, "model", "A core MODEL (ComfyUI ModelPatcher) holding the Wan model; the "
+                   "checkpoint's sampling metadata rides along for the Self Forcing samplers."),
+        OutputSpec("STRING", "info", "What was read: layout, size, weight dtype."),
+    ),
+    search_aliases=("self forcing", "causal wan", "core model", "lora"),
+)
 
 
 def is_core_model(obj) -> bool:
@@ -153,8 +176,21 @@ def core_model_from_file(path: str, *, build: Callable, dtype: torch.dtype | Non
     del sd
     if patcher is None:
         raise CheckpointError(f"{path}: ComfyUI did not recognise the weights ({layout}) as a diffusion model")
-    patcher.model_options[META_KEY] = {"meta": dict(meta)}
+    patcher.model_options[META_KEY] = {"meta": dict(meta), "layout": layout}
     return patcher
+
+
+def describe_core(patcher) -> str:
+    """The info text of 'Load Self Forcing Model (core MODEL)'."""
+    ours = patcher.model_options.get(META_KEY, {})
+    params = sum(p.numel() for p in patcher.model.diffusion_model.parameters())
+    meta = ours.get("meta", {})
+    count = f"{params / 1e9:.2f} B" if params >= 1e8 else f"{params / 1e6:.2f} M"
+    lines = [f"core MODEL: {type(patcher.model).__name__} ({count} parameters), "
+             f"weights {str(patcher.model_dtype()).replace('torch.', '')}",
+             f"layout: {ours.get('layout', 'unknown')}"]
+    lines += [f"{key} (from the file): {meta[key]}" for key in ("frames_per_block", "steps", "shift") if key in meta]
+    return "\n".join(lines)
 
 
 @contextmanager

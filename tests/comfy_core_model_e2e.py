@@ -14,7 +14,8 @@ Model' on the base and on the hand-merged file -> the same sampler. Passes when:
   magnitude ~1; float32 on the CPU: the only difference is the order of the LoRA sum);
 - the LoRA changes the latents (so the comparison above is not vacuous), a second run gives the same latents,
   after a run none of our parameters holds memory (weights borrowed, then released);
-- the other way: our reader (an official-layout .pt) -> ``core_model_from_file`` (core's public
+- the other way: our reader (an official-layout .pt) -> ``core_model_from_file`` (and the node 'Load Self Forcing
+  Model (core MODEL)') (core's public
   ``comfy.sd.load_diffusion_model_state_dict``) -> core ``LoraLoaderModelOnly`` -> our sampler == the hand-merged
   file through our loader (<= 1e-4), and without the LoRA == our loader (<= 1e-6);
 - extend from the sampler's latent: core MODEL + LoRA == our loader of the merged file (<= 1e-4);
@@ -93,6 +94,9 @@ except Exception as e:  # noqa: BLE001 - recorded
     res["unetloader_reads_official"] = repr(e)[:200]
 ours_core = core_model_from_file(f"{work}/official.pt", build=comfy.sd.load_diffusion_model_state_dict,
                                  dtype=torch.float32)
+node_core, node_info = sf.SelfForcingCoreModelLoader.execute(model_name="official.pt", weight_dtype="fp32").args
+res["node_info"] = node_info
+res["node_diff"] = float((sample(node_core) - a_ours).abs().max())
 ours_lora = core_nodes.LoraLoaderModelOnly().load_lora_model_only(ours_core, "lora.safetensors", 1.0)[0]
 res["from_ours_meta"] = ours_lora.model_options.get("self_forcing", {}).get("meta", {}).get("frames_per_block")
 res["from_ours_diff"] = float((sample(ours_core) - a_ours).abs().max())
@@ -185,6 +189,8 @@ def main() -> int:
         "a second run gives the same latents": r["rerun_diff"] == 0.0,
         "no borrowed weight kept after the runs": r["params_left_on_a_device"] == 0 and r["skeletons"] >= 1,
         "our reader -> core MODEL == our loader (no LoRA, <= 1e-6)": r["from_ours_diff"] <= 1e-6,
+        "'Load Self Forcing Model (core MODEL)' node: same, reports the layout":
+            r["node_diff"] <= 1e-6 and "generator_ema" in r["node_info"],
         "our reader -> core MODEL -> core LoRA == hand-merged (<= 1e-4)": r["from_ours_lora_diff"] <= 1e-4,
         "extend: core MODEL + LoRA == hand-merged (<= 1e-4)": r["extend_diff"] <= 1e-4,
         "model input 'SELF_FORCING_MODEL,MODEL' takes both links, not others":

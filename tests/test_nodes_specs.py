@@ -45,7 +45,7 @@ def test_one_category_root_and_core_types_where_core_has_them():
     sockets = {i.type for s in catalogue.ALL_NODES for i in s.inputs if not i.is_widget}
     sockets |= {o.type for s in catalogue.ALL_NODES for o in s.outputs}
     # Only the model handle and the two options bundles are our own types; prompts, VAEs, images use core's.
-    assert sockets - {"LATENT", "CONDITIONING", "STRING", "VAE", "IMAGE"} == {schema.MODEL_TYPE, schema.OPTIONS_TYPE,
+    assert sockets - {"LATENT", "CONDITIONING", "STRING", "VAE", "IMAGE", "MODEL"} == {schema.MODEL_TYPE, schema.OPTIONS_TYPE,
                                                                               schema.LIVE_TYPE}
 
 
