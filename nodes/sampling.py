@@ -37,8 +37,10 @@ EXTEND_OUTPUTS = ("joined", "new frames only", "joined, resampled history")
 
 # -- the specs ----------------------------------------------------------------------------------------
 def _model_input() -> InputSpec:
-    return InputSpec("model", MODEL_TYPE, "The Self Forcing model from 'Load Self Forcing Model' (or 'Load Self "
-                     "Forcing Toy Model' for the bundled toy model).")
+    # In ComfyUI the socket also takes a core MODEL (nodes.comfy: type 'SELF_FORCING_MODEL,MODEL'; nodes.core_model).
+    return InputSpec("model", MODEL_TYPE, "The Self Forcing model from 'Load Self Forcing Model' (or 'Load "
+                     "Self Forcing Toy Model' for the bundled toy model), or a core MODEL holding a Wan 2.1 model "
+                     "(UNETLoader, then LoRAs with LoraLoaderModelOnly).")
 
 
 def _positive_input() -> InputSpec:
