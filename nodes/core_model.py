@@ -15,6 +15,7 @@ weights stored in fp8). The ComfyUI call that loads and patches is passed in (``
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import weakref
 from contextlib import contextmanager
@@ -26,13 +27,17 @@ import torch
 from ..sf_model.checkpoint import CheckpointError, LoadedModel, check_compatible, load_state_dict_file
 from ..sf_model.config import infer_config
 from .model import MODEL_FOLDER, ModelHandle
-from .schema import CAT_LOADERS, InputSpec, NodeSpec, OutputSpec
+from .schema import CAT_LOADERS, MODEL_TYPE, InputSpec, NodeSpec, OutputSpec
 
 CORE_LAYOUT = "core MODEL (ComfyUI ModelPatcher, weights borrowed from ComfyUI)"
 CORE_MODEL_TYPE = "MODEL"
 META_KEY = "self_forcing"  # our checkpoint metadata on a core MODEL: patcher.model_options[META_KEY]["meta"]
 # Keys of core's fp8 'scaled' weights: their scale is applied by core's own ops, which we do not run.
 SCALED_PARTS = ("scale_weight", "scale_input")
+# The nodes whose 'model' socket takes a core MODEL too: in ComfyUI its type is the union below (V3 MultiType,
+# nodes.comfy); their specs keep MODEL_TYPE, so the shipped workflow files and their checks are unchanged.
+CORE_MODEL_NODES = ("SelfForcingSampler", "SelfForcingExtendVideo")
+UNION_TYPE = f"{MODEL_TYPE},{CORE_MODEL_TYPE}"
 CORE_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 CORE_LOADER = NodeSpec(
@@ -55,6 +60,17 @@ CORE_LOADER = NodeSpec(
     ),
     search_aliases=("self forcing", "causal wan", "core model", "lora"),
 )
+
+
+def as_in_comfy(node_id: str, info: dict) -> dict:
+    """A spec's object_info (``schema.object_info``) as ComfyUI shows it: the union model type on the
+    samplers (what a live /object_info comparison must expect)."""
+    if node_id in CORE_MODEL_NODES:
+        info = copy.deepcopy(info)
+        for group in info["input"].values():
+            if "model" in group:
+                group["model"] = [UNION_TYPE, *list(group["model"])[1:]]
+    return info
 
 
 def is_core_model(obj) -> bool:

@@ -111,6 +111,17 @@ schema = sf.SelfForcingSampler.define_schema()
 itype = next(i for i in schema.inputs if i.id == "model").get_io_type()
 res.update(input_type=itype, link_ours=bool(validate_node_input("SELF_FORCING_MODEL", itype)),
            link_core=bool(validate_node_input("MODEL", itype)), link_vae=bool(validate_node_input("VAE", itype)))
+# every node's live object_info == its spec's (core_model.as_in_comfy: the union type on the samplers)
+from self_forcing.nodes.catalogue import NODES_BY_ID
+from self_forcing.nodes.core_model import as_in_comfy
+from self_forcing.nodes.schema import object_info
+res["object_info_mismatches"] = []
+for cls in sf.NODES:
+    live = json.loads(json.dumps(cls.GET_NODE_INFO_V1()))
+    req = live["input"].get("required", {})
+    dyn = {n: req[n][1].get("options") for n in ("model_name", "embeds_name") if n in req}
+    mine = json.loads(json.dumps(as_in_comfy(live["name"], object_info(NODES_BY_ID[live["name"]], dyn))))
+    res["object_info_mismatches"] += [f"{live['name']}.{k}" for k in mine if mine[k] != live.get(k)]
 print(json.dumps(res))
 '''
 
@@ -193,6 +204,7 @@ def main() -> int:
             r["node_diff"] <= 1e-6 and "generator_ema" in r["node_info"],
         "our reader -> core MODEL -> core LoRA == hand-merged (<= 1e-4)": r["from_ours_lora_diff"] <= 1e-4,
         "extend: core MODEL + LoRA == hand-merged (<= 1e-4)": r["extend_diff"] <= 1e-4,
+        "live object_info == specs (as_in_comfy)": r["object_info_mismatches"] == [],
         "model input 'SELF_FORCING_MODEL,MODEL' takes both links, not others":
             r["input_type"] == "SELF_FORCING_MODEL,MODEL" and r["link_ours"] and r["link_core"] and not r["link_vae"],
     }
