@@ -111,6 +111,18 @@ schema = sf.SelfForcingSampler.define_schema()
 itype = next(i for i in schema.inputs if i.id == "model").get_io_type()
 res.update(input_type=itype, link_ours=bool(validate_node_input("SELF_FORCING_MODEL", itype)),
            link_core=bool(validate_node_input("MODEL", itype)), link_vae=bool(validate_node_input("VAE", itype)))
+# fp8 weights (UNETLoader weight_dtype fp8_e4m3fn): cast to core's compute dtype for the run; the reference is our
+# loader on the same values (each tensor as core stores it, widened to float32)
+from self_forcing.sf_model.checkpoint import save_model
+from self_forcing.nodes.core_model import compute_dtype
+core_fp8 = core_nodes.UNETLoader().load_unet("base.safetensors", "fp8_e4m3fn")[0]
+res["fp8_stored"] = sorted({str(v.dtype) for v in core_fp8.model.diffusion_model.state_dict().values()})
+res["fp8_compute"] = str(compute_dtype(core_fp8))
+f8 = sample(core_fp8)
+save_model(f"{work}/fp8_values.safetensors", {k: v.float() for k, v in core_fp8.model.diffusion_model.state_dict().items()},
+           ours("base.safetensors").config, dtype=torch.float32)
+res["fp8_diff"] = d(f8, sample(ours("fp8_values.safetensors")))
+res["fp8_vs_full"] = d(f8, a_ours)
 # every node's live object_info == its spec's (core_model.as_in_comfy: the union type on the samplers)
 from self_forcing.nodes.catalogue import NODES_BY_ID
 from self_forcing.nodes.core_model import as_in_comfy
@@ -204,6 +216,8 @@ def main() -> int:
             r["node_diff"] <= 1e-6 and "generator_ema" in r["node_info"],
         "our reader -> core MODEL -> core LoRA == hand-merged (<= 1e-4)": r["from_ours_lora_diff"] <= 1e-4,
         "extend: core MODEL + LoRA == hand-merged (<= 1e-4)": r["extend_diff"] <= 1e-4,
+        "fp8 weights: == our loader on the same values (<= 1e-4), and they differ from full precision":
+            "torch.float8_e4m3fn" in r["fp8_stored"] and r["fp8_diff"] <= 1e-4 and r["fp8_vs_full"] > 1e-3,
         "live object_info == specs (as_in_comfy)": r["object_info_mismatches"] == [],
         "model input 'SELF_FORCING_MODEL,MODEL' takes both links, not others":
             r["input_type"] == "SELF_FORCING_MODEL,MODEL" and r["link_ours"] and r["link_core"] and not r["link_vae"],
