@@ -45,6 +45,7 @@ from safetensors.torch import load_file, save_file
 from self_forcing.nodes.text import load_text_embeds, save_text_embeds
 from self_forcing.nodes.catalogue import ALL_NODES
 from self_forcing.nodes.schema import object_info
+from self_forcing.nodes.core_model import as_in_comfy
 from self_forcing.sf_model.checkpoint import save_model
 from self_forcing.sf_model.config import TINY
 from self_forcing.sf_model.model import CausalWanModel
@@ -184,7 +185,7 @@ def check_object_info(result: dict) -> None:
             continue
         req = live[spec.node_id]["input"].get("required", {})
         dyn = {name: req[name][1].get("options") for name in ("model_name", "embeds_name") if name in req}
-        mine = object_info(spec, dyn)
+        mine = as_in_comfy(spec.node_id, object_info(spec, dyn))
         diff = [k for k in mine if mine[k] != live[spec.node_id].get(k)]
         if diff:
             mismatches.append(f"{spec.node_id}: {diff}")
