@@ -198,6 +198,30 @@ def prepare(model, context, batch_hint: int | None = None) -> TextContext:
         return model.encode_text(context)
 
 
+class _Texts:
+    """The prepared prompt (cross-attention K/V) of each schedule entry, made when first needed and kept for the
+    few most recent contexts only, so a schedule of many switches costs the memory of a few prompts."""
+
+    KEEP = 4
+
+    def __init__(self, model, entries):
+        self.model, self.contexts = model, [getattr(e, "context", e) for e in entries]
+        batches = [c.batch if isinstance(c, TextContext) else (c.shape[0] if isinstance(c, torch.Tensor) else None)
+                   for c in self.contexts]
+        if len({b for b in batches if b is not None}) > 1:
+            raise ValueError(f"the prompts of a schedule must have one batch size, got {batches}")
+        self.ready: dict[int, TextContext] = {}
+
+    def __getitem__(self, k: int) -> TextContext:
+        ctx = self.contexts[k]
+        text = self.ready.get(id(ctx))
+        if text is None:
+            if len(self.ready) >= self.KEEP:
+                self.ready.pop(next(iter(self.ready)))
+            text = self.ready[id(ctx)] = prepare(self.model, ctx)
+        return text
+
+
 def check_request(model, num_frames: int, height: int, width: int, prefix, opts: StreamOptions, batch: int):
     cfg = model.config
     if num_frames < 1:
@@ -241,10 +265,8 @@ def stream(model, context, *, num_frames: int, height: int, width: int, seed: in
     opts = options or StreamOptions()
     model.check_dtypes()
     schedule = context if isinstance(context, PromptSchedule) else None
-    texts = [prepare(model, e.context) for e in schedule.entries] if schedule is not None else [prepare(model, context)]
+    texts = _Texts(model, schedule.entries if schedule is not None else [context])
     batch = texts[0].batch
-    if any(t.batch != batch for t in texts):
-        raise ValueError(f"the prompts of a schedule must have one batch size, got {[t.batch for t in texts]}")
     total = check_request(model, num_frames, height, width, prefix, opts, batch)
     steps = make_steps(opts.steps, opts.shift, opts.warp)
     ph, pw = model.config.patch_size[1:]

@@ -367,3 +367,21 @@ def test_cli_switches_prompts_as_the_core_stream_does(tmp_path, monkeypatch, cap
     lat = generate(loaded.model, schedule, num_frames=9, height=16, width=16, seed=0, options=opts)
     ref = torch.cat([frames_to_uint8(latents_to_video(loaded, lat[:, :, s:s + 3]))[0] for s in (0, 3, 6)]).numpy()
     assert np.array_equal(got, ref)
+
+
+def test_a_schedule_of_many_switches_prepares_each_prompt_once_and_keeps_few(tiny_model, monkeypatch):
+    calls = []
+    encode = tiny_model.encode_text
+    monkeypatch.setattr(tiny_model, "encode_text", lambda c: calls.append(c) or encode(c))
+    schedule = PromptSchedule([PromptSwitch(0, A)] + [PromptSwitch(f, (B, A)[i % 2], "keep")
+                                                      for i, f in enumerate(range(3, 30, 3))])
+    run(tiny_model, schedule, 30, StreamOptions(frames_per_block=3, steps=(1000,), window=6))
+    assert len(calls) == 2  # A and B, alternating ten times
+    many = [ctx(10 + i) for i in range(8)]
+    calls.clear()
+    gen = stream(tiny_model, PromptSchedule([PromptSwitch(3 * i, c) for i, c in enumerate(many)]), num_frames=24,
+                 height=H, width=W, options=StreamOptions(frames_per_block=3, steps=(1000,), window=6))
+    for _ in gen:
+        held = gen.gi_frame.f_locals["texts"].ready
+        assert len(held) <= 4  # only the most recent prompts stay prepared
+    assert len(calls) == 8
