@@ -135,3 +135,20 @@ def test_memory_is_flat_over_10000_latent_frames_of_the_toy_model():
     assert rows1 == rows0 == 1024              # one temporal RoPE table of the model's size
     assert abs(py1 - py0) < 1000, (py0, py1)   # Python heap blocks: no growth per chunk (960 chunks in between)
     assert abs(obj1 - obj0) < 100, (obj0, obj1)
+
+
+def test_the_gpu_check_script_runs_tiny_on_the_cpu(tmp_path):
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "long_video_gpu.py"
+    spec = importlib.util.spec_from_file_location("long_video_gpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "lv.json"
+    bench.main(["--tiny", "--device", "cpu", "--dtype", "fp32", "--frames", "120",
+                "--span", "15", "--switch-every", "45", "--steps", "1000", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result["windows"]) == {"frame_100", "last"} and result["all_chunks"]["count"] == 40
+    assert result["windows"]["last"]["frames"] == [105, 120] and result["all_chunks"]["after_switch_median_ms"] > 0
