@@ -16,7 +16,6 @@ import os
 from contextlib import contextmanager
 
 import comfy.model_management as mm
-import comfy.sd
 import comfy.utils
 import folder_paths
 import torch
@@ -289,6 +288,8 @@ class SelfForcingCoreModelLoader(io.ComfyNode):
     @classmethod
     def execute(cls, model_name: str, weight_dtype: str = "default") -> io.NodeOutput:
         # Our reader (every layout), then core's public builder: one copy of the weights, core's.
+        import comfy.sd  # core's model builder, needed by this node only
+
         patcher = core_model_from_file(_model_path(model_name, False), build=comfy.sd.load_diffusion_model_state_dict,
                                        dtype=CORE_DTYPES[weight_dtype])
         info = describe_core(patcher)
