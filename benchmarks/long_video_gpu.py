@@ -47,6 +47,7 @@ def build(tiny: bool, dtype, device, fused: bool):
     return model, cfg
 
 
+@torch.no_grad()  # a context, not a global switch: tests call main() in-process
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--frames", type=int, default=10_002, help="latent frames (a multiple of 3)")
@@ -67,7 +68,6 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    torch.set_grad_enabled(False)
     model, cfg = build(args.tiny, dtype, device, args.fused)
     h, w = (4, 6) if args.tiny else (args.height // 8, args.width // 8)
     g = torch.Generator().manual_seed(1)

@@ -152,3 +152,18 @@ def test_the_gpu_check_script_runs_tiny_on_the_cpu(tmp_path):
     result = json.loads(out.read_text())
     assert set(result["windows"]) == {"frame_100", "last"} and result["all_chunks"]["count"] == 40
     assert result["windows"]["last"]["frames"] == [105, 120] and result["all_chunks"]["after_switch_median_ms"] > 0
+
+
+def test_the_long_video_benchmark_leaves_gradient_mode_alone(tmp_path):
+    """Running the benchmark in-process must not switch autograd off for whatever runs next."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "long_video_gpu.py"
+    spec = importlib.util.spec_from_file_location("long_video_gpu_grad", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert torch.is_grad_enabled()
+    mod.main(["--tiny", "--device", "cpu", "--dtype", "fp32", "--frames", "60", "--span", "6",
+              "--out", str(tmp_path / "b.json")])
+    assert torch.is_grad_enabled()
