@@ -59,6 +59,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", default="1000, 750, 500, 250")
     ap.add_argument("--switch-every", type=int, default=0, help="latent frames between prompt switches (re-cache)")
     ap.add_argument("--span", type=int, default=30, help="latent frames per measurement window")
+    ap.add_argument("--at", default="1000,2500,5000,7500",
+                    help="more windows ending at these latent frames (besides frame 100 and the last), so a run cut "
+                         "short by a time limit still shows the trend; empty for none")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     ap.add_argument("--fused", action="store_true", help="fused kernels + CUDA graphs")
@@ -79,8 +82,11 @@ def main(argv=None) -> int:
     context = PromptSchedule([PromptSwitch(0, prompts[0])] + switches) if switches else prompts[0]
     opts = StreamOptions(frames_per_block=3, steps=parse_steps(args.steps), window=args.window, sink=args.sink,
                          extend_positions=True, positions=args.positions)
-    first_window = (max(0, 100 - args.span), 100)
-    last_window = (args.frames - args.span, args.frames)
+    windows = {"frame_100": (max(0, 100 - args.span), 100)}
+    for f in (int(v) for v in args.at.split(",") if v.strip()):
+        if args.span <= f < args.frames - args.span:
+            windows[f"frame_{f}"] = (f - args.span, f)
+    windows["last"] = (args.frames - args.span, args.frames)
     result = {"config": vars(args), "device": torch.cuda.get_device_name(device) if cuda else "cpu",
               "model": "tiny" if args.tiny else "Wan2.1-1.3B (random weights)", "windows": {}}
     switch_frames = {s.start_frame for s in switches}
@@ -97,12 +103,12 @@ def main(argv=None) -> int:
 
     marks, ends = [now()], []
     t0 = time.time()
-    window_rows = {"frame_100": [], "last": []}
+    window_rows = {name: [] for name in windows}
     for chunk in stream(model, context, num_frames=args.frames, height=h, width=w, seed=0, options=opts):
         marks.append(now())
         end = chunk.start_frame + chunk.latents.shape[2]
         ends.append((chunk.start_frame, end))
-        for name, (lo, hi) in (("frame_100", first_window), ("last", last_window)):
+        for name, (lo, hi) in windows.items():
             if chunk.start_frame == lo - lo % 3 and cuda:
                 torch.cuda.reset_peak_memory_stats(device)
             if lo <= chunk.start_frame and end <= hi:
@@ -121,6 +127,7 @@ def main(argv=None) -> int:
                     "wall_s_so_far": round(time.time() - t0, 1)}
                 with open(args.out, "w") as f:
                     json.dump(result, f, indent=1)
+                print(name, json.dumps(result["windows"][name]), flush=True)
         del chunk
     if cuda:
         torch.cuda.synchronize(device)

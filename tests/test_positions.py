@@ -148,9 +148,10 @@ def test_the_gpu_check_script_runs_tiny_on_the_cpu(tmp_path):
     spec.loader.exec_module(bench)
     out = tmp_path / "lv.json"
     bench.main(["--tiny", "--device", "cpu", "--dtype", "fp32", "--frames", "120",
-                "--span", "15", "--switch-every", "45", "--steps", "1000", "--out", str(out)])
+                "--span", "15", "--switch-every", "45", "--steps", "1000", "--at", "60,200", "--out", str(out)])
     result = json.loads(out.read_text())
-    assert set(result["windows"]) == {"frame_100", "last"} and result["all_chunks"]["count"] == 40
+    assert set(result["windows"]) == {"frame_100", "frame_60", "last"} and result["all_chunks"]["count"] == 40
+    assert result["windows"]["frame_60"]["frames"] == [45, 60] and result["windows"]["frame_60"]["chunks"] == 4
     assert result["windows"]["last"]["frames"] == [105, 120] and result["all_chunks"]["after_switch_median_ms"] > 0
 
 
