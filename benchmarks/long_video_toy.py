@@ -3,6 +3,7 @@ the training length (absolute vs rebased positions), measured with the toy world
 
     python benchmarks/long_video_toy.py [--batch 4] [--json out.json]           # both tables
     python benchmarks/long_video_toy.py --only switch --switch-at 18 --after 24
+    python benchmarks/long_video_toy.py --device cuda --batch 32 --json out.json   # more videos, on a GPU
 
 Every run is one batch of ``--batch`` videos (one seed; the chunk noise differs per batch item).
 
@@ -52,7 +53,7 @@ def options(meta, positions: str) -> StreamOptions:
 def run(loaded, context, frames: int, batch: int, opts: StreamOptions) -> torch.Tensor:
     """Videos [batch, 3, T, 64, 64] in [-1, 1] of one run (``context``: a prompt [1, L, D] or a PromptSchedule)."""
     h, w = (int(v) for v in loaded.meta["toy"]["latent_size"])
-    grow = lambda c: c.expand(batch, -1, -1)  # noqa: E731
+    grow = lambda c: c.expand(batch, -1, -1).to(loaded.model.device)  # noqa: E731
     context = context.map_contexts(grow) if isinstance(context, PromptSchedule) else grow(context)
     lat = generate(loaded.model, context, num_frames=frames, height=h, width=w, seed=0, options=opts)
     return latents_to_video(loaded, lat)
@@ -92,6 +93,7 @@ def switch_table(loaded, batch: int, switch_at: int, after: int) -> dict:
         whole = video_metrics(videos, [PROMPT_B] * batch)
         out[policy] = {
             "chunks_to_follow": first,
+            "follow_first_3_chunks": round(float(np.mean(follow[:3])), 3),
             "follow_by_chunk": follow.round(2).tolist(),
             "old_by_chunk": old.round(2).tolist(), "new_by_chunk": new.round(2).tolist(),
             "background_jump_at_switch": float(np.nanmean(whole["flicker_error"][:, switch_at])),
@@ -126,22 +128,23 @@ def main(argv=None) -> int:
     ap.add_argument("--drift-frames", type=int, default=20 * TRAIN_FRAMES)
     ap.add_argument("--only", choices=("switch", "drift"), default=None)
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     loaded = load_model(ASSET, dtype=torch.float32)
-    loaded.model.eval()
-    results = {"batch": args.batch, "prompts": [PROMPT_A, PROMPT_B], "cache": "rolling window 9 + sink 3"}
+    loaded.model.to(torch.device(args.device)).eval()
+    results = {"batch": args.batch, "device": args.device, "prompts": [PROMPT_A, PROMPT_B], "cache": "rolling window 9 + sink 3"}
     if args.only in (None, "switch"):
         sw = results["switch"] = switch_table(loaded, args.batch, args.switch_at, args.after)
         print(f"\nPrompt switch at frame {args.switch_at}: {PROMPT_A!r} -> {PROMPT_B!r}; rolling 9 + sink 3, rebased "
               f"positions, {args.batch} videos. follow: 0 = like the A-only video, 1 = like the B-only video")
-        print("| policy | chunks to follow (>= 0.8 from then on) | follow, chunk +0, +1, ... | "
+        print("| policy | chunks to follow (>= 0.8 from then on) | follow, first 3 chunks | follow, chunk +0, +1, ... | "
               "background jump at switch | background error after |")
-        print("|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|")
         for policy in SWITCH_POLICIES:
             r = sw[policy]
             first = "never" if r["chunks_to_follow"] is None else r["chunks_to_follow"]
-            print(f"| {policy} | {first} | {r['follow_by_chunk']} | {r['background_jump_at_switch']:.4f} | "
+            print(f"| {policy} | {first} | {r['follow_first_3_chunks']:.2f} | {r['follow_by_chunk']} | {r['background_jump_at_switch']:.4f} | "
                   f"{r['background_error_after']:.4f} |")
     if args.only in (None, "drift"):
         dr = results["drift"] = drift_table(loaded, args.batch, args.drift_frames)
