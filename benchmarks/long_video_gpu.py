@@ -23,8 +23,8 @@ import time
 
 import torch
 
+from self_forcing.benchmarks.wan_random import random_model
 from self_forcing.sf_model.config import TINY, WAN_1_3B
-from self_forcing.sf_model.model import CausalWanModel
 from self_forcing.sf_model.prompt_schedule import PromptSchedule, PromptSwitch
 from self_forcing.sf_model.sampler import StreamOptions, stream
 from self_forcing.sf_model.schedule import parse_steps
@@ -32,14 +32,8 @@ from self_forcing.sf_model.schedule import parse_steps
 
 def build(tiny: bool, dtype, device, fused: bool):
     cfg = TINY if tiny else WAN_1_3B
-    with torch.device("meta"):
-        model = CausalWanModel(cfg, attn_backend="auto" if device.type == "cuda" else "sdpa")
-    model = model.to_empty(device=device)
-    g = torch.Generator(device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.fill_(1.0) if (name.endswith("weight") and "norm" in name) else p.normal_(0.0, 0.02, generator=g)
-    model = model.to(dtype).eval().requires_grad_(False)
+    model = random_model(cfg, device, dtype, seed=0, attn_backend="auto" if device.type == "cuda" else "sdpa")
+    model = model.eval().requires_grad_(False)
     if fused:
         from self_forcing.sf_model.speed import use_cuda_graphs, use_fused_kernels
 

@@ -37,6 +37,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from self_forcing.benchmarks.wan_random import random_model
 from self_forcing.sf_model.config import WAN_1_3B, WanConfig
 
 SIZES = ("toy", "wan")
@@ -58,25 +59,6 @@ def parse_configs(text: str) -> list[tuple[str, str, set[str]]]:
                              " (offload and shardreal need fsdp)")
         out.append((size, scheme, set(opts)))
     return out
-
-
-@torch.no_grad()
-def random_model(config: WanConfig, device: torch.device, dtype: torch.dtype, seed: int):
-    """A random model made on ``device`` in ``dtype`` (values only need to be finite and of sane size);
-    the same on every process for the same seed."""
-    from self_forcing.training.models import empty_model
-
-    model = empty_model(config, device, dtype)
-    g = torch.Generator(device).manual_seed(seed)
-    for name, p in model.named_parameters():
-        if "modulation" in name:
-            p.normal_(0.0, config.dim ** -0.5, generator=g)
-        elif p.ndim >= 2:
-            bound = (6.0 / (p.shape[0] + p[0].numel())) ** 0.5 * (0.1 if name.startswith("head.") else 1.0)
-            p.uniform_(-bound, bound, generator=g)
-        else:
-            p.zero_() if name.endswith("bias") else p.fill_(1.0)
-    return model
 
 
 def peak_gb(device: torch.device) -> float | None:

@@ -6,9 +6,9 @@ step runs the trainer's own micro-step (``training.resampling.training_loss``: f
 no-grad degraded history -- autoregressive self-resampling through the KV cache by default -- then the
 [x~ | noisy] forward of 2 x 21 frames under the teacher-forcing mask and the loss), backward and an AdamW
 step; the warm-up stage (teacher forcing: no resampling) is measured the same way. Weights are random (memory
-and time do not depend on them), made on the device through the meta device. Reported per stage: seconds per
-step (the first step, which compiles the FlexAttention kernels, listed apart), peak allocated memory, and for
-the resampling stage the degraded-history part alone.
+and time do not depend on them), made on the device through the meta device (``benchmarks/wan_random.py``).
+Reported per stage: seconds per step (the first step, which compiles the FlexAttention kernels, listed apart),
+peak allocated memory, and for the resampling stage the degraded-history part alone.
 
     python3 benchmarks/train_resampling_wan_gpu.py --steps 3 --out $OUT/train_resampling_wan.json
     python3 benchmarks/train_resampling_wan_gpu.py --steps 3 --set resampling.routing_topk=5   # history routing
@@ -51,25 +51,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-@torch.no_grad()
-def random_init_(model) -> None:
-    """Finite, sanely scaled random values on the parameters' own device (Xavier-uniform matrices, unit norm
-    gains, zero biases, N(0, 1/dim) modulations, a small output head)."""
-    dim = model.config.dim
-    g = torch.Generator(next(model.parameters()).device).manual_seed(0)
-    for name, p in model.named_parameters():
-        if "modulation" in name:
-            p.normal_(0.0, dim ** -0.5, generator=g)
-        elif p.ndim >= 2:
-            fan_out, fan_in = p.shape[0], p[0].numel()
-            bound = (6.0 / (fan_in + fan_out)) ** 0.5 * (0.1 if name.startswith("head.") else 1.0)
-            p.uniform_(-bound, bound, generator=g)
-        elif name.endswith("bias"):
-            p.zero_()
-        else:
-            p.fill_(1.0)
-
-
 def sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -108,7 +89,7 @@ def flex_check(device) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from self_forcing.sf_model.model import CausalWanModel
+    from self_forcing.benchmarks.wan_random import random_model
     from self_forcing.training.config import load_config
     from self_forcing.training.resampling import RESAMPLING, WARMUP, degrade_history, Layout, training_loss
 
@@ -125,10 +106,7 @@ def main(argv=None) -> int:
         results["flex_check"] = flex_check(device) if device.type == "cuda" else {"skipped": "no CUDA"}
         print(f"[check] {results['flex_check']}", flush=True)
     t0 = time.time()
-    with torch.device("meta"):
-        model = CausalWanModel(cfg.model, attn_backend="sdpa")
-    model = model.to_empty(device=device)
-    random_init_(model)
+    model = random_model(cfg.model, device, torch.float32, seed=0)
     model.train().requires_grad_(True)
     checkpointing = not args.no_checkpointing and hasattr(model, "set_activation_checkpointing")
     if checkpointing:

@@ -4,7 +4,7 @@ The roles of ``training/configs/wan_sfpp.toml``: generator and critic Wan2.1-T2V
 weights and AdamW state, bf16 compute), the real score frozen in bf16 (14B or 1.3B), 21-frame windows of 60x104
 latents, rolling cache of 21 + sink 3, batch 1, text length 512. Each configuration runs the trainer's own code
 (``training.sfpp.SfppTrainer``: ``generator_step`` then ``critic_step``, ``--steps`` times) over random models
-made on the GPU (``benchmarks/train_wan_memory_gpu.make_model``). The window is put at the end of the rollout
+made on the GPU (``benchmarks/wan_random.random_model``). The window is put at the end of the rollout
 (``--start last``, the most chunks: the longest step) or drawn as in training (``--start random``). With
 ``--reencode`` a random Wan2.1 VAE re-encodes the window's first latent (decoding every frame before it).
 
@@ -28,8 +28,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import train_wan_memory_gpu as base  # noqa: E402  (random models, runtime, measuring)
+from self_forcing.benchmarks import train_wan_memory_gpu as base  # configurations, runtime, measuring
+from self_forcing.benchmarks.wan_random import random_model
 
 OPTIONS = ("plain", "ac")
 
@@ -74,9 +74,9 @@ def run_config(real: str, opts: str, args, device: torch.device) -> dict:
              "window": frames, "sink": args.sink, "start": args.start, "reencode": args.reencode, "rows": []}
     trainer = None
     try:
-        generator = base.make_model(gen_cfg, device, torch.float32, 1)
-        critic = base.make_model(gen_cfg, device, torch.float32, 2)
-        real_model = base.make_model(real_cfg, device, torch.bfloat16 if device.type == "cuda" else torch.float32, 3)
+        generator = random_model(gen_cfg, device, torch.float32, 1)
+        critic = random_model(gen_cfg, device, torch.float32, 2)
+        real_model = random_model(real_cfg, device, torch.bfloat16 if device.type == "cuda" else torch.float32, 3)
         if opts == "ac":  # 'copy': the rolling cache wraps between a window chunk's forward and its backward
             for m in (generator, critic):
                 m.set_activation_checkpointing(True, history="copy")

@@ -6,8 +6,8 @@ state, bf16 compute), real score Wan2.1-T2V-14B frozen in bf16 (or a 1.3B real s
 step runs the trainer's own code: ``training.dmd.DmdTrainer.step`` (``generator_step`` every 5th step, then
 ``critic_step``), over models built by ``DmdTrainer.from_models``. Weights are random (memory and time do
 not depend on their values) and made directly on the GPU: the 14B real score is built on the meta device,
-allocated in bf16 with ``to_empty`` and filled by a fast on-device random init (no 28 GB file, no float32
-copy).
+allocated in bf16 with ``to_empty`` and filled by a fast on-device random init (``benchmarks/wan_random.py``:
+no 28 GB file, no float32 copy).
 
 Each configuration is ``<real score>:<options>``: real score ``14b`` or ``1.3b``; options ``plain``, ``ac``
 (activation checkpointing of every block: ``CausalWanModel.set_activation_checkpointing``), ``offload``
@@ -39,8 +39,8 @@ import time
 
 import torch
 
+from self_forcing.benchmarks.wan_random import random_model
 from self_forcing.sf_model.config import WAN_1_3B, WAN_14B, WanConfig
-from self_forcing.sf_model.model import CausalWanModel
 
 REAL = {"14b": WAN_14B, "1.3b": WAN_1_3B}
 OPTIONS = ("plain", "ac", "offload", "ac+offload")
@@ -59,36 +59,6 @@ def parse_configs(text: str) -> list[tuple[str, str]]:
             raise SystemExit(f"bad configuration {item!r}: use <{'|'.join(REAL)}>:<{'|'.join(OPTIONS)}>")
         out.append((real, opts))
     return out
-
-
-# -- models -------------------------------------------------------------------------------------------
-@torch.no_grad()
-def random_init_(model: CausalWanModel, seed: int) -> CausalWanModel:
-    """Fill every parameter on its own device: matrices uniform with Xavier bounds, norm gains 1, biases 0,
-    modulations N(0, 1/dim), a small random output head. Values only need to be finite and of sane size."""
-    dev = next(model.parameters()).device
-    g = torch.Generator(dev).manual_seed(int(seed))
-    dim = model.config.dim
-    for name, p in model.named_parameters():
-        if "modulation" in name:
-            p.normal_(0.0, dim ** -0.5, generator=g)
-        elif p.ndim >= 2:
-            fan_out, fan_in = p.shape[0], p[0].numel()
-            bound = (6.0 / (fan_in + fan_out)) ** 0.5 * (0.1 if name.startswith("head.") else 1.0)
-            p.uniform_(-bound, bound, generator=g)
-        elif name.endswith("bias"):
-            p.zero_()
-        else:
-            p.fill_(1.0)
-    return model
-
-
-def make_model(config: WanConfig, device: torch.device, dtype: torch.dtype, seed: int) -> CausalWanModel:
-    """A random model allocated directly in ``dtype`` on ``device`` (``training.models.empty_model``: a
-    meta-device build, then ``to_empty``), filled on the device."""
-    from self_forcing.training.models import empty_model
-
-    return random_init_(empty_model(config, device, dtype), seed)
 
 
 # -- runtime and options --------------------------------------------------------------------------------
@@ -185,9 +155,9 @@ def run_config(real: str, opts: str, args, device: torch.device) -> dict:
         cfg = train_config(gen_cfg, args.frames, args.height, args.width, args.steps, device, precision)
         world = RandomWorld(clip_shape=(gen_cfg.in_dim, args.frames, args.height, args.width),
                             text_len=gen_cfg.text_len, text_dim=gen_cfg.text_dim)
-        generator = make_model(gen_cfg, device, torch.float32, 1).requires_grad_(True)
-        critic = make_model(gen_cfg, device, torch.float32, 2).requires_grad_(True)
-        real_score = make_model(real_cfg, device, frozen_dtype(device), 3)
+        generator = random_model(gen_cfg, device, torch.float32, 1).requires_grad_(True)
+        critic = random_model(gen_cfg, device, torch.float32, 2).requires_grad_(True)
+        real_score = random_model(real_cfg, device, frozen_dtype(device), 3)
         models = (generator, critic, real_score)
         if "ac" in opts:
             for m in (generator, critic):
