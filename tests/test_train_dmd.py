@@ -247,3 +247,24 @@ def test_long_rollout_config_is_checked(tmp_path):
 
     with pytest.raises(ValueError, match=r"set models\.vae"):
         make_reencoder(cfg, object(), torch.device("cpu"))
+
+
+def test_alternate_updates_the_generator_every_critic_ratio_steps_and_the_critic_every_step():
+    """``dmd.alternate`` (the step of DmdTrainer and SfppTrainer): on a step divisible by the ratio the
+    generator first, then the critic; their metrics merged."""
+    from self_forcing.training.dmd import alternate
+
+    calls = []
+
+    def gen(step):
+        calls.append(("generator", step))
+        return {"generator_loss": float(step)}
+
+    def critic(step):
+        calls.append(("critic", step))
+        return {"critic_loss": -float(step)}
+
+    out = [alternate(s, 3, gen, critic) for s in range(5)]
+    assert calls == [("generator", 0), ("critic", 0), ("critic", 1), ("critic", 2), ("generator", 3),
+                     ("critic", 3), ("critic", 4)]
+    assert out[3] == {"generator_loss": 3.0, "critic_loss": -3.0} and out[4] == {"critic_loss": -4.0}

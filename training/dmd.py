@@ -288,11 +288,16 @@ class DmdTrainer:
         return metrics
 
     def step(self, step: int) -> dict:
-        metrics = {}
-        if step % self.dc.critic_ratio == 0:
-            metrics.update(self.generator_step(step))
-        metrics.update(self.critic_step(step))
-        return metrics
+        return alternate(step, self.dc.critic_ratio, self.generator_step, self.critic_step)
+
+
+def alternate(step: int, critic_ratio: int, generator_step: Callable[[int], dict],
+              critic_step: Callable[[int], dict]) -> dict:
+    """One iteration of a DMD loop (``DmdTrainer``, ``sfpp.SfppTrainer``): the generator's update first on every
+    ``critic_ratio``-th step, then the critic's update on every step; their metrics merged."""
+    metrics = dict(generator_step(step)) if step % critic_ratio == 0 else {}
+    metrics.update(critic_step(step))
+    return metrics
 
 
 def make_reencoder(cfg: TrainConfig, world, device: torch.device):

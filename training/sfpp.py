@@ -34,7 +34,8 @@ import torch
 
 from ..sf_model.schedule import make_steps
 from .config import TrainConfig
-from .dmd import critic_loss, dmd_gradient, dmd_loss, draw_exit, make_reencoder, score_sigmas, self_forcing_path
+from .dmd import (alternate, critic_loss, dmd_gradient, dmd_loss, draw_exit, make_reencoder, score_sigmas,
+                  self_forcing_path)
 from .engine import Runtime, Trainable, accumulate, read_checkpoint, run_loop, sample_indices, seeded_randn
 from .long_rollout import Window, draw_window, rollout_long
 from .models import load_dit, save_dit
@@ -252,11 +253,7 @@ class SfppTrainer:
         return metrics
 
     def step(self, step: int) -> dict:
-        metrics = {}
-        if step % self.sc.critic_ratio == 0:
-            metrics.update(self.generator_step(step))
-        metrics.update(self.critic_step(step))
-        return metrics
+        return alternate(step, self.sc.critic_ratio, self.generator_step, self.critic_step)
 
 
 # -- the stage ---------------------------------------------------------------------------------------
