@@ -8,7 +8,16 @@ a pickle that would run code is refused). Accepted layouts:
 - FSDP / activation-checkpointing / torch.compile wrappers: ``_fsdp_wrapped_module.``,
   ``_checkpoint_wrapped_module.``, ``_orig_mod.`` anywhere in a key;
 - Wan / ComfyUI-native bare keys (also under ``model.diffusion_model.``);
-- diffusers ``WanTransformer3DModel`` names.
+- diffusers ``WanTransformer3DModel`` names;
+- peft's ``base_model.model.`` prefix (stripped with the others, repeatedly: ``model.base_model.model.``);
+- ComfyUI scaled fp8 (``scaled_fp8`` + ``scale_weight``, folded into bfloat16 weights) and plain fp8 weights;
+- the public causal releases of ``sf_model.layouts`` (Self Forcing, LongLive, Rolling Forcing, Causal Forcing,
+  Krea Realtime 14B): recognised by their published file names, their trained attention and sampling settings
+  filled into the metadata where the file says nothing; a separately shipped LoRA (LongLive's ``lora.pt``, or any
+  ComfyUI/peft/diffusers LoRA) merged at load with ``lora=``.
+
+A LoRA file given as the model is refused with a message saying to give it as the LoRA. ``inspect_checkpoint``
+reads only a safetensors header (config, layout, metadata; no weights), e.g. to recognise a 14B before loading.
 
 Loading is strict: any mismatch raises one ``CheckpointError`` naming missing and unexpected keys and
 shape conflicts. ``save_model`` writes safetensors with bare Wan keys, our config and sampling defaults
@@ -28,11 +37,16 @@ from typing import Mapping
 import torch
 
 from .config import WanConfig, check_field, infer_config
+from .layouts import (LORA_TOP_LEVEL, apply_release, dequantize_scaled_fp8, looks_like_lora, merge_lora,
+                      read_lora_state, release_by_key, release_for, strip_prefixes)
 
 FORMAT_KEY = "self_forcing"
 FORMAT_VERSION = 1
 WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 TOP_LEVEL_CHOICES = ("generator_ema", "generator", "model", "state_dict", "module")
+MODEL_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "model.")
+LORA_ONLY = ("is a LoRA (low-rank adapter), not a model: load the base model it was trained on and give this file "
+             "as its LoRA")
 # Sampling defaults a checkpoint may store, checked by the config's rule (sf_model.config.check_field);
 # ``model`` (the WanConfig) is checked by WanConfig.from_dict, ``steps`` and ``context_noise`` by StreamOptions.
 META_FIELDS = {
@@ -177,17 +191,21 @@ def normalize_state_dict(obj: Mapping) -> tuple[dict[str, torch.Tensor], str]:
     if picked is not None:
         layout.append(f"training checkpoint ['{picked}']")
         obj = obj[picked]
+    elif isinstance(obj.get(LORA_TOP_LEVEL), Mapping):
+        raise CheckpointError(f"this file (top-level '{LORA_TOP_LEVEL}', e.g. LongLive's lora.pt) {LORA_ONLY}")
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise CheckpointError(f"no tensors found (top-level keys: {sorted(map(str, obj))[:10]})")
+    if looks_like_lora(tensors):
+        raise CheckpointError(f"this file (only lora_A/lora_B or lora_down/lora_up keys) {LORA_ONLY}")
     sd = {_strip_wrappers(k): v for k, v in tensors.items()}
     if any(k != _strip_wrappers(k) for k in tensors):
         layout.append("FSDP/compile wrappers stripped")
-    for prefix in ("model.diffusion_model.", "diffusion_model.", "model."):
-        if sum(k.startswith(prefix) for k in sd) >= len(sd) // 2 + 1:
-            sd = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in sd.items()}
-            layout.append(f"prefix '{prefix}'")
-            break
+    sd, stripped = strip_prefixes(sd, MODEL_PREFIXES)
+    layout += [f"prefix '{p}'" for p in stripped]
+    sd, scaled = dequantize_scaled_fp8(sd)
+    if scaled:
+        layout.append("scaled fp8 (folded into bf16)")
     if any(k.startswith("condition_embedder.") or ".attn1." in k for k in sd):
         sd = {diffusers_to_wan(k): v for k, v in sd.items()}
         layout.append("diffusers names")
@@ -283,9 +301,8 @@ def check_meta(meta, path: str) -> None:
         raise CheckpointError(f"{path}: metadata 'toy' must be a JSON object, got {type(meta['toy']).__name__}")
 
 
-def load_state_dict_file(path: str) -> tuple[dict[str, torch.Tensor], WanConfig, str, dict, dict]:
-    """Read a file and return (bare Wan state dict, config, layout, meta, bundled extras)."""
-    obj, file_meta = read_file(path)
+def file_metadata(file_meta: Mapping, path: str) -> dict:
+    """Our metadata (``FORMAT_KEY``) of a file's string metadata, checked; {} when it has none."""
     meta = {}
     if FORMAT_KEY in file_meta:
         try:
@@ -293,9 +310,61 @@ def load_state_dict_file(path: str) -> tuple[dict[str, torch.Tensor], WanConfig,
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{path}: unreadable '{FORMAT_KEY}' metadata: {e}") from e
     check_meta(meta, path)
+    return meta
+
+
+def with_release(meta: dict, path: str, release: str | None, layout: str) -> tuple[dict, str]:
+    """Fill a public release's trained settings into the metadata of a file that carries none of ours
+    (``release``: "auto" = by the file name, a key of ``sf_model.layouts.RELEASES``, or None = never)."""
+    if release is None or meta:
+        return meta, layout
+    try:
+        found = release_for(path) if release == "auto" else release_by_key(release)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    if found is None:
+        return meta, layout
+    how = "by file name" if release == "auto" else "as asked"
+    return apply_release(meta, found), f"{layout}, release: {found.title} ({how})"
+
+
+def check_wan21(config: WanConfig, path: str) -> None:
+    """Refuse a Wan 2.2 TI2V-5B (48 latent channels, e.g. LongLive 2.0): our model and VAE are Wan 2.1's."""
+    if config.in_dim == 48 and config.out_dim == 48:
+        raise CheckpointError(f"{path}: a Wan 2.2 TI2V-5B model (48 latent channels, e.g. LongLive 2.0); only "
+                              "Wan 2.1 causal models (16 latent channels, 1.3B or 14B) are supported")
+
+
+def apply_lora_file(sd: dict, lora: str, strength: float, alpha: float | None = None) -> tuple[dict, str]:
+    """``sd`` with the LoRA file ``lora`` merged (``sf_model.layouts.merge_lora``) and a layout note."""
+    obj, _ = read_file(lora)
+    name = os.path.basename(os.fspath(lora))
+    try:
+        factors, desc = read_lora_state(obj, diffusers_to_wan, alpha)
+        sd = merge_lora(sd, factors, strength, source=f"LoRA {name}")
+    except ValueError as e:
+        raise CheckpointError(f"{lora}: {e}") from None
+    rank = next(iter(factors.values())).rank
+    return sd, f"LoRA {name} merged ({desc}, {len(factors)} linears, rank {rank}, strength {strength:g})"
+
+
+def load_state_dict_file(path: str, lora: str | None = None, lora_strength: float = 1.0,
+                         release: str | None = "auto", lora_alpha: float | None = None,
+                         ) -> tuple[dict[str, torch.Tensor], WanConfig, str, dict, dict]:
+    """Read a file and return (bare Wan state dict, config, layout, meta, bundled extras).
+
+    ``lora``: a LoRA file merged into the weights (strength ``lora_strength``; ``lora_alpha`` where the file
+    stores none, default alpha = rank). ``release``: see ``with_release``."""
+    obj, file_meta = read_file(path)
+    meta = file_metadata(file_meta, path)
     obj, extras = split_bundle(obj, meta.get("bundle", []))
     sd, layout = normalize_state_dict(obj)
+    meta, layout = with_release(meta, path, release, layout)
     check_finite(sd, path)
+    if lora is not None:
+        sd, note = apply_lora_file(sd, lora, float(lora_strength), lora_alpha)
+        check_finite(sd, lora)
+        layout += ", " + note
     for name, part in extras.items():
         check_finite({f"{name}.{k}": v for k, v in part.items()}, path)
     if extras:
@@ -305,16 +374,65 @@ def load_state_dict_file(path: str) -> tuple[dict[str, torch.Tensor], WanConfig,
     except (KeyError, ValueError) as e:
         where = "the metadata's model config: " if "model" in meta else ""
         raise CheckpointError(f"{path}: {where}{e}") from e
+    check_wan21(config, path)
     return sd, config, layout, meta, extras
 
 
-def load_model(path: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-               attn_backend: str = "auto") -> LoadedModel:
-    """Load any supported checkpoint into a ``CausalWanModel`` (strictly).
+_HEADER_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                  "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                  "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
-    ``dtype`` None keeps the file's floating dtype (float32 for fp32 training checkpoints).
+
+def read_header(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """A safetensors file's tensors as meta-device stand-ins (name, shape, dtype; no data read) and its string
+    metadata: enough to recognise the model (a 14B file is read in milliseconds)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointNotFound(f"checkpoint not found: {path}")
+    if not is_safetensors(path):
+        raise CheckpointError(f"{path} is not a safetensors file (only their header can be read alone)")
+    with open(path, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        if size > 100 << 20:
+            raise CheckpointError(f"{path}: safetensors header of {size} bytes is implausible (corrupt file?)")
+        try:
+            header = json.loads(fh.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: unreadable safetensors header: {e}") from e
+    file_meta = header.pop("__metadata__", None) or {}
+    tensors = {}
+    for name, info in header.items():
+        dtype = _HEADER_DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor '{name}' has an unknown dtype {info.get('dtype')!r}")
+        tensors[name] = torch.empty([int(n) for n in info["shape"]], dtype=dtype, device="meta")
+    return tensors, file_meta
+
+
+def inspect_checkpoint(path: str, release: str | None = "auto") -> tuple[WanConfig, str, dict]:
+    """(config, layout, meta) of a safetensors checkpoint from its header alone (``read_header``)."""
+    tensors, file_meta = read_header(path)
+    meta = file_metadata(file_meta, path)
+    rest, extras = split_bundle(tensors, meta.get("bundle", []))
+    sd, layout = normalize_state_dict(rest)
+    meta, layout = with_release(meta, path, release, layout)
+    try:
+        config = WanConfig.from_dict(meta["model"]) if "model" in meta else infer_config(sd)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    check_wan21(config, path)
+    return config, layout, meta
+
+
+def load_model(path: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+               attn_backend: str = "auto", lora: str | None = None, lora_strength: float = 1.0,
+               release: str | None = "auto", lora_alpha: float | None = None) -> LoadedModel:
+    """Load any supported checkpoint into a ``CausalWanModel`` (strictly), with an optional LoRA merged.
+
+    ``dtype`` None keeps the file's floating dtype (float32 for fp32 training checkpoints; bfloat16 for fp8).
+    ``lora``/``lora_strength``/``lora_alpha``/``release``: see ``load_state_dict_file``.
     """
-    sd, config, layout, meta, extras = load_state_dict_file(path)
+    sd, config, layout, meta, extras = load_state_dict_file(path, lora, lora_strength, release, lora_alpha)
     model = build_model(sd, config, device, dtype, attn_backend, source=os.path.basename(os.fspath(path)))
     return LoadedModel(model=model, config=config, layout=layout, meta=meta, extras=extras)
 
@@ -330,6 +448,8 @@ def build_model(sd: Mapping[str, torch.Tensor], config: WanConfig, device: torch
 
     if dtype is None:
         dtype = next(v.dtype for v in sd.values() if v.is_floating_point())
+        if dtype.itemsize == 1:  # fp8 storage: compute in bfloat16
+            dtype = torch.bfloat16
     with torch.device("meta"):
         model = CausalWanModel(config, attn_backend=attn_backend)
     check_compatible(model, sd, source=source)
