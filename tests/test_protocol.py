@@ -229,3 +229,60 @@ def test_a_stopped_protocol_resumes_from_its_cache(bundles, tmp_path):
     P.run_protocol(models, str(tmp_path), P.Protocol(prompts=3, seeds=(0,), lengths=(1, 2), batch_size=2,
                                                      bootstrap=20), **kw)
     assert len(calls) == 2 + 2 * 2  # other prompts: generated again (2 batches per model)
+
+
+# -- each model's own cache and sampler settings -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def sink_bundle(tmp_path_factory):
+    """A bundle trained with an attention sink (as Self-Forcing++ / Resampling Forcing exports store it) and
+    the method / solver entries of a Resampling Forcing export."""
+    torch.manual_seed(5)
+    model = CausalWanModel(CFG, attn_backend="sdpa")
+    with torch.no_grad():
+        model.head.head.weight.mul_(20.0)
+    enc, codec = build_toy_parts(CFG.text_dim, CFG.text_len, 0)
+    meta = {"frames_per_block": 3, "steps": [1000, 500], "shift": 5.0, "warp": True, "context_noise": 0.0,
+            "sink": 3, "method": "resampling_forcing", "solver": "euler", "toy": bundle_meta(enc, 16, (8, 8), 6)}
+    path = tmp_path_factory.mktemp("sink") / "rf.safetensors"
+    save_dit(str(path), model, CFG, "resampling_forcing", meta, extras=bundle_extras(enc, codec))
+    return str(path)
+
+
+def test_the_protocol_samples_with_the_checkpoints_attention_sink(sink_bundle):
+    """Videos longer than window + sink: the protocol's video is the one of a rolling cache with the stored
+    sink (as ``sf_model.window.default_policy`` gives), not the one without a sink."""
+    from self_forcing.sf_model.window import CachePolicy, default_policy
+
+    seen = []
+
+    def keep(videos, prompts):
+        seen.append(videos.clone())
+        return stand_in_metrics(videos, prompts)
+
+    proto = P.Protocol(prompts=2, seeds=(0,), lengths=(3,), batch_size=2, bootstrap=10)
+    bundle = P.load_bundle(sink_bundle, torch.device("cpu"))
+    P.generate_metrics(bundle, P.protocol_prompts(2, proto.prompt_seed), proto, keep)
+    ctx = bundle.encode(P.protocol_prompts(2, proto.prompt_seed))
+
+    def video(cache):
+        opts = StreamOptions.from_meta(bundle.meta, cache)
+        return bundle.decode(generate(bundle.model, ctx, num_frames=18, height=8, width=8, seed=P.sampler_seed(0, 0),
+                                      options=opts))
+
+    policy = default_policy(bundle.meta, 18)
+    assert (policy.window, policy.sink) == (6, 3)
+    with_sink, without = video(policy), video(CachePolicy.rolling(3, 6))
+    assert (with_sink - without).abs().max() > 1e-3  # the sink changes these videos
+    assert len(seen) == 1 and torch.allclose(seen[0], with_sink, atol=1e-5)
+
+
+def test_results_keep_each_models_method_solver_and_sink(sink_bundle, bundles, tmp_path):
+    models = {"resampling_forcing": [sink_bundle], "self_forcing": bundles["sf"][:1]}
+    res = P.run_protocol(models, str(tmp_path), P.Protocol(prompts=2, seeds=(0,), lengths=(1,), batch_size=2,
+                                                           bootstrap=10),
+                         metrics_fn=stand_in_metrics, device="cpu", plots=False, log=lambda *_: None)
+    (rf,), (sf,) = res["models"]["resampling_forcing"]["training"], res["models"]["self_forcing"]["training"]
+    assert (rf["method"], rf["solver"], rf["sink"], rf["steps"]) == ("resampling_forcing", "euler", 3, [1000, 500])
+    assert "method" not in sf and "solver" not in sf and sf["sink"] == 0
+    stored = json.loads((tmp_path / "results.json").read_text())["models"]["resampling_forcing"]["training"][0]
+    assert stored["method"] == "resampling_forcing" and stored["solver"] == "euler"

@@ -12,8 +12,9 @@ Setup (``Protocol``; every model sees exactly the same prompts, seeds and batch 
 - sampling seeds: ``seeds`` (3); batch b of sampling seed s uses sampler seed ``s * 100003 + b`` (the noise
   of a batch depends on its layout, which is fixed: ``batch_size`` prompts in prompt order);
 - lengths: ``lengths`` x the training clip length (1, 5, 10, 20), through a rolling KV cache of the training
-  length (``CachePolicy.rolling(frames_per_block, train_frames)``), each model with its own stored sampler
-  settings (steps, shift). The longest video is generated once and the shorter lengths are its prefixes:
+  length with the checkpoint's attention sink (``CachePolicy.rolling(frames_per_block, train_frames, sink)``,
+  the sink read as ``sf_model.window.default_policy`` reads it: ``checkpoint_sink``), each model with its own
+  stored sampler settings (steps, shift, solver). The longest video is generated once and the shorter lengths are its prefixes:
   the sampler is causal and its noise is drawn per chunk, so a video of n frames *is* the first n frames
   of a longer one (``tests/test_protocol.py`` checks this);
 - metrics: ``metrics_fn(videos [B, 3, T, H, W] in [-1, 1], prompts) -> {name: [B, T]}`` (default
@@ -177,10 +178,11 @@ def load_bundle(path: str, device: torch.device) -> Bundle:
 def generate_metrics(bundle: Bundle, prompts: Sequence[str], proto: Protocol, metrics_fn) -> dict[str, np.ndarray]:
     """Per-frame metrics {name: [prompts, sampling seeds, T]} of the longest videos of one model."""
     from ..sf_model.sampler import StreamOptions, generate
-    from ..sf_model.window import CachePolicy
+    from ..sf_model.window import CachePolicy, checkpoint_sink
 
     frames = max(proto.lengths) * bundle.clip
-    opts = StreamOptions.from_meta(bundle.meta, CachePolicy.rolling(bundle.frames_per_block, bundle.clip))
+    cache = CachePolicy.rolling(bundle.frames_per_block, bundle.clip, checkpoint_sink(bundle.meta))
+    opts = StreamOptions.from_meta(bundle.meta, cache)
     out: dict[str, np.ndarray] = {}
     bs = proto.batch_size
     for si, s in enumerate(proto.seeds):
@@ -223,7 +225,7 @@ def evaluate_model(path: str, device: torch.device, prompts: Sequence[str], prot
     key = json.dumps({"path": os.path.abspath(path), "size": st.st_size, "mtime": st.st_mtime_ns,
                       "prompts": list(prompts), "seeds": list(proto.seeds), "frames": max(proto.lengths),
                       "batch": proto.batch_size, "metric": getattr(metrics_fn, "__qualname__", repr(metrics_fn)),
-                      "module": getattr(metrics_fn, "__module__", "")}, sort_keys=True)
+                      "module": getattr(metrics_fn, "__module__", ""), "cache": "rolling+sink"}, sort_keys=True)
     if cache_file and os.path.isfile(cache_file):
         with np.load(cache_file, allow_pickle=False) as z:
             if str(z["__key__"]) == key:
@@ -303,7 +305,8 @@ def run_protocol(models: Mapping[str, Sequence[str]], out_dir: str, proto: Proto
     results = {
         "setup": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(proto).items()},
                   "paired": [list(p) for p in pairs], "train_frames": clip, "frames_per_block": setup[1],
-                  "latent_size": list(setup[2]), "window": clip, "cache": f"rolling window {clip}",
+                  "latent_size": list(setup[2]), "window": clip,
+                  "cache": f"rolling window {clip} + each model's attention sink (models.*.training[].sink)",
                   "frames": [n * clip for n in proto.lengths], "prompt_list": prompts,
                   "units": "(training seed, prompt) pairs; sampling seeds averaged within a unit"},
         "models": info, "metrics": metric_names, "errors": list(errors),
@@ -325,8 +328,14 @@ def run_protocol(models: Mapping[str, Sequence[str]], out_dir: str, proto: Proto
 
 
 def _model_meta(meta: Mapping) -> dict:
-    keep = ("role", "name", "steps_trained", "steps", "shift", "frames_per_block", "compute", "shared_teacher")
+    """What results.json reports of a model's training and sampling: the stored entries below (``method`` and
+    ``solver`` name how a Resampling Forcing export is sampled), the attention sink it was evaluated with."""
+    from ..sf_model.window import checkpoint_sink
+
+    keep = ("role", "name", "method", "steps_trained", "steps", "shift", "solver", "frames_per_block", "compute",
+            "shared_teacher")
     out = {k: meta[k] for k in keep if k in meta}
+    out["sink"] = checkpoint_sink(meta)
     training = meta.get("training")
     if isinstance(training, Mapping):
         out["stage_steps"] = training.get("steps_trained")
