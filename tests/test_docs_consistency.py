@@ -162,3 +162,22 @@ def test_the_link_check_catches_a_missing_file_and_heading(tmp_path):
     assert slug("`self-forcing download`: the weights") == "self-forcing-download-the-weights"
     assert slug("Measured on one H200 (random weights, 2026-12-03)") == \
         "measured-on-one-h200-random-weights-2026-12-03"
+
+
+# -- tests the docs cite ---------------------------------------------------------------------------------
+def test_every_test_the_docs_cite_exists():
+    """`test_x.py::test_name` and `::test_name` (same file as the one before) name a test that is defined."""
+    defined = {}
+    for path in (ROOT / "tests").glob("*.py"):
+        defined[path.name] = set(re.findall(r"^\s*def (test_\w+)", path.read_text(encoding="utf-8"), flags=re.M))
+    cited, missing = 0, []
+    for page in PAGES:
+        text = (ROOT / page).read_text(encoding="utf-8")
+        current = None
+        for file, name in re.findall(r"(?:(test_\w+\.py))?::(test_\w+)", text):
+            current = file or current
+            cited += 1
+            if current not in defined or name not in defined[current]:
+                missing.append(f"{page}: {current}::{name}")
+    assert cited > 20, "the docs cite tests by name (security.md); the pattern found too few"
+    assert not missing, "tests the docs cite but tests/ lacks:\n" + "\n".join(missing)
