@@ -10,7 +10,8 @@ step, a generator update every ``critic_ratio``) with the parallel scheme of ``r
 options joined with ``+``: ``ac`` (activation checkpointing of generator and critic), ``offload``
 (CPUOffloadPolicy for the trained blocks; fsdp only), ``shardreal`` (the real score sharded too,
 ``engine.shard_frozen``; fsdp only). Sizes: ``toy`` (the demo DiT of ``training/configs/toy_gpu.toml``, 12x16x16
-latents) and ``wan`` (Wan2.1-T2V-1.3B generator/critic and a 1.3B real score, --frames x --height x --width).
+latents) and ``wan`` (Wan2.1-T2V-1.3B generator/critic and a 1.3B real score, or the paper's 14B with
+``--real-score 14b``; --frames x --height x --width).
 
 Per configuration: seconds per generator and critic step (the first of each left out of the mean), peak
 memory (max over processes), whether the losses are finite, and with ``--checkpoint`` the seconds of one
@@ -38,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from self_forcing.benchmarks.wan_random import random_model
-from self_forcing.sf_model.config import WAN_1_3B, WanConfig
+from self_forcing.sf_model.config import WAN_1_3B, WAN_14B, WanConfig
 
 SIZES = ("toy", "wan")
 SCHEMES = ("fsdp", "ddp")
@@ -85,7 +86,8 @@ def run_config(size: str, scheme: str, opts: set[str], args, device: torch.devic
     cfg_model = TINY if args.tiny else (TOY if size == "toy" else WAN_1_3B.replace(text_len=args.text_len))
     frames, h, w = ((6, 4, 4) if args.tiny else (12, 16, 16) if size == "toy" else (args.frames, args.height, args.width))
     name = f"{size}:{'+'.join([scheme, *sorted(opts)])}"
-    res = {"config": name, "status": "ok", "world_size": world}
+    res = {"config": name, "status": "ok", "world_size": world,
+           "real_score": "tiny" if args.tiny else "toy" if size == "toy" else args.real_score}
     rt = Runtime(device, precision, rank, world, rank, parallel=scheme, optimizer_offload="offload" in opts,
                  group=True)
     cfg = load_config(data={
@@ -101,7 +103,9 @@ def run_config(size: str, scheme: str, opts: set[str], args, device: torch.devic
     try:
         gen = random_model(cfg_model, device, torch.float32, 1).train().requires_grad_(True)
         critic = random_model(cfg_model, device, torch.float32, 2).train().requires_grad_(True)
-        real = random_model(cfg_model, device, frozen, 3)
+        real_cfg = cfg_model if args.tiny or size == "toy" or args.real_score == "1.3b" else \
+            WAN_14B.replace(text_len=args.text_len)
+        real = random_model(real_cfg, device, frozen, 3)
         if "ac" in opts:
             gen.set_activation_checkpointing(True)
             critic.set_activation_checkpointing(True)
@@ -167,6 +171,8 @@ def main(argv=None) -> int:
     ap.add_argument("--height", type=int, default=60)
     ap.add_argument("--width", type=int, default=104)
     ap.add_argument("--text-len", type=int, default=512)
+    ap.add_argument("--real-score", default="1.3b", choices=("1.3b", "14b"),
+                    help="the real score of the wan size (14b: the paper's; toy and --tiny use their own size)")
     ap.add_argument("--checkpoint", action="store_true", help="also time a sharded save/load and the export gather")
     ap.add_argument("--tmp", default=tempfile.gettempdir(), help="where --checkpoint writes (deleted after)")
     ap.add_argument("--tiny", action="store_true", help="tiny dims (CPU smoke test)")
