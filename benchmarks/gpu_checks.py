@@ -48,6 +48,7 @@ def main():
     p.add_argument("--compile", action="store_true")
     args = p.parse_args()
     dev = torch.device("cuda")
+    print(f"device: {torch.cuda.get_device_name(dev)}, torch {torch.__version__}", flush=True)
     cfg = TINY.replace(dim=256, num_heads=2, ffn_dim=512, num_layers=3)  # head_dim 128 like Wan
     m = random_model(cfg, dev)
     g = torch.Generator(dev).manual_seed(0)
