@@ -26,19 +26,15 @@ Model' on the base and on the hand-merged file -> the same sampler. Passes when:
 
 Defaults as tests/comfy_lora_e2e.py: $COMFY_DIR, else $COMFY_HARNESS_HOME/ComfyUI (COMFY_HARNESS_HOME default
 ~/comfy-harness); the python of $COMFY_VENV (default $COMFY_HARNESS_HOME/venv). Nothing is written into ComfyUI.
+The command line, the model, the LoRA and the run in ComfyUI are tests/comfy_inprocess.py's.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from comfy_inprocess import parse_args, report, run_in_comfy, wan_shaped_model, with_random_lora
 
 COMFY_SIDE = r'''
 import json, sys
@@ -140,30 +136,19 @@ print(json.dumps(res))
 
 def write_files(work: Path) -> None:
     """base.safetensors, lora.safetensors (core's key format), merged.safetensors (merged by hand), prompt.pt."""
-    import copy
-
     import torch
     from safetensors.torch import load_file
 
     from self_forcing.sf_model.checkpoint import load_state_dict_file, save_model
-    from self_forcing.sf_model.config import WanConfig
-    from self_forcing.training.config import LoraConfig
-    from self_forcing.training.lora import apply_lora, save_lora
-    from self_forcing.training.models import build_model
+    from self_forcing.training.lora import save_lora
 
-    cfg = WanConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=4096, text_len=512, freq_dim=256)
-    base = build_model(cfg, 0, torch.device("cpu"))
+    cfg, base = wan_shaped_model()
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():  # every weight random (the init zeroes the head: the output would not depend on the rest)
         for p in base.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * (0.5 / max(1, p.shape[-1]) ** 0.5))
     save_model(str(work / "base.safetensors"), base, cfg, dtype=torch.float32)
-    model = apply_lora(copy.deepcopy(base), LoraConfig(rank=8, alpha=4.0), seed=1)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if ".lora_B." in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    model = with_random_lora(base, 0.5)
     save_lora(str(work / "lora.safetensors"), model, {"base": "base.safetensors"}, dtype=torch.float32)
     # The merge by hand, from the LoRA file itself.
     sd, config, _, _, _ = load_state_dict_file(str(work / "base.safetensors"))
@@ -183,26 +168,11 @@ def write_files(work: Path) -> None:
 
 
 def main() -> int:
-    home = Path(os.environ.get("COMFY_HARNESS_HOME", Path.home() / "comfy-harness"))
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--comfy-dir", default=os.environ.get("COMFY_DIR", str(home / "ComfyUI")))
-    ap.add_argument("--comfy-python", default=str(Path(os.environ.get("COMFY_VENV", home / "venv")) / "bin" / "python"))
-    ap.add_argument("--work", default=None, help="folder for the files (default: a new temporary folder)")
-    args = ap.parse_args()
-    work = Path(args.work or tempfile.mkdtemp(prefix="comfy_core_model_e2e_"))
-    work.mkdir(parents=True, exist_ok=True)
+    args, work = parse_args(__doc__, "comfy_core_model_e2e_")
     write_files(work)
-    pkg = work / "pkg"  # the package importable as self_forcing in ComfyUI's python, without installing it
-    pkg.mkdir(exist_ok=True)
-    if not (pkg / "self_forcing").exists():
-        (pkg / "self_forcing").symlink_to(REPO, target_is_directory=True)
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": os.pathsep.join([args.comfy_dir, str(pkg)])}
-    proc = subprocess.run([args.comfy_python, "-c", COMFY_SIDE, str(work)], cwd=args.comfy_dir, env=env,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(proc.stdout, proc.stderr, sep="\n")
+    r = run_in_comfy(args, COMFY_SIDE, work, with_package=True)
+    if r is None:
         return 1
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
     checks = {
         "core UNETLoader gives a core MODEL (Wan)": r["is_core"] == [True, True] and r["core_class"].startswith("WAN"),
         "the LoRA patches weights": r["lora_patches"] > 0,
@@ -222,10 +192,7 @@ def main() -> int:
         "model input 'SELF_FORCING_MODEL,MODEL' takes both links, not others":
             r["input_type"] == "SELF_FORCING_MODEL,MODEL" and r["link_ours"] and r["link_core"] and not r["link_vae"],
     }
-    print(json.dumps({"work": str(work), **r}, indent=1))
-    for name, ok in checks.items():
-        print(("PASS " if ok else "FAIL ") + name)
-    return 0 if all(checks.values()) else 1
+    return report({"work": str(work), **r}, checks)
 
 
 if __name__ == "__main__":

@@ -13,18 +13,16 @@ equal the merged ones (float32, max |diff| <= 1e-5).
     python tests/comfy_lora_e2e.py [--comfy-dir DIR] [--comfy-python PY] [--work DIR]
 
 Defaults: $COMFY_DIR, else $COMFY_HARNESS_HOME/ComfyUI (COMFY_HARNESS_HOME default ~/comfy-harness); the
-python of $COMFY_VENV (default $COMFY_HARNESS_HOME/venv). Nothing is written into ComfyUI (no bytecode).
+python of $COMFY_VENV (default $COMFY_HARNESS_HOME/venv). Nothing is written into ComfyUI (no bytecode). The
+command line, the model, the LoRA and the run in ComfyUI are tests/comfy_inprocess.py's.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+from comfy_inprocess import parse_args, report, run_in_comfy, wan_shaped_model, with_random_lora
 
 COMFY_SIDE = r'''
 import json, logging, sys
@@ -59,24 +57,14 @@ print(json.dumps({"model_class": type(base.model).__name__, "is_wan21": isinstan
 
 def write_files(work: Path) -> list[str]:
     """Base, LoRA and merged files; returns the ComfyUI weight keys the LoRA must patch."""
-    import copy
-
     import torch
 
-    from self_forcing.sf_model.config import WanConfig
-    from self_forcing.training.config import LoraConfig
-    from self_forcing.training.lora import apply_lora, lora_weights, merge_lora, save_lora
-    from self_forcing.training.models import build_model, save_dit
+    from self_forcing.training.lora import lora_weights, merge_lora, save_lora
+    from self_forcing.training.models import save_dit
 
-    cfg = WanConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=4096, text_len=512, freq_dim=256)
-    base = build_model(cfg, 0, torch.device("cpu"))
+    cfg, base = wan_shaped_model()
     save_dit(str(work / "base.safetensors"), base, cfg, "causal_init", dtype=torch.float32)
-    model = apply_lora(copy.deepcopy(base), LoraConfig(rank=8, alpha=4.0), seed=1)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if ".lora_B." in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    model = with_random_lora(base, 0.05)
     names = sorted(lora_weights(model))
     save_lora(str(work / "lora.safetensors"), model, {"base": "base.safetensors"}, dtype=torch.float32)
     save_dit(str(work / "merged.safetensors"), merge_lora(model), cfg, "self_forcing", dtype=torch.float32)
@@ -84,22 +72,11 @@ def write_files(work: Path) -> list[str]:
 
 
 def main() -> int:
-    home = Path(os.environ.get("COMFY_HARNESS_HOME", Path.home() / "comfy-harness"))
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--comfy-dir", default=os.environ.get("COMFY_DIR", str(home / "ComfyUI")))
-    ap.add_argument("--comfy-python", default=str(Path(os.environ.get("COMFY_VENV", home / "venv")) / "bin" / "python"))
-    ap.add_argument("--work", default=None, help="folder for the three files (default: a new temporary folder)")
-    args = ap.parse_args()
-    work = Path(args.work or tempfile.mkdtemp(prefix="comfy_lora_e2e_"))
-    work.mkdir(parents=True, exist_ok=True)
+    args, work = parse_args(__doc__, "comfy_lora_e2e_")
     expected = write_files(work)
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": args.comfy_dir}
-    proc = subprocess.run([args.comfy_python, "-c", COMFY_SIDE, str(work)], cwd=args.comfy_dir, env=env,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(proc.stdout, proc.stderr, sep="\n")
+    result = run_in_comfy(args, COMFY_SIDE, work)
+    if result is None:
         return 1
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
     checks = {
         "detected as Wan 2.1": result["is_wan21"],
         "every LoRA key loaded": not result["warnings"],
@@ -108,11 +85,8 @@ def main() -> int:
         "same keys as the merged file": result["same_keys"],
         "patched == merged (<= 1e-5)": result["max_abs_diff"] <= 1e-5,
     }
-    print(json.dumps({"work": str(work), "model_class": result["model_class"], "patched": len(result["patched"]),
-                      "max_abs_diff": result["max_abs_diff"], "warnings": result["warnings"][:3]}, indent=1))
-    for name, ok in checks.items():
-        print(("PASS " if ok else "FAIL ") + name)
-    return 0 if all(checks.values()) else 1
+    return report({"work": str(work), "model_class": result["model_class"], "patched": len(result["patched"]),
+                   "max_abs_diff": result["max_abs_diff"], "warnings": result["warnings"][:3]}, checks)
 
 
 if __name__ == "__main__":
