@@ -308,8 +308,70 @@ def long_video_minute() -> Graph:
     return g
 
 
+# -- core MODEL workflows: core loaders (UNETLoader, LoraLoaderModelOnly) into our sampler -------------------
+CORE_LORA = "my_self_forcing_lora.safetensors"
+KREA_14B = "krea-realtime-video-14b.safetensors"
+EMBEDS = "fox_in_snow_00001.safetensors"
+EMBEDS_NOTE = (f"- `models/text_embeds/{EMBEDS}`: the prompt, encoded once by the *self_forcing_save_text_embeds* "
+               "workflow (so no text encoder is loaded here). To type prompts instead, replace 'Load Text "
+               "Embeddings' with core Load CLIP (type wan) + CLIP Text Encode: the sampler's *positive* takes either.\n")
+
+
+def core_lora() -> Graph:
+    g = Graph("self_forcing_core_lora",
+              "Core loader + LoRA: ComfyUI's own Load Diffusion Model (UNETLoader) and LoraLoaderModelOnly feed the "
+              "Self Forcing Stream Sampler a core MODEL; ComfyUI loads, patches and manages the weights. 81 frames "
+              "at 832x480.",
+              note=(f"## Files this workflow needs\n"
+                    f"- `models/diffusion_models/{weights.SELF_FORCING.name}`: Self Forcing in Wan/ComfyUI key names "
+                    f"(`self-forcing download` writes it); any causal Wan 2.1 checkpoint core UNETLoader reads works "
+                    f"(for a `.pt` training checkpoint, e.g. `rolling_forcing_dmd.pt`, use 'Load Self Forcing Model "
+                    f"(core MODEL)' instead of UNETLoader)\n"
+                    f"- `models/loras/{CORE_LORA}`: a LoRA for that model in ComfyUI's key format "
+                    "(`diffusion_model.blocks.N.<linear>.lora_down/lora_up/alpha`, what `self-forcing train` with a "
+                    "LoRA section writes); chain more LoraLoaderModelOnly nodes for more LoRAs\n"
+                    f"- `models/vae/{weights.WAN_VAE.name}` ([download]({weights.WAN_VAE.url}))\n" + EMBEDS_NOTE +
+                    "\nUNETLoader carries no Self Forcing metadata: set *frames_per_block* and *steps* on the sampler "
+                    "to the model's (3 and 1000,750,500,250 for Self Forcing).\n"))
+    model = g.add("UNETLoader", unet_name=weights.SELF_FORCING.name, weight_dtype="default")
+    model = g.add("LoraLoaderModelOnly", model=model, lora_name=CORE_LORA, strength_model=1.0)
+    positive = g.add("SelfForcingLoadTextEmbeds", embeds_name=EMBEDS)
+    vae = _vae(g)
+    latent = g.add("SelfForcingSampler", model=model, positive=positive, width=832, height=480, length=81,
+                   **_sampling())
+    _save(g, latent, vae, "video/self_forcing_core_lora")
+    return g
+
+
+def low_memory_14b() -> Graph:
+    g = Graph("self_forcing_14b_low_memory",
+              "A 14B causal Wan (Krea Realtime 14B, distilled from Wan 2.1 14B with Self Forcing) at 832x480 with "
+              "the least memory: fp8 weights through core UNETLoader, no text encoder loaded (saved embeddings), "
+              "ComfyUI's model management on the core MODEL.",
+              note=(f"## Files this workflow needs\n"
+                    f"- `models/diffusion_models/{KREA_14B}` (huggingface.co/krea/krea-realtime-video, 28 GB bf16): "
+                    "read as it is published (`model.` key prefix); any Wan 2.1 14B causal checkpoint in Wan/ComfyUI "
+                    "names works the same\n"
+                    f"- `models/vae/{weights.WAN_VAE.name}` ([download]({weights.WAN_VAE.url}))\n" + EMBEDS_NOTE +
+                    "\n## Memory\n"
+                    "- *weight_dtype* fp8_e4m3fn: ComfyUI keeps the 14B weights in fp8 (about 14 GB instead of 28 GB "
+                    "in bf16); the saved embeddings spare the 11 GB umT5-XXL text encoder.\n"
+                    "- Today the sampler computes in bf16 and casts the core MODEL's weights for the run, so the "
+                    "GPU still needs room for the weights in bf16 during sampling; a smaller *length* or size "
+                    "lowers only the activations and the KV cache.\n"
+                    "- Krea trained with 3 frames per block and Self Forcing's step list (the sampler's defaults "
+                    "here); its demo server's KV re-computation is not reproduced.\n"))
+    model = g.add("UNETLoader", unet_name=KREA_14B, weight_dtype="fp8_e4m3fn")
+    positive = g.add("SelfForcingLoadTextEmbeds", embeds_name=EMBEDS)
+    vae = _vae(g)
+    latent = g.add("SelfForcingSampler", model=model, positive=positive, width=832, height=480, length=81,
+                   **_sampling())
+    _save(g, latent, vae, "video/self_forcing_14b")
+    return g
+
+
 WORKFLOWS = (t2v_stream, t2v_stream_decode, long_video, extend, image_to_video, save_embeds, t2v_from_embeds,
-             toy_demo, toy_prompt_switch, long_video_minute)
+             toy_demo, toy_prompt_switch, long_video_minute, core_lora, low_memory_14b)
 
 
 # -- writers ---------------------------------------------------------------------------------------
@@ -360,6 +422,7 @@ def to_ui(g: Graph, schemas: dict) -> dict:
             if link is not None:
                 link[4] = len(ins)
                 link[5] = entry["type"]
+                entry["type"] = _socket_type(entry["type"], g, link, schemas)
                 entry["link"] = link[0]
             ins.append(entry)
         outs = [{"name": name, "type": t, "slot_index": i, "links": outputs_links.get((n.id, i), [])}
@@ -400,6 +463,17 @@ def to_ui(g: Graph, schemas: dict) -> dict:
                   "node_versions": {"comfy-core": CORE_VERSION, PACK_ID: PACK_VERSION}},
         "version": 0.4,
     }
+
+
+def _socket_type(accepted: str, g: Graph, link: list, schemas: dict) -> str:
+    """A linked socket's type in the editor's JSON: the input's type, except on an input of several types
+    ('SELF_FORCING_MODEL,MODEL'), which takes the type of what is linked (a core MODEL from UNETLoader: 'MODEL';
+    our loader's output keeps today's 'SELF_FORCING_MODEL', so the files saved before the union are unchanged)."""
+    if "," not in accepted:
+        return accepted
+    src = next(x for x in g.nodes if x.id == link[1])
+    out = schemas[src.type]["output"][link[2]]
+    return out if out in {t.strip() for t in accepted.split(",")} else accepted
 
 
 def _default(schema: dict, name: str):

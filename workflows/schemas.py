@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from ..nodes.catalogue import ALL_NODES
+from ..nodes.core_model import as_in_comfy
 from ..nodes.schema import object_info
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,9 +31,10 @@ def core_schemas(path: Path = CORE_SNAPSHOT) -> dict:
 
 
 def our_schemas() -> dict:
+    """Our nodes' /object_info as ComfyUI shows it (the samplers' model socket also takes a core MODEL)."""
     out = {}
     for spec in ALL_NODES:
-        info = object_info(spec)
+        info = as_in_comfy(spec.node_id, object_info(spec))
         info["_file_inputs"] = [i.name for i in spec.inputs if i.options_source]
         out[spec.node_id] = info
     return out
