@@ -16,7 +16,8 @@ a pickle that would run code is refused). Accepted layouts:
   filled into the metadata where the file says nothing; a separately shipped LoRA (LongLive's ``lora.pt``, or any
   ComfyUI/peft/diffusers LoRA) merged at load with ``lora=``.
 
-A LoRA file given as the model is refused with a message saying to give it as the LoRA. ``inspect_checkpoint``
+A LoRA file given as the model is refused with a message saying to give it as the LoRA; ``convert_lora`` rewrites
+any accepted LoRA in ComfyUI core's key format (for core ``LoraLoaderModelOnly``). ``inspect_checkpoint``
 reads only a safetensors header (config, layout, metadata; no weights), e.g. to recognise a 14B before loading.
 
 Loading is strict: any mismatch raises one ``CheckpointError`` naming missing and unexpected keys and
@@ -37,8 +38,8 @@ from typing import Mapping
 import torch
 
 from .config import WanConfig, check_field, infer_config
-from .layouts import (LORA_TOP_LEVEL, apply_release, dequantize_scaled_fp8, looks_like_lora, merge_lora,
-                      read_lora_state, release_by_key, release_for, strip_prefixes)
+from .layouts import (LORA_TOP_LEVEL, apply_release, comfy_lora_state_dict, dequantize_scaled_fp8, looks_like_lora,
+                      merge_lora, read_lora_state, release_by_key, release_for, strip_prefixes)
 
 FORMAT_KEY = "self_forcing"
 FORMAT_VERSION = 1
@@ -346,6 +347,24 @@ def apply_lora_file(sd: dict, lora: str, strength: float, alpha: float | None = 
         raise CheckpointError(f"{lora}: {e}") from None
     rank = next(iter(factors.values())).rank
     return sd, f"LoRA {name} merged ({desc}, {len(factors)} linears, rank {rank}, strength {strength:g})"
+
+
+def convert_lora(src: str, dst: str, alpha: float | None = None) -> str:
+    """Rewrite a LoRA in any accepted format (LongLive's peft ``lora.pt``, diffusers names) as a safetensors file in
+    ComfyUI core's key format, for core ``LoraLoaderModelOnly`` (``alpha`` where the file stores none; default
+    alpha = rank, LongLive's setting). Atomic write; returns ``dst``."""
+    from safetensors.torch import save_file
+
+    obj, _ = read_file(src)
+    try:
+        factors, _ = read_lora_state(obj, diffusers_to_wan, alpha)
+    except ValueError as e:
+        raise CheckpointError(f"{src}: {e}") from None
+    dst = os.fspath(dst)
+    tmp = dst + ".tmp"
+    save_file(comfy_lora_state_dict(factors, alpha), tmp)
+    publish(tmp, dst)
+    return dst
 
 
 def load_state_dict_file(path: str, lora: str | None = None, lora_strength: float = 1.0,

@@ -238,3 +238,18 @@ def merge_lora(sd: Mapping[str, torch.Tensor], factors: Mapping[str, LoraFactors
         dtype = w.dtype if w.element_size() > 1 else torch.bfloat16
         out[name] = (w.float() + delta.to(w.device)).to(dtype)
     return out
+
+
+def comfy_lora_state_dict(factors: Mapping[str, LoraFactors], alpha: float | None = None) -> dict[str, torch.Tensor]:
+    """Factors ({Wan weight name: LoraFactors}) in ComfyUI core's LoRA key format, which core
+    ``LoraLoaderModelOnly`` reads for Wan models: ``diffusion_model.<linear>.lora_down.weight`` / ``lora_up.weight``
+    and ``alpha`` (float32 scalar; alpha = rank where neither the factors nor ``alpha`` give one)."""
+    out = {}
+    for name, f in factors.items():
+        key = "diffusion_model." + (name[: -len(".weight")] if name.endswith(".weight") else name)
+        a = f.alpha if f.alpha is not None else (alpha if alpha is not None else f.rank)
+        out[f"{key}.lora_down.weight"] = f.down.detach().cpu().contiguous()
+        out[f"{key}.lora_up.weight"] = f.up.detach().cpu().contiguous()
+        out[f"{key}.alpha"] = torch.tensor(float(a), dtype=torch.float32)
+    return out
+

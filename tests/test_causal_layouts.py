@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from self_forcing.sf_model.checkpoint import (CheckpointError, inspect_checkpoint, load_model, load_state_dict_file,
+from self_forcing.sf_model.checkpoint import (CheckpointError, convert_lora, inspect_checkpoint, load_model,
                                               save_model, wan_to_diffusers)
 from self_forcing.sf_model.config import TINY, WAN_1_3B, WAN_14B, size_name
 from self_forcing.sf_model.layouts import release_for
@@ -78,6 +78,16 @@ def test_longlive_base_plus_lora_merged_and_window_read(tmp_path):
     # LongLive's local_attn_size 12 / sink_size 3 -> our window 9 after a sink of 3
     assert checkpoint_window(loaded.meta) == 9 and checkpoint_sink(loaded.meta) == 3
     assert checkpoint_frames_per_block(loaded.meta) == 3
+
+    # for core LoraLoaderModelOnly: the same LoRA in ComfyUI's key format merges to the same weights
+    comfy = convert_lora(str(tmp_path / "lora.pt"), str(tmp_path / "longlive_lora_comfy.safetensors"))
+    from safetensors.torch import load_file
+    keys = load_file(comfy)
+    assert keys["diffusion_model.blocks.0.self_attn.q.alpha"].item() == rank
+    torch.testing.assert_close(keys["diffusion_model.blocks.0.self_attn.q.lora_up.weight"], up[Q])
+    again = load_model(str(tmp_path / "longlive_base.pt"), lora=comfy, lora_strength=0.5)
+    for k in expect:
+        torch.testing.assert_close(again.model.state_dict()[k], got[k], rtol=0, atol=0)
 
 
 def test_rolling_forcing_attention(tmp_path):
