@@ -11,7 +11,9 @@ Checked against each project's released code and configs (facts only; December 2
 | Krea Realtime 14B (krea-ai/realtime-video) | ``krea-realtime-video-14b.safetensors`` | flat safetensors, ``model.`` keys, Wan 2.1 14B shapes | 3 frames per block, Self Forcing's step list (1000/937/833/625 = 1000/750/500/250 warped) |
 
 None of these files says which project made it (their weights have one architecture), so a release is recognised
-by its published file name (``release_for``); a file's own metadata always wins over a release's defaults. What
+by its published file name (``release_for``), and only files without our metadata get a release's settings (a file
+we wrote says what it is itself). Their fp8 variants are not separate files: LongLive's and Krea's fp8 are quantised at
+run time from the bf16 weights (torchao); fp8 files made for ComfyUI are read as below. What
 these projects do beyond one step list and one KV cache is not reproduced by our sampler and is left out of the
 defaults: Rolling Forcing's joint denoising of several blocks, Causal Forcing++'s 4-step first chunk, Krea's KV
 re-computation of its context frames. LongLive 2.0 is a Wan 2.2 TI2V-5B model (48 latent channels): not a Wan 2.1
