@@ -181,11 +181,14 @@ def _strip_wrappers(key: str) -> str:
     return key
 
 
-def normalize_state_dict(obj: Mapping) -> tuple[dict[str, torch.Tensor], str]:
-    """Bring any accepted layout to bare Wan names; returns (state_dict, layout description)."""
+def normalize_state_dict(obj: Mapping, entry: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """Bring any accepted layout to bare Wan names; returns (state_dict, layout description).
+
+    ``entry``: the training checkpoint's entry to read when present (a release's, e.g. LongLive reads
+    'generator'); else the first of ``TOP_LEVEL_CHOICES`` (EMA first)."""
     layout = []
     picked = None
-    for name in TOP_LEVEL_CHOICES:
+    for name in ((entry,) if entry else ()) + TOP_LEVEL_CHOICES:
         if name in obj and isinstance(obj[name], Mapping):
             picked = name
             break
@@ -314,15 +317,19 @@ def file_metadata(file_meta: Mapping, path: str) -> dict:
     return meta
 
 
-def with_release(meta: dict, path: str, release: str | None, layout: str) -> tuple[dict, str]:
-    """Fill a public release's trained settings into the metadata of a file that carries none of ours
-    (``release``: "auto" = by the file name, a key of ``sf_model.layouts.RELEASES``, or None = never)."""
+def find_release(meta: dict, path: str, release: str | None):
+    """The public release a file without our metadata is (``release``: "auto" = by the file name, a key of
+    ``sf_model.layouts.RELEASES``, or None = never); None when it has our metadata or none matches."""
     if release is None or meta:
-        return meta, layout
+        return None
     try:
-        found = release_for(path) if release == "auto" else release_by_key(release)
+        return release_for(path) if release == "auto" else release_by_key(release)
     except ValueError as e:
         raise CheckpointError(str(e)) from None
+
+
+def with_release(meta: dict, found, release: str | None, layout: str) -> tuple[dict, str]:
+    """Fill a release's (``find_release``) trained settings into the metadata and name it in the layout."""
     if found is None:
         return meta, layout
     how = "by file name" if release == "auto" else "as asked"
@@ -377,8 +384,9 @@ def load_state_dict_file(path: str, lora: str | None = None, lora_strength: floa
     obj, file_meta = read_file(path)
     meta = file_metadata(file_meta, path)
     obj, extras = split_bundle(obj, meta.get("bundle", []))
-    sd, layout = normalize_state_dict(obj)
-    meta, layout = with_release(meta, path, release, layout)
+    found = find_release(meta, path, release)
+    sd, layout = normalize_state_dict(obj, found.entry if found else None)
+    meta, layout = with_release(meta, found, release, layout)
     check_finite(sd, path)
     if lora is not None:
         sd, note = apply_lora_file(sd, lora, float(lora_strength), lora_alpha)
@@ -433,8 +441,9 @@ def inspect_checkpoint(path: str, release: str | None = "auto") -> tuple[WanConf
     tensors, file_meta = read_header(path)
     meta = file_metadata(file_meta, path)
     rest, extras = split_bundle(tensors, meta.get("bundle", []))
-    sd, layout = normalize_state_dict(rest)
-    meta, layout = with_release(meta, path, release, layout)
+    found = find_release(meta, path, release)
+    sd, layout = normalize_state_dict(rest, found.entry if found else None)
+    meta, layout = with_release(meta, found, release, layout)
     try:
         config = WanConfig.from_dict(meta["model"]) if "model" in meta else infer_config(sd)
     except (KeyError, ValueError) as e:

@@ -4,10 +4,10 @@ Checked against each project's released code and configs (facts only; December 2
 
 | release (``RELEASES``) | file | layout | trained attention / sampling |
 | --- | --- | --- | --- |
-| Self Forcing (guandeh17/Self-Forcing) | ``self_forcing_dmd.pt`` | ``{"generator", "generator_ema", ...}``, ``model.`` keys | 3 frames per block, one cache for the clip, 4 warped steps |
-| LongLive 1.0 (NVlabs/LongLive) | ``longlive_base.pt`` + ``lora.pt`` | base as Self Forcing (or ``{"model"}``); LoRA ``{"generator_lora": peft keys}``, rank 256, alpha 256 | 3 frames per block, ``local_attn_size 12``, ``sink_size 3`` |
+| Self Forcing (guandeh17/Self-Forcing) | ``self_forcing_dmd.pt`` | ``{"generator", "generator_ema", ...}``, ``model.`` keys; EMA read | 3 frames per block, one cache for the clip, 4 warped steps |
+| LongLive 1.0 (NVlabs/LongLive) | ``longlive_base.pt`` + ``lora.pt`` | base as Self Forcing (or ``{"model"}``), ``generator`` read (``use_ema: false``); LoRA ``{"generator_lora": peft keys}``, rank 256, alpha 256 | 3 frames per block, ``local_attn_size 12``, ``sink_size 3`` |
 | Rolling Forcing (TencentARC/RollingForcing) | ``rolling_forcing_dmd.pt`` | as Self Forcing (EMA keys with ``_fsdp_wrapped_module.``) | 3 frames per block, the first block kept as a sink, 21 frames attended (``local_attn_size 21``, ``sink_size 3``), 5 warped steps 1000..200 |
-| Causal Forcing (thu-ml/Causal-Forcing) | ``chunkwise/causal_forcing.pt``, ``framewise/causal_forcing.pt``, ``framewise-2step.pt``, ``framewise-1step.pt``, ``chunkwise/longvideo.pt`` | as Self Forcing (``model._fsdp_wrapped_module.`` keys possible) | chunk-wise 3 / frame-wise 1 frame per block; 4, 2 or 1 warped steps |
+| Causal Forcing (thu-ml/Causal-Forcing) | ``chunkwise/causal_forcing.pt``, ``framewise/causal_forcing.pt``, ``framewise-2step.pt``, ``framewise-1step.pt``, ``chunkwise/longvideo.pt`` | as Self Forcing (``model._fsdp_wrapped_module.`` keys possible); ``generator`` read for chunk-wise (run without ``--use_ema``), EMA for the others | chunk-wise 3 / frame-wise 1 frame per block; 4, 2 or 1 warped steps; ``longvideo.pt`` runs on Rolling Forcing's code (21 frames incl. a 3-frame sink) |
 | Krea Realtime 14B (krea-ai/realtime-video) | ``krea-realtime-video-14b.safetensors`` | flat safetensors, ``model.`` keys, Wan 2.1 14B shapes | 3 frames per block, Self Forcing's step list (1000/937/833/625 = 1000/750/500/250 warped) |
 
 None of these files says which project made it (their weights have one architecture), so a release is recognised
@@ -57,13 +57,16 @@ class Release:
     title: str
     names: tuple[str, ...]          # regexes searched in the lower-cased file name (with its parent folder)
     meta: dict = field(default_factory=dict)
+    # The training checkpoint's entry the project's own inference reads ('generator_ema' with --use_ema, else
+    # 'generator'); None = our default order (EMA first).
+    entry: str | None = None
 
 
 _SF_STEPS = [1000, 750, 500, 250]
 RELEASES: tuple[Release, ...] = (
     Release("longlive", "LongLive (NVlabs, Wan 2.1 1.3B)", (r"longlive",),
             {"frames_per_block": 3, "local_attn_size": 12, "sink_size": 3, "steps": _SF_STEPS, "shift": 5.0,
-             "warp": True}),
+             "warp": True}, entry="generator"),  # configs: use_ema false
     Release("rolling_forcing", "Rolling Forcing (TencentARC)", (r"rolling[_-]?forcing",),
             {"frames_per_block": 3, "local_attn_size": 21, "sink_size": 3, "steps": [1000, 800, 600, 400, 200],
              "shift": 5.0, "warp": True}),
@@ -74,8 +77,13 @@ RELEASES: tuple[Release, ...] = (
     Release("causal_forcing_framewise", "Causal Forcing frame-wise (thu-ml)", (r"framewise.*causal[_-]?forcing",
                                                                                 r"causal[_-]?forcing.*framewise"),
             {"frames_per_block": 1, "steps": _SF_STEPS, "shift": 5.0, "warp": True}),
+    Release("causal_forcing_longvideo", "Causal Forcing long video (thu-ml, Rolling Forcing's code)",
+            (r"chunkwise/longvideo",),
+            {"frames_per_block": 3, "local_attn_size": 21, "sink_size": 3, "steps": _SF_STEPS, "shift": 5.0,
+             "warp": True}, entry="generator_ema"),
     Release("causal_forcing", "Causal Forcing chunk-wise (thu-ml)", (r"causal[_-]?forcing", r"chunkwise"),
-            {"frames_per_block": 3, "steps": _SF_STEPS, "shift": 5.0, "warp": True}),
+            {"frames_per_block": 3, "steps": _SF_STEPS, "shift": 5.0, "warp": True},
+            entry="generator"),  # its README runs the chunk-wise model without --use_ema
     Release("krea_realtime_14b", "Krea Realtime 14B (krea-ai)", (r"krea",),
             {"frames_per_block": 3, "steps": _SF_STEPS, "shift": 5.0, "warp": True}),
     Release("self_forcing", "Self Forcing (guandeh17)", (r"self[_-]?forcing",),

@@ -52,7 +52,9 @@ def test_self_forcing_training_checkpoint_picks_ema_and_release(tmp_path):
 
 def test_longlive_base_plus_lora_merged_and_window_read(tmp_path):
     base = tiny_sd(4)
-    torch.save({"generator": prefixed(base, "model.")}, tmp_path / "longlive_base.pt")
+    # LongLive's inference reads 'generator' (use_ema: false), also when the file holds an EMA
+    torch.save({"generator": prefixed(base, "model."), "generator_ema": prefixed(tiny_sd(14), "model.")},
+               tmp_path / "longlive_base.pt")
     rank = 2
     down = {k: torch.randn(rank, base[k].shape[1]) for k in (Q, FFN)}
     up = {k: torch.randn(base[k].shape[0], rank) for k in (Q, FFN)}
@@ -102,21 +104,23 @@ def test_rolling_forcing_attention(tmp_path):
     assert loaded.meta["steps"] == [1000, 800, 600, 400, 200]
 
 
-@pytest.mark.parametrize("name, fpb, steps", [
-    ("chunkwise/causal_forcing.pt", 3, [1000, 750, 500, 250]),
-    ("framewise/causal_forcing.pt", 1, [1000, 750, 500, 250]),
-    ("causal-forcing++/framewise-2step.pt", 1, [1000, 500]),
-    ("causal-forcing++/framewise-1step.pt", 1, [1000]),
+@pytest.mark.parametrize("name, fpb, steps, entry, window", [
+    ("chunkwise/causal_forcing.pt", 3, [1000, 750, 500, 250], "generator", None),  # run without --use_ema
+    ("framewise/causal_forcing.pt", 1, [1000, 750, 500, 250], "generator_ema", None),
+    ("causal-forcing++/framewise-2step.pt", 1, [1000, 500], "generator_ema", None),
+    ("causal-forcing++/framewise-1step.pt", 1, [1000], "generator_ema", None),
+    ("chunkwise/longvideo.pt", 3, [1000, 750, 500, 250], "generator_ema", 18),
 ])
-def test_causal_forcing_variants(tmp_path, name, fpb, steps):
-    sd = tiny_sd(6)
+def test_causal_forcing_variants(tmp_path, name, fpb, steps, entry, window):
+    sds = {"generator": tiny_sd(6), "generator_ema": tiny_sd(13)}
     path = tmp_path / name
     path.parent.mkdir(parents=True)
-    torch.save({"generator": prefixed(sd, "model._fsdp_wrapped_module.")}, path)
+    torch.save({k: prefixed(v, "model._fsdp_wrapped_module.") for k, v in sds.items()}, path)
     loaded = load_model(str(path))
-    assert_same(loaded, sd)
-    assert "Causal Forcing" in loaded.layout
+    assert_same(loaded, sds[entry])  # the entry the project's own inference command reads
+    assert f"['{entry}']" in loaded.layout and "Causal Forcing" in loaded.layout
     assert checkpoint_frames_per_block(loaded.meta) == fpb and loaded.meta["steps"] == steps
+    assert checkpoint_window(loaded.meta) == window
 
 
 def test_release_can_be_named_or_switched_off(tmp_path):
@@ -259,6 +263,6 @@ def test_wan22_5b_is_refused(tmp_path):
 
 def test_release_names():
     assert release_for("/m/self_forcing_dmd.pt").key == "self_forcing"
-    assert release_for("checkpoints/chunkwise/longvideo.pt").key == "causal_forcing"
+    assert release_for("checkpoints/chunkwise/longvideo.pt").key == "causal_forcing_longvideo"
     assert release_for("longlive_models/models/longlive_base.pt").key == "longlive"
     assert release_for("models/wan2.1_t2v_1.3B_bf16.safetensors") is None
