@@ -316,9 +316,24 @@ class StageClock(ManualClock):
         return timed
 
 
+class LoopTime:
+    """``time`` for ``training.engine`` in the driver test: every reading is 0.1 s after the previous one, so a
+    stage's time budget ends after the same steps however loaded the machine is (the real clock let a busy CPU
+    overshoot the teacher's 1.2 s slice past its 2 s total)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def time(self) -> float:
+        self.now += 0.1
+        return self.now
+
+
 def test_gpu_driver_stops_when_out_of_time_and_continues_where_it_stopped(tmp_path, monkeypatch):
     from self_forcing.scripts import toy_baselines_gpu as drv
-    from self_forcing.training import protocol, stages
+    from self_forcing.training import engine, protocol, stages
+
+    monkeypatch.setattr(engine, "time", LoopTime())
 
     monkeypatch.setitem(drv.PRESETS, "tiny", {
         "teacher_total_s": 2.0, "teacher_slice_s": 1.2, "budget_s": 0.6, "seeds": [0, 1], "max_wall_s": 600,
