@@ -40,6 +40,8 @@ class CachePlan:
 
 
 class KVCache:
+    quantized = False  # stores the compute dtype (``sf_model.speed.kv_fp8.Fp8KVCache``: e4m3 + scales)
+
     def __init__(self, num_layers: int, batch: int, frame_tokens: int, num_heads: int, head_dim: int,
                  *, window: int, sink: int = 0, dtype: torch.dtype, device: torch.device,
                  key_means: bool = False):
@@ -134,21 +136,26 @@ class KVCache:
         """The valid slots of ``layer`` other than the current chunk's, as views of the buffers:
         (key pieces, value pieces, order). ``order`` lists, in slot order, ``(i, -1, 0)`` for history
         piece i and ``(-1, offset, frames)`` for the current chunk's frames; ``assemble`` puts them together."""
-        ft, end = self.frame_tokens, self.plan.valid_frames
+        ft = self.frame_tokens
         kc, vc = self.k[layer], self.v[layer]
-        ks, vs, order, pos = [], [], [], 0
+        spans, order = self.history_spans()
+        return (tuple(kc[:, lo * ft:hi * ft] for lo, hi in spans), tuple(vc[:, lo * ft:hi * ft] for lo, hi in spans),
+                order)
+
+    def history_spans(self) -> tuple[tuple[tuple[int, int], ...], tuple]:
+        """The slot ranges [lo, hi) of ``history``'s pieces and its ``order``."""
+        end = self.plan.valid_frames
+        spans, order, pos = [], [], 0
         for slot, off, n in sorted(self.plan.runs):
             if slot > pos:
-                order.append((len(ks), -1, 0))
-                ks.append(kc[:, pos * ft:slot * ft])
-                vs.append(vc[:, pos * ft:slot * ft])
+                order.append((len(spans), -1, 0))
+                spans.append((pos, slot))
             order.append((-1, off, n))
             pos = slot + n
         if pos < end:
-            order.append((len(ks), -1, 0))
-            ks.append(kc[:, pos * ft:end * ft])
-            vs.append(vc[:, pos * ft:end * ft])
-        return tuple(ks), tuple(vs), tuple(order)
+            order.append((len(spans), -1, 0))
+            spans.append((pos, end))
+        return tuple(spans), tuple(order)
 
     def history_slots(self) -> tuple[int, ...]:
         """The slots ``history`` reads for the current plan."""

@@ -51,6 +51,7 @@ class StreamOptions:
     partial_last_chunk: bool = False  # allow a frame count that is not a multiple of frames_per_block
     solver: str = "renoise"           # between steps: "renoise" (x0 + fresh noise, Self Forcing) or "euler" (flow ODE)
     positions: str = "absolute"       # rolling cache + sink: "absolute" (official) or "rebased" (sf_model.positions)
+    kv_fp8: bool = False              # opt-in, less exact: K/V cache in float8 e4m3 (sf_model.speed.kv_fp8)
 
     def __post_init__(self):
         if isinstance(self.steps, (str, bytes)):
@@ -63,12 +64,16 @@ class StreamOptions:
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
         check_positions(self.positions)
+        if self.kv_fp8 and self.routing_topk is not None:
+            raise ValueError("the FP8 K/V cache (kv_fp8) does not support history routing (routing_topk)")
+        if self.kv_fp8 and self.positions == "rebased" and self.sink:
+            raise ValueError("the FP8 K/V cache (kv_fp8) does not support rebased positions with a sink")
 
     @classmethod
     def from_policy(cls, cache: CachePolicy, *, steps: Sequence[float] = DEFAULT_STEPS, shift: float = DEFAULT_SHIFT,
                     warp: bool = True, context_noise: float = 0.0, **flags) -> "StreamOptions":
         """The options of a run with the cache ``cache`` (its chunk size, window, sink, routing and position
-        rules); ``flags``: ``final_context_pass``, ``partial_last_chunk``, ``solver``."""
+        rules); ``flags``: ``final_context_pass``, ``partial_last_chunk``, ``solver``, ``kv_fp8``."""
         return cls(frames_per_block=cache.frames_per_block, steps=steps, warp=warp, shift=shift,
                    context_noise=context_noise, window=cache.window, sink=cache.sink,
                    routing_topk=cache.routing_topk, extend_positions=cache.extend_positions,
@@ -273,10 +278,17 @@ def stream(model, context, *, num_frames: int, height: int, width: int, seed: in
     frame_tokens = (height // ph) * (width // pw)
     window, sink = cache_slots(opts.window, opts.sink, total)  # no more slots than the run has frames
     own = cache is None
-    if own:
+    if own and opts.kv_fp8:
+        from .speed.kv_fp8 import Fp8KVCache  # opt-in speed feature: imported only when asked for
+
+        cache = Fp8KVCache.for_model(model, batch, frame_tokens, window=window, sink=sink)
+    elif own:
         cache = model.new_cache(batch, frame_tokens, window=window, sink=sink,
                                 key_means=opts.routing_topk is not None)
     else:
+        if getattr(cache, "quantized", False) != opts.kv_fp8:
+            raise ValueError(f"the given cache {'is' if cache.quantized else 'is not'} an FP8 K/V cache but "
+                             f"options.kv_fp8 is {opts.kv_fp8}")
         fits = ((window, sink), (opts.window if opts.window is not None else total, opts.sink))
         if (cache.frame_tokens, cache.batch) != (frame_tokens, batch) or (cache.window, cache.sink) not in fits:
             raise ValueError("the given cache does not match this request (tokens per frame, batch, window, sink)")
@@ -286,6 +298,11 @@ def stream(model, context, *, num_frames: int, height: int, width: int, seed: in
     recaching = schedule is not None and schedule.needs_latents
     positions = StreamPositions(model, cache, window=opts.window, mode=opts.positions,
                                 active=opts.positions == "rebased" or recaching)
+    if positions.active and opts.kv_fp8:
+        if own:
+            cache.release()
+        raise ValueError("the FP8 K/V cache (kv_fp8) cannot re-rotate a sink: no KV re-caching prompt switches "
+                         "with a sink")
     latents = LatentWindow(cache, batch, model.config.in_dim, height, width, model.device) if recaching else None
     at = schedule.index_at if schedule is not None else (lambda _frame: 0)
     start0 = prefix.shape[2] if prefix is not None else 0

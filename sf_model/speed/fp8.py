@@ -31,7 +31,14 @@ def quantize_rows_ref(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor
     xf = x.float()
     if gelu:
         xf = F.gelu(xf, approximate="tanh")
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    return quantize_by_amax(xf, xf.abs().amax(dim=-1, keepdim=True))
+
+
+def quantize_by_amax(xf: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 x and its absolute maximum per block (broadcastable to x, keepdim) -> (fp8, float32 scales)
+    with x ~= q * scale: the block's amax maps to the largest e4m3 value. Shared by the per-row quantisation
+    above and the per-(frame, head) quantisation of the FP8 K/V cache (``kv_fp8``)."""
+    scale = amax.clamp(min=1e-12) / FP8_MAX
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 

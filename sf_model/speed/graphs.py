@@ -92,7 +92,7 @@ class ChunkGraphs:
         # ``static_text``)
         plan = cache.plan
         return (tuple(x.shape), x.dtype, tuple(t.shape), plan.runs, plan.valid_frames,
-                cache.k.data_ptr(), cache.v.data_ptr(), extra)
+                cache.k.data_ptr(), cache.v.data_ptr(), getattr(cache, "graph_key", None), extra)
 
     def static_text(self, text: TextContext) -> TextContext:
         """The graphs read the prompt's cross-attention K/V from one static copy, refreshed (a plain
