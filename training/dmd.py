@@ -154,15 +154,9 @@ class DmdTrainer:
 
     def __init__(self, cfg: TrainConfig, rt: Runtime, world, generator: torch.nn.Module, critic: torch.nn.Module,
                  real_score: torch.nn.Module, reencoder=None):
-        if critic is real_score or critic is generator:
-            raise ValueError("the critic must be a model of its own (not the real score or the generator)")
-        check_generator_architecture(generator, cfg, "generator")
-        check_generator_architecture(critic, cfg, "critic")
-        check_real_score(real_score, cfg)
+        self.real = check_roles(cfg, rt, generator, critic, real_score)
         self.cfg, self.rt, self.world = cfg, rt, world
         dc = self.dc = cfg.dmd
-        # frozen; under FSDP over several processes sharded block by block in its own dtype (1/world each)
-        self.real = shard_frozen(real_score.eval().requires_grad_(False), rt)
         common = dict(betas=dc.betas, weight_decay=dc.weight_decay, grad_clip=dc.grad_clip, warmup=dc.warmup)
         if cfg.lora.enabled:  # adapters on the generator's linears, base frozen (training.lora)
             from .lora import apply_lora
@@ -289,6 +283,19 @@ class DmdTrainer:
 
     def step(self, step: int) -> dict:
         return alternate(step, self.dc.critic_ratio, self.generator_step, self.critic_step)
+
+
+def check_roles(cfg: TrainConfig, rt: Runtime, generator: torch.nn.Module, critic: torch.nn.Module,
+                real_score: torch.nn.Module) -> torch.nn.Module:
+    """The checks every DMD-style trainer (``DmdTrainer``, ``sfpp.SfppTrainer``) makes of its three models;
+    returns the real score frozen and, under FSDP over several processes, sharded block by block in its own
+    dtype (1/world each)."""
+    if critic is real_score or critic is generator:
+        raise ValueError("the critic must be a model of its own (not the real score or the generator)")
+    check_generator_architecture(generator, cfg, "generator")
+    check_generator_architecture(critic, cfg, "critic")
+    check_real_score(real_score, cfg)
+    return shard_frozen(real_score.eval().requires_grad_(False), rt)
 
 
 def alternate(step: int, critic_ratio: int, generator_step: Callable[[int], dict],

@@ -34,8 +34,8 @@ import torch
 
 from ..sf_model.schedule import make_steps
 from .config import TrainConfig
-from .dmd import (alternate, critic_loss, dmd_gradient, dmd_loss, draw_exit, make_reencoder, score_sigmas,
-                  self_forcing_path)
+from .dmd import (alternate, check_roles, critic_loss, dmd_gradient, dmd_loss, draw_exit, make_reencoder,
+                  score_sigmas, self_forcing_path)
 from .engine import Runtime, Trainable, accumulate, read_checkpoint, run_loop, sample_indices, seeded_randn
 from .long_rollout import Window, draw_window, rollout_long
 from .models import load_dit, save_dit
@@ -123,14 +123,9 @@ class SfppTrainer:
     re-encodes a window's first latent (default with ``sfpp.reencode_first``: ``dmd.make_reencoder``)."""
 
     def __init__(self, cfg: TrainConfig, rt: Runtime, world, generator, critic, real_score, reencoder=None):
-        if critic is real_score or critic is generator:
-            raise ValueError("the critic must be a model of its own (not the real score or the generator)")
-        check_generator_architecture(generator, cfg, "generator")
-        check_generator_architecture(critic, cfg, "critic")
-        check_real_score(real_score, cfg)
+        self.real = check_roles(cfg, rt, generator, critic, real_score)  # frozen; sharded over processes
         self.cfg, self.rt, self.world = cfg, rt, world
         sc = self.sc = cfg.sfpp
-        self.real = real_score.eval().requires_grad_(False)
         common = dict(betas=sc.betas, weight_decay=sc.weight_decay, grad_clip=sc.grad_clip, warmup=sc.warmup)
         self.gen = Trainable("generator", generator.train().requires_grad_(True), rt, lr=sc.lr,
                              ema_decay=sc.ema_decay, ema_start=sc.ema_start, **common)
