@@ -8,6 +8,11 @@ core model's current tensors, sharing their storage (no copy when dtype and devi
 unbound again when the run ends, so nothing of ours keeps the weights alive after the run. Bare Wan names are
 ComfyUI's names for the Wan diffusion model (``blocks.0.self_attn.q.weight``, ...), so the keys match one to one.
 
+Weights core stores in float8 (UNETLoader weight_dtype fp8_e4m3fn/fp8_e5m2, or a scaled-fp8 file) are bound as
+they are: our linear layers keep them in float8 and cast one layer at a time when it runs, applying a scaled-fp8
+file's ``scale_weight`` then (``sf_model.weight_cast``), so the run holds no bf16 copy of the model; only the
+small non-linear parameters (patch embedding, norms, modulation) are cast to the compute dtype for the run.
+
 What is read from the patcher is public and long-stable: ``patcher.model.diffusion_model`` (the torch module),
 ``patcher.load_device``, ``patcher.model_dtype()`` and ``patcher.model.manual_cast_dtype`` (the compute dtype of
 weights stored in fp8). The ComfyUI call that loads and patches is passed in (``load``), from ``nodes.comfy``.
@@ -26,14 +31,13 @@ import torch
 
 from ..sf_model.checkpoint import CheckpointError, LoadedModel, check_compatible, load_state_dict_file
 from ..sf_model.config import infer_config
+from ..sf_model.weight_cast import castable, cast_linears, held_bytes, is_float8, split_scales, uncast_linears
 from .model import MODEL_FOLDER, ModelHandle
 from .schema import CAT_LOADERS, MODEL_TYPE, InputSpec, NodeSpec, OutputSpec
 
 CORE_LAYOUT = "core MODEL (ComfyUI ModelPatcher, weights borrowed from ComfyUI)"
 CORE_MODEL_TYPE = "MODEL"
 META_KEY = "self_forcing"  # our checkpoint metadata on a core MODEL: patcher.model_options[META_KEY]["meta"]
-# Keys of core's fp8 'scaled' weights: their scale is applied by core's own ops, which we do not run.
-SCALED_PARTS = ("scale_weight", "scale_input")
 # The nodes whose 'model' socket takes a core MODEL too: in ComfyUI its type is the union below (V3 MultiType,
 # nodes.comfy); their specs keep MODEL_TYPE, so the shipped workflow files and their checks are unchanged.
 CORE_MODEL_NODES = ("SelfForcingSampler", "SelfForcingExtendVideo")
@@ -89,16 +93,10 @@ def compute_dtype(patcher) -> torch.dtype:
     return cast if cast is not None else patcher.model_dtype()
 
 
-def core_state_dict(diffusion_model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The diffusion model's current tensors under bare Wan names (shared, not copied); refuses weights our
-    model cannot run as they are (core's scaled fp8 layout)."""
-    sd = {k: v.detach() for k, v in diffusion_model.state_dict(keep_vars=True).items()}
-    scaled = sorted(k for k in sd if k.rsplit(".", 1)[-1] in SCALED_PARTS)
-    if scaled:
-        raise CheckpointError(f"the core MODEL holds scaled fp8 weights ({scaled[0]}, ... {len(scaled)} scales); the "
-                              "Self Forcing sampler cannot apply their scales: load the model with UNETLoader "
-                              "weight_dtype 'default' (or 'fp8_e4m3fn' unscaled), or with 'Load Self Forcing Model'")
-    return sd
+def core_state_dict(diffusion_model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The diffusion model's current tensors under bare Wan names (shared, not copied), and the ``scale_weight``
+    of each layer of core's scaled fp8 layout by layer name (``scale_input`` is not needed: dropped)."""
+    return split_scales({k: v.detach() for k, v in diffusion_model.state_dict(keep_vars=True).items()})
 
 
 @dataclass
@@ -148,22 +146,50 @@ def _on(t: torch.Tensor, device: torch.device) -> bool:
     return t.device.type == device.type and (device.index is None or t.device.index == device.index)
 
 
-def bind(skeleton: Skeleton, sd: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> int:
-    """Point the skeleton's parameters at ``sd``'s tensors (moved/cast only where they are not already on
-    ``device`` in ``dtype``; those are the only copies). Returns the bytes copied."""
+@dataclass
+class Bound:
+    """What ``bind`` did: bytes copied (cast or moved) for the run, bytes the bound skeleton holds (parameters,
+    buffers, weight scales), and the number of linear layers kept in float8 (cast per layer when they run)."""
+
+    copied: int
+    held: int
+    float8_layers: int
+
+
+def bind(skeleton: Skeleton, sd: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype,
+         scales: dict[str, torch.Tensor] | None = None) -> Bound:
+    """Point the skeleton's parameters at ``sd``'s tensors, moved/cast only where they are not already on
+    ``device`` in ``dtype`` (those are the only copies). Float8 weights (and biases) of linear layers stay
+    float8 (moved if needed, never upcast) and are cast per layer at run time, times their ``scales`` entry
+    (scaled fp8). A scale of any other tensor is folded into it here (a copy)."""
+    scales = dict(scales or {})
+    keep = castable(skeleton.model, sd)
     copied = 0
     ready = {}
     for name, t in sd.items():
-        if not _on(t, device) or t.dtype != dtype:
-            t = t.to(device=device, dtype=dtype)
+        base, _, leaf = name.rpartition(".")
+        if name in keep:
+            target = t.dtype
+        elif leaf == "weight" and base in scales:  # a scaled weight not kept in float8: folded here
+            t = t.to(device=device, dtype=dtype) * scales.pop(base).to(device=device, dtype=dtype)
+            copied += t.numel() * t.element_size()
+            target = dtype
+        else:
+            target = dtype
+        if not _on(t, device) or t.dtype != target:
+            t = t.to(device=device, dtype=target)
             copied += t.numel() * t.element_size()
         ready[name] = torch.nn.Parameter(t, requires_grad=False)
     skeleton.model.load_state_dict(ready, strict=True, assign=True)
-    return copied
+    on_device = {k: (v if _on(v, device) else v.to(device)) for k, v in scales.items()}
+    layers = cast_linears(skeleton.model, dtype, on_device)
+    return Bound(copied=copied, held=held_bytes(skeleton.model), float8_layers=layers)
 
 
 def unbind(skeleton: Skeleton) -> None:
-    """Drop every reference to the borrowed tensors (parameters back on the meta device)."""
+    """Drop every reference to the borrowed tensors (parameters back on the meta device, float8 layers plain
+    again)."""
+    uncast_linears(skeleton.model)
     for module in skeleton.model.modules():
         for name, p in list(module.named_parameters(recurse=False)):
             setattr(module, name, torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
@@ -219,11 +245,15 @@ def borrowed_handle(patcher, *, load: Callable[[object], None], attention: str =
     """
     load(patcher)
     diffusion_model = patcher.model.diffusion_model
-    sd = core_state_dict(diffusion_model)
+    sd, scales = core_state_dict(diffusion_model)
     skeleton = skeleton_for(diffusion_model, sd, attention)
     device, dtype = torch.device(patcher.load_device), compute_dtype(patcher)
-    bind(skeleton, sd, device, dtype)
-    del sd
+    try:
+        bind(skeleton, sd, device, dtype, scales)
+    except BaseException:
+        unbind(skeleton)
+        raise
+    del sd, scales
     handle = ModelHandle(loaded=LoadedModel(model=skeleton.model, config=skeleton.config, layout=CORE_LAYOUT,
                                             meta=core_meta(patcher)),
                          name=name, load_device=device, offload_device=device, dtype=dtype, keep_loaded=True)

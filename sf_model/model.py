@@ -38,6 +38,7 @@ from .mask import build_mask, visibility_mask
 from .recompute import check_mode, gather_history, history_stamp, run_checkpointed
 from .rope import Rope3D, apply_rope
 from .routing import history_frames, routed_attend, routed_attention
+from .weight_cast import check_not_cast, linear_bias, linear_dtype, linear_weight, parameter_kinds
 
 
 def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
@@ -53,8 +54,8 @@ def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
 
 def linear_f32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """A linear layer evaluated in float32 whatever the weights' dtype (Wan's time MLPs)."""
-    bias = layer.bias.float() if layer.bias is not None else None
-    return F.linear(x.float(), layer.weight.float(), bias)
+    bias = linear_bias(layer)
+    return F.linear(x.float(), linear_weight(layer).float(), bias.float() if bias is not None else None)
 
 
 class RMSNorm(nn.Module):
@@ -106,6 +107,7 @@ class SelfAttention(Attention):
 
     def fuse_qkv(self) -> None:
         """Store q/k/v weights in one tensor; q/k/v parameters become views of it (no extra memory)."""
+        check_not_cast(self, "fused QKV (fuse_qkv, also used by the fused inference trunk)")
         with torch.no_grad():
             w = torch.cat([self.q.weight, self.k.weight, self.v.weight])
             b = torch.cat([self.q.bias, self.k.bias, self.v.bias])
@@ -158,13 +160,13 @@ class Block(nn.Module):
     def _pre_attention(self, x, e, frames: int, rope_cos, rope_sin):
         """Modulated norm, q/k/v with RMSNorm and RoPE. x [B, L, dim] f32, e [B, F, 6, dim] f32."""
         shift1, scale1 = (self.modulation[:, 0].float() + e[:, :, 0]), (self.modulation[:, 1].float() + e[:, :, 1])
-        h = per_frame(self.norm1(x), frames, scale1, shift1).to(self.self_attn.q.weight.dtype)
+        h = per_frame(self.norm1(x), frames, scale1, shift1).to(linear_dtype(self.self_attn.q))
         q, k, v = self.self_attn.qkv(h)
         return apply_rope(q, rope_cos, rope_sin), apply_rope(k, rope_cos, rope_sin), v
 
     def _post_attention(self, x, y, e, frames: int, text_k, text_v, backend: str):
         """Output projection, gated residual, cross-attention and the modulated FFN."""
-        dtype = self.self_attn.q.weight.dtype
+        dtype = linear_dtype(self.self_attn.q)
         mod = self.modulation.float().unsqueeze(1) + e
         gate1, shift2, scale2, gate2 = mod[:, :, 2], mod[:, :, 3], mod[:, :, 4], mod[:, :, 5]
         y = self.self_attn.o(y.flatten(2))
@@ -203,7 +205,7 @@ class Head(nn.Module):
     def forward(self, x: torch.Tensor, e: torch.Tensor, frames: int) -> torch.Tensor:
         shift, scale = (self.modulation.float().unsqueeze(1) + e.unsqueeze(2)).unbind(2)  # [B, F, dim]
         h = self.norm(x).unflatten(1, (frames, -1)) * (1 + scale[:, :, None]) + shift[:, :, None]
-        return self.head(h.flatten(1, 2).to(self.head.weight.dtype))
+        return self.head(h.flatten(1, 2).to(linear_dtype(self.head)))
 
 
 class CausalWanModel(nn.Module):
@@ -275,8 +277,9 @@ class CausalWanModel(nn.Module):
         return self.activation_checkpointing
 
     def check_dtypes(self) -> None:
-        """Refuse a model whose parameters are on several devices or in several float dtypes."""
-        kinds = {(p.device, p.dtype) for p in self.parameters()}
+        """Refuse a model whose parameters are on several devices or in several float dtypes (float8 weights
+        cast per layer, ``sf_model.weight_cast``, count in the dtype they compute in)."""
+        kinds = parameter_kinds(self)
         if len(kinds) > 1:
             desc = ", ".join(sorted(f"{d}/{t}" for d, t in kinds))
             raise ValueError(f"model parameters are spread over several devices/dtypes ({desc}); "

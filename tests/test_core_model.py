@@ -14,6 +14,7 @@ from self_forcing.nodes.model import ModelHandle
 from self_forcing.nodes.sampling import extend_video, sample_video
 from self_forcing.sf_model.checkpoint import CheckpointError, LoadedModel, save_model
 from self_forcing.sf_model.config import TINY
+from self_forcing.sf_model.weight_cast import CastLinear, held_bytes
 
 
 class Inner:
@@ -99,12 +100,7 @@ def test_weights_stored_narrower_are_cast_to_the_compute_dtype(tiny_model):
     assert torch.equal(got, sample_video(ours(ref), prompt(), **KW))
 
 
-def test_scaled_fp8_and_non_wan_models_are_refused_with_a_message(tiny_model):
-    module = core_module(tiny_model)
-    module.blocks[0].ffn[0].register_buffer("scale_weight", torch.ones(()))
-    with pytest.raises(CheckpointError, match="scaled fp8"):
-        with borrowed_handle(Patcher(module), load=load):
-            pass
+def test_non_wan_models_are_refused_with_a_message(tiny_model):
     with pytest.raises(CheckpointError, match="not a Wan 2.1"):
         with borrowed_handle(Patcher(torch.nn.Sequential(torch.nn.Linear(4, 4))), load=load):
             pass
@@ -132,3 +128,90 @@ def test_our_reader_makes_a_core_model_carrying_our_metadata(tiny_model, tmp_pat
     assert torch.equal(got, sample_video(ours(tiny_model), prompt(), **KW))
     with pytest.raises(CheckpointError, match="did not recognise"):
         core_model_from_file(path, build=lambda sd, model_options: None)
+
+
+# -- weights core stores in float8 (UNETLoader weight_dtype fp8_e4m3fn, scaled-fp8 files) ------------------------
+
+F8 = torch.float8_e4m3fn
+
+
+def fp8_core(model, scaled=False):
+    """A core module as UNETLoader fp8_e4m3fn makes it: every parameter float8 (core's manual-cast ops cast them
+    when they run); ``scaled``: each linear weight stored as weight / scale with ``scale_weight`` (and an unused
+    ``scale_input``) beside it, as core's scaled-fp8 ops hold them."""
+    module = core_module(model)
+    with torch.no_grad():
+        for i, (name, layer) in enumerate(m for m in module.named_modules() if isinstance(m[1], torch.nn.Linear)):
+            if scaled:
+                scale = torch.tensor(0.01 * (i % 5 + 1))
+                layer.weight.div_(scale)
+                layer.scale_weight = torch.nn.Parameter(scale, requires_grad=False)
+                layer.scale_input = torch.nn.Parameter(torch.ones(()), requires_grad=False)
+        for p in module.parameters():
+            if p.dim() > 0:
+                p.data = p.data.to(F8)
+    return module
+
+
+def upcast_reference(core, dtype):
+    """Our plain model with core's float8 values upcast to ``dtype`` by hand (scales applied as core does)."""
+    ref = copy.deepcopy(core)
+    for m in ref.modules():
+        scale = m._parameters.pop("scale_weight", None)
+        m._parameters.pop("scale_input", None)
+        for name, p in list(m.named_parameters(recurse=False)):
+            w = p.data.to(dtype)
+            if name == "weight" and scale is not None:
+                w = w * scale.to(dtype)
+            setattr(m, name, torch.nn.Parameter(w, requires_grad=False))
+    from self_forcing.sf_model.model import CausalWanModel
+
+    out = CausalWanModel(TINY, attn_backend="sdpa").eval().requires_grad_(False)
+    out.load_state_dict(ref.state_dict())
+    return out.to(dtype)
+
+
+def linear_bytes(module):
+    return sum(p.numel() * p.element_size() for m in module.modules() if isinstance(m, torch.nn.Linear)
+               for n, p in m.named_parameters(recurse=False) if n in ("weight", "bias"))
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_float8_core_weights_are_bound_as_they_are_and_cast_per_layer(tiny_model, scaled):
+    core = fp8_core(tiny_model, scaled)
+    patcher = Patcher(core, cast=torch.float32)
+    with borrowed_handle(patcher, load=load) as handle:
+        model = handle.model
+        assert handle.dtype == torch.float32 and model.dtype == torch.float32
+        shared = dict(core.named_parameters())
+        layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        assert layers and all(type(m) is CastLinear and m.weight.dtype == F8 for m in layers)
+        for name, p in model.named_parameters():  # linear weights share core's float8 storage: no copy
+            if p.dtype == F8:
+                assert p.data_ptr() == shared[name].data_ptr()
+        # held: core's float8 linear tensors (+ scalar scales) and the small rest in float32, no float32 copy
+        rest = sum(p.numel() for p in model.parameters() if p.dtype != F8)
+        scales = 4 * len(layers) if scaled else 0
+        assert held_bytes(model) == linear_bytes(core) + 4 * rest + scales
+        got = sample_video(handle, prompt(), **KW)
+        assert all(m.weight.dtype == F8 for m in model.modules() if isinstance(m, CastLinear))
+    assert torch.equal(got, sample_video(ours(upcast_reference(core, torch.float32)), prompt(), **KW))
+    skeleton = _SKELETONS[core]
+    assert all(p.device.type == "meta" for p in skeleton.model.parameters())
+    assert not any(isinstance(m, CastLinear) for m in skeleton.model.modules())  # plain again after the run
+
+
+def test_bind_counts_only_the_small_non_linear_parameters_as_copied(tiny_model):
+    from self_forcing.nodes.core_model import bind, core_state_dict, skeleton_for, unbind
+
+    core = fp8_core(tiny_model, scaled=True)
+    sd, scales = core_state_dict(core)
+    skeleton = skeleton_for(core, sd, "auto")
+    bound = bind(skeleton, sd, torch.device("cpu"), torch.bfloat16, scales)
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in skeleton.model.modules())
+    rest = sum(t.numel() for k, t in sd.items() if t.dtype != F8 or k.rpartition(".")[0] not in
+               {n for n, m in skeleton.model.named_modules() if isinstance(m, torch.nn.Linear)})
+    assert bound.float8_layers == n_linear == len(scales)
+    assert bound.copied == 2 * rest  # the non-linear parameters, upcast to bf16; no linear weight copied
+    assert bound.held == linear_bytes(core) + 2 * rest + 4 * n_linear
+    unbind(skeleton)

@@ -1,0 +1,149 @@
+"""Weights stored in float8, cast to the compute dtype one linear layer at a time (as ComfyUI's "manual cast").
+
+A Wan 2.1 14B model stored in ``float8_e4m3fn`` takes about 14 GB; upcasting it to bf16 for a run would need a
+second 28 GB copy. Instead, ``cast_linears(model, dtype, scales)`` turns every ``nn.Linear`` of a model whose
+weight is float8 into a ``CastLinear``: its weight and bias stay float8 in memory and are cast to ``dtype`` at
+the moment the layer runs (``weight.to(dtype) * scale.to(dtype)`` for ComfyUI's scaled fp8, whose per-layer
+``scale_weight`` gives the weight in real units), so only one layer's weight exists in ``dtype`` at a time.
+Linear layers are nearly all of a Wan model's weights; the few other parameters (patch embedding, norms,
+modulation) are small and are expected in ``dtype`` already.
+
+Everything in ``sf_model.model`` that reads a linear layer's weight directly goes through ``linear_weight`` /
+``linear_dtype`` (the weight as a plain model in ``dtype`` would hold it, and that dtype); for a plain
+``nn.Linear`` they return ``layer.weight`` and its dtype, so the default path is unchanged. The fused QKV of
+``CausalWanModel.fuse_qkv`` (and so the fused inference trunk of ``sf_model.speed``, which reads weights
+directly) is refused for a model with cast layers (``check_not_cast``). ``uncast_linears`` undoes it all.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FLOAT8_DTYPES = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
+                                                          "float8_e5m2fnuz") if hasattr(torch, name))
+SCALE_WEIGHT = "scale_weight"   # ComfyUI's scaled fp8: <linear>.scale_weight, weight * scale in real units
+SCALE_INPUT = "scale_input"     # only used by fp8 matrix multiplication in ComfyUI; not needed to cast
+
+
+def is_float8(dtype: torch.dtype) -> bool:
+    return dtype in FLOAT8_DTYPES
+
+
+class CastLinear(nn.Linear):
+    """An ``nn.Linear`` whose float8 weight (and bias) are cast to ``compute_dtype`` when it runs, the weight
+    multiplied by ``weight_scale`` (a scalar tensor, or None for scale 1). Made by ``cast_linears`` (class
+    swap of an existing layer: same parameters, same state-dict names), never constructed directly."""
+
+    compute_dtype: torch.dtype
+    weight_scale: torch.Tensor | None
+
+    def cast_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or self.compute_dtype
+        w = self.weight.to(dtype)
+        return w if self.weight_scale is None else w * self.weight_scale.to(dtype)
+
+    def cast_bias(self, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias.to(dtype or self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.cast_weight(x.dtype), self.cast_bias(x.dtype))
+
+
+def linear_weight(layer: nn.Linear) -> torch.Tensor:
+    """The layer's weight in its compute dtype (a transient cast for a ``CastLinear``, else the weight)."""
+    return layer.cast_weight() if isinstance(layer, CastLinear) else layer.weight
+
+
+def linear_bias(layer: nn.Linear) -> torch.Tensor | None:
+    return layer.cast_bias() if isinstance(layer, CastLinear) else layer.bias
+
+
+def linear_dtype(layer: nn.Linear) -> torch.dtype:
+    """The dtype the layer computes in (its inputs' dtype)."""
+    return layer.compute_dtype if isinstance(layer, CastLinear) else layer.weight.dtype
+
+
+def split_scales(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(weights, scales): ComfyUI's scaled-fp8 entries taken out of a state dict. ``scales`` maps a layer's name
+    (``blocks.0.ffn.0``) to its ``scale_weight``; ``scale_input`` entries are dropped."""
+    weights, scales = {}, {}
+    for key, value in sd.items():
+        base, _, leaf = key.rpartition(".")
+        if leaf == SCALE_WEIGHT:
+            scales[base] = value
+        elif leaf != SCALE_INPUT:
+            weights[key] = value
+    return weights, scales
+
+
+def castable(model: nn.Module, sd: dict[str, torch.Tensor]) -> set[str]:
+    """Names in ``sd`` of the float8 weights/biases of ``model``'s linear layers: what ``cast_linears`` keeps
+    as float8 (a layer counts when its weight is float8)."""
+    names = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            weight = sd.get(f"{prefix}.weight")
+            if weight is not None and is_float8(weight.dtype):
+                names.add(f"{prefix}.weight")
+                if f"{prefix}.bias" in sd:
+                    names.add(f"{prefix}.bias")
+    return names
+
+
+def cast_linears(model: nn.Module, dtype: torch.dtype, scales: dict[str, torch.Tensor] | None = None) -> int:
+    """Make every linear layer of ``model`` with a float8 weight a ``CastLinear`` computing in ``dtype``, with
+    its ``scales`` entry (by layer name) as weight scale. A scale for any other layer is refused (ValueError).
+    Returns the number of cast layers."""
+    scales = dict(scales or {})
+    count = 0
+    for prefix, module in model.named_modules():
+        if isinstance(module, nn.Linear) and is_float8(module.weight.dtype):
+            module.__class__ = CastLinear
+            module.compute_dtype = dtype
+            module.weight_scale = scales.pop(prefix, None)
+            count += 1
+    if scales:
+        raise ValueError(f"weight scales for layers whose weights are not float8 linear weights: "
+                         f"{', '.join(sorted(scales)[:4])}")
+    return count
+
+
+def uncast_linears(model: nn.Module) -> None:
+    """Undo ``cast_linears``: plain ``nn.Linear`` layers again, scale references dropped."""
+    for module in model.modules():
+        if isinstance(module, CastLinear):
+            del module.compute_dtype, module.weight_scale
+            module.__class__ = nn.Linear
+
+
+def has_cast_layers(model: nn.Module) -> bool:
+    return any(isinstance(m, CastLinear) for m in model.modules())
+
+
+def check_not_cast(model: nn.Module, what: str) -> None:
+    """Refuse ``what`` (something that reads linear weights directly) on a model with float8 cast layers."""
+    if has_cast_layers(model):
+        raise ValueError(f"{what} reads the linear weights directly and does not support weights stored in "
+                         "float8 (cast per layer at run time); run this model without it, or store it in bf16")
+
+
+def parameter_kinds(model: nn.Module) -> set[tuple[torch.device, torch.dtype]]:
+    """(device, dtype) of the model's parameters, float8 cast layers counted in their compute dtype."""
+    kinds = set()
+    for module in model.modules():
+        dtype = module.compute_dtype if isinstance(module, CastLinear) else None
+        for p in module.parameters(recurse=False):
+            kinds.add((p.device, dtype or p.dtype))
+    return kinds
+
+
+def held_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters, buffers and weight scales as they are stored."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    for module in model.modules():
+        scale = getattr(module, "weight_scale", None) if isinstance(module, CastLinear) else None
+        if scale is not None:
+            tensors[id(scale)] = scale
+    return sum(t.numel() * t.element_size() for t in tensors.values())
