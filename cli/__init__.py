@@ -1,6 +1,7 @@
 """Command line: ``self-forcing <command>`` or ``python -m self_forcing.cli <command>``.
 
-Each command lives in its own module exposing ``add_parser(subparsers)`` and ``run(args) -> int``.
+Each command lives in its own module exposing ``add_parser(subparsers)`` and ``run(args) -> int``
+(``convert-lora`` in ``lora``, which also holds ``generate``'s LoRA flags).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("generate", "download")
+COMMANDS = ("generate", "download", "lora")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -59,6 +59,7 @@ from typing import Callable, Iterator
 
 from ..sf_model.prompt_schedule import DEFAULT_SWITCH, SWITCH_POLICIES
 from ..sf_model.window import POSITION_MODES
+from .lora import add_generate_arguments, lora_options
 from .video_out import MAX_FPS, STDOUT, FragmentedMP4Writer, RawWriter, VideoWriter, part_path, staged
 
 DEFAULT_PROMPT = "a red circle and a blue square bouncing on a black background"
@@ -125,6 +126,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "a file or a FIFO")
     p.add_argument("--crf", type=int, default=18, help="H.264 quality of the mp4 (0-51, lower is better)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_generate_arguments(p)
     p.set_defaults(run=run)
     return p
 
@@ -465,7 +467,10 @@ def prepare(args, device):
         raise ValueError(f"model not found: {path}" + ("" if args.model else
                          " (the bundled toy model ships in assets/; reinstall, or pass --model)"))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    sd, config, layout, meta, extras = load_state_dict_file(path)
+    lora = lora_options(args)
+    sd, config, layout, meta, extras = load_state_dict_file(path, **lora)  # the LoRA (if any) merged here
+    if lora:
+        print(f"LoRA {os.path.basename(lora['lora'])} merged at strength {lora['lora_strength']:g}", file=sys.stderr)
     loaded = LoadedModel(model=None, config=config, layout=layout, meta=meta, extras=extras)
 
     def build(bytes_needed: int) -> None:

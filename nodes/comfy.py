@@ -29,7 +29,8 @@ from .decode import StreamDecode, VaeViews, check_wan21_state_dict
 from .latent import latent_space
 from .live import EVENT, LIVE, LiveFrameOptions, LiveFrameSender
 from .long_video import OPTIONS, SCHEDULE, LongVideoOptions, add_prompt
-from .model import LOADER, MODEL_FOLDER, describe, load_handle, missing_model_message, model_choices, resolve_devices
+from .model import (LOADER, LORA_FOLDER, MODEL_FOLDER, NO_LORA, describe, load_handle, loader_key, lora_choices,
+                    missing_model_message, model_choices, resolve_devices, wants_lora)
 from .sampling import EXTEND, SAMPLER, RunHooks, extend_video, sample_video
 from .schema import InputSpec, NodeSpec, OutputSpec, check_values, validate_node
 from .text import (LOAD_EMBEDS, SAVE_EMBEDS, TEXT_EMBEDS, conditioning_from_context, read_embeds,
@@ -251,21 +252,44 @@ def _model_path(name: str, download: bool) -> str:
     return path
 
 
+def _lora_path(name: str) -> str:
+    path = folder_paths.get_full_path(LORA_FOLDER, name)
+    if path is None:
+        raise ValueError(f"LoRA '{name}' was not found in {', '.join(folder_paths.get_folder_paths(LORA_FOLDER))}; "
+                         "put it there (or pick another file, or none) and refresh")
+    return path
+
+
 class SelfForcingModelLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         ensure_folders()
         files = folder_paths.get_filename_list(MODEL_FOLDER)
-        return build_schema(LOADER, {"model_name": model_choices(files, weights.official_names(MODEL_FOLDER))})
+        return build_schema(LOADER, {"model_name": model_choices(files, weights.official_names(MODEL_FOLDER)),
+                                     "lora_name": lora_choices(folder_paths.get_filename_list(LORA_FOLDER))})
 
     @classmethod
-    def validate_inputs(cls, device=None):
-        return validate_node(LOADER, device=device)
+    def validate_inputs(cls, device=None, lora_strength=None):
+        return validate_node(LOADER, device=device, lora_strength=lora_strength)
+
+    @classmethod
+    def fingerprint_inputs(cls, model_name: str = "", lora_name: str = NO_LORA, lora_strength: float = 1.0,
+                           **settings):
+        # With the inputs, ComfyUI's cache key: a kept handle is reused only for the same model and LoRA files
+        # (a file rewritten under its name reloads) at the same strength.
+        lora = None
+        if wants_lora(lora_name, lora_strength):
+            lora = folder_paths.get_full_path(LORA_FOLDER, lora_name) or lora_name
+        model = folder_paths.get_full_path(MODEL_FOLDER, model_name) or model_name
+        return loader_key(model, lora, lora_strength, **settings)
 
     @classmethod
     def execute(cls, model_name: str, dtype: str = "auto", attention: str = "auto", device: str = "default",
-                keep_loaded: bool = False, download_if_missing: bool = False) -> io.NodeOutput:
+                keep_loaded: bool = False, download_if_missing: bool = False, lora_name: str = NO_LORA,
+                lora_strength: float = 1.0) -> io.NodeOutput:
+        check_values(LOADER, lora_strength=lora_strength)
         load_device, offload_device = resolve_devices(device, mm.get_torch_device(), mm.unet_offload_device())
+        lora = _lora_path(lora_name) if wants_lora(lora_name, lora_strength) else None
         path = _model_path(model_name, download_if_missing)
         rest = load_device if keep_loaded else offload_device
         if rest.type != "cpu":
@@ -273,7 +297,8 @@ class SelfForcingModelLoader(io.ComfyNode):
         mm.soft_empty_cache()
         handle = load_handle(path, model_name, dtype=dtype, attention=attention, load_device=load_device,
                              offload_device=offload_device, keep_loaded=keep_loaded,
-                             supports_bf16=mm.should_use_bf16(load_device))
+                             supports_bf16=mm.should_use_bf16(load_device), lora=lora, lora_strength=lora_strength,
+                             lora_name=lora_name)
         info = describe(handle)
         log.info("Self Forcing model %s:\n%s", model_name, info)
         return io.NodeOutput(handle, info, ui=ui.PreviewText(info))

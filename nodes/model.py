@@ -21,6 +21,8 @@ DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 ATTENTION = ("auto", "sdpa", "flash3", "flash2")
 DEVICES = ("default", "cpu")  # the loaders' device input
 MODEL_FOLDER = "diffusion_models"
+LORA_FOLDER = "loras"  # ComfyUI's LoRA folder (models/loras), the one core's LoRA loaders list
+NO_LORA = "none"
 
 LOADER = NodeSpec(
     node_id="SelfForcingModelLoader",
@@ -54,10 +56,19 @@ LOADER = NodeSpec(
                   "Face (resumable, checksum-checked; the .pt is converted to safetensors once). Offline "
                   "this fails at once with a message saying where to put the file by hand.",
                   default=False),
+        InputSpec("lora_name", "COMBO",
+                  "A LoRA from models/loras merged into the weights at load (ComfyUI, peft or diffusers keys, "
+                  "e.g. LongLive's lora.pt next to longlive_base.pt). none: no LoRA.",
+                  default=NO_LORA, options_source=LORA_FOLDER, optional=True),
+        InputSpec("lora_strength", "FLOAT",
+                  "How much of the LoRA is merged: W + strength * alpha / rank * up @ down. 1 = as trained, "
+                  "0 = not merged, negative values subtract it.",
+                  default=1.0, min=-10.0, max=10.0, step=0.01, optional=True),
     ),
     outputs=(
         OutputSpec(MODEL_TYPE, "model", "The loaded causal Wan model with its devices and dtype."),
-        OutputSpec("STRING", "info", "What was detected: size (1.3B/14B), layout, frames per block, dtype."),
+        OutputSpec("STRING", "info", "What was detected: size (1.3B/14B), layout, frames per block, dtype, the "
+                                     "LoRA merged."),
     ),
     search_aliases=("self forcing", "causal wan", "wan streaming"),
 )
@@ -88,6 +99,33 @@ def model_choices(files: list[str], official_names: list[str]) -> list[str]:
     """Dropdown of the loader: files present, then official names that are not (downloadable)."""
     present = set(files)
     return list(files) + sorted(n for n in official_names if n not in present)
+
+
+def lora_choices(files: list[str]) -> list[str]:
+    """The loader's LoRA dropdown: 'none' first, then the files of the LoRA folder."""
+    return [NO_LORA] + [f for f in files if f != NO_LORA]
+
+
+def wants_lora(lora_name: str | None, lora_strength: float) -> bool:
+    """Whether a LoRA is merged: one is picked and its strength is not 0 (0 is the model as it is, so the file
+    is not even read)."""
+    return lora_name not in (None, "", NO_LORA) and float(lora_strength) != 0.0
+
+
+def file_stamp(path: str | None) -> tuple | None:
+    """(path, size, mtime in ns) of a file, None when there is none: a replaced file gets another stamp."""
+    if not path or not os.path.isfile(path):
+        return None
+    st = os.stat(path)
+    return (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+def loader_key(model_path: str | None, lora_path: str | None, lora_strength: float, **settings) -> tuple:
+    """What a loaded handle depends on (the node's ``fingerprint_inputs``, so ComfyUI reuses a kept-loaded
+    model only for the same model file, the same LoRA file at the same strength, and the same settings): a
+    different LoRA or strength, or a file rewritten under the same name, gives another key."""
+    lora = (file_stamp(lora_path) or lora_path, float(lora_strength)) if lora_path else None
+    return (file_stamp(model_path) or model_path, lora, tuple(sorted(settings.items())))
 
 
 class Users:
@@ -121,6 +159,8 @@ class ModelHandle:
     offload_device: torch.device
     dtype: torch.dtype
     keep_loaded: bool = False
+    lora: str | None = None  # the LoRA merged at load (its name), None without one
+    lora_strength: float = 0.0
     users: Users = field(default_factory=Users, init=False, repr=False, compare=False)
 
     @property
@@ -158,23 +198,29 @@ def resolve_dtype(choice: str, device: torch.device, supports_bf16: bool) -> tor
 
 
 def load_handle(path: str, name: str, *, dtype: str, attention: str, load_device: torch.device,
-                offload_device: torch.device, keep_loaded: bool, supports_bf16: bool) -> ModelHandle:
+                offload_device: torch.device, keep_loaded: bool, supports_bf16: bool,
+                lora: str | None = None, lora_strength: float = 1.0, lora_name: str | None = None) -> ModelHandle:
     """Load a checkpoint (any layout sf_model knows) and park it where it rests between runs.
 
-    The attention backend is checked for the load device here, so a missing flash-attn fails at load time.
+    ``lora``: a LoRA file merged at load by the one loader (``load_model(..., lora=...)``) at ``lora_strength``;
+    ``lora_name`` is what the report calls it (default: the file name). The attention backend is checked for
+    the load device here, so a missing flash-attn fails at load time.
     """
     load_device, offload_device = torch.device(load_device), torch.device(offload_device)
     resolve_backend(attention, load_device)
     torch_dtype = resolve_dtype(dtype, load_device, supports_bf16)
     rest = load_device if keep_loaded else offload_device
-    loaded = load_model(path, device=rest, dtype=torch_dtype, attn_backend=attention)
+    loaded = load_model(path, device=rest, dtype=torch_dtype, attn_backend=attention, lora=lora,
+                        lora_strength=lora_strength)
     if load_device.type == "cuda":
         # Inference trunk with fused kernels (Triton when installed, else the same math in PyTorch),
         # fused QKV and the GELU-epilogue GEMM, and block forwards replayed from CUDA graphs (same
         # numbers, less host time): ~1.7x the eager speed on an H100 (README, Benchmarks).
         use_cuda_graphs(use_fused_kernels(loaded.model))
     return ModelHandle(loaded=loaded, name=name, load_device=load_device, offload_device=offload_device,
-                       dtype=torch_dtype, keep_loaded=keep_loaded)
+                       dtype=torch_dtype, keep_loaded=keep_loaded,
+                       lora=(lora_name or os.path.basename(lora)) if lora else None,
+                       lora_strength=float(lora_strength) if lora else 0.0)
 
 
 def _count(n: int) -> str:
@@ -193,6 +239,7 @@ def describe(handle: ModelHandle) -> str:
         f"dtype: {DTYPE_NAMES.get(handle.dtype, str(handle.dtype))}, attention: {handle.model.attn_backend_request}",
         f"runs on {handle.load_device}, rests on {handle.model.device}"
         + (" (kept loaded)" if handle.keep_loaded else ""),
+        f"LoRA: {handle.lora} merged at strength {handle.lora_strength:g}" if handle.lora else "LoRA: none",
     ]
     for key in ("steps", "shift"):
         if key in meta:

@@ -126,8 +126,8 @@ from self_forcing.nodes.schema import object_info
 res["object_info_mismatches"] = []
 for cls in sf.NODES:
     live = json.loads(json.dumps(cls.GET_NODE_INFO_V1()))
-    req = live["input"].get("required", {})
-    dyn = {n: req[n][1].get("options") for n in ("model_name", "embeds_name") if n in req}
+    req = {**live["input"].get("required", {}), **live["input"].get("optional", {})}
+    dyn = {n: req[n][1].get("options") for n in ("model_name", "embeds_name", "lora_name") if n in req}
     mine = json.loads(json.dumps(as_in_comfy(live["name"], object_info(NODES_BY_ID[live["name"]], dyn))))
     res["object_info_mismatches"] += [f"{live['name']}.{k}" for k in mine if mine[k] != live.get(k)]
 print(json.dumps(res))

@@ -183,8 +183,9 @@ def check_object_info(result: dict) -> None:
         if spec.node_id not in live:
             mismatches.append(f"{spec.node_id} missing")
             continue
-        req = live[spec.node_id]["input"].get("required", {})
-        dyn = {name: req[name][1].get("options") for name in ("model_name", "embeds_name") if name in req}
+        sections = live[spec.node_id]["input"]
+        req = {**sections.get("required", {}), **sections.get("optional", {})}  # lora_name is optional
+        dyn = {name: req[name][1].get("options") for name in ("model_name", "embeds_name", "lora_name") if name in req}
         mine = as_in_comfy(spec.node_id, object_info(spec, dyn))
         diff = [k for k in mine if mine[k] != live[spec.node_id].get(k)]
         if diff:
