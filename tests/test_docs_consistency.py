@@ -2,7 +2,7 @@
 for, and every relative link between pages points to a file (and heading) that exists.
 
 Flags: in docs/cli.md every ``--flag`` belongs to ``self-forcing generate``, except under the heading of
-``self-forcing download``; elsewhere a flag is checked when it follows ``self-forcing generate``,
+``self-forcing download`` or ``self-forcing convert-lora``; elsewhere a flag is checked when it follows ``self-forcing generate``,
 ``self-forcing download`` or ``python -m self_forcing.training`` on the same command line (so pip's, pytest's
 and the benchmark scripts' own flags are not taken for ours).
 """
@@ -24,6 +24,7 @@ PAGES = ("README.md", "docs/cli.md", "docs/python-api.md", "docs/benchmarks.md",
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 COMMANDS = {"generate": re.compile(r"self-forcing\s+generate\b|self_forcing\.cli\s+generate\b"),
             "download": re.compile(r"self-forcing\s+download\b|self_forcing\.cli\s+download\b"),
+            "convert-lora": re.compile(r"self-forcing\s+convert-lora\b|self_forcing\.cli\s+convert-lora\b"),
             "training": re.compile(r"-m\s+self_forcing\.training(?![.\w])")}
 
 
@@ -34,12 +35,12 @@ def _options(parser) -> set[str]:
 def parser_options() -> dict[str, set[str]]:
     sub = next(a for a in cli_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
     return {"generate": _options(sub.choices["generate"]), "download": _options(sub.choices["download"]),
-            "training": _options(training_parser())}
+            "convert-lora": _options(sub.choices["convert-lora"]), "training": _options(training_parser())}
 
 
 def all_options() -> dict[str, set[str]]:
     options = parser_options()
-    return {**options, "self-forcing": options["generate"] | options["download"]}
+    return {**options, "self-forcing": options["generate"] | options["download"] | options["convert-lora"]}
 
 
 def code_lines(text: str) -> list[str]:
@@ -66,7 +67,8 @@ def cli_md_flags(text: str) -> list[tuple[str, str]]:
     """docs/cli.md: every flag in code, the parser chosen by the section it is in."""
     found = []
     for section in re.split(r"^(?=## )", text, flags=re.M):
-        name = "download" if re.match(r"## .*self-forcing download", section) else "generate"
+        name = next((c for c in ("download", "convert-lora") if re.match(rf"## .*self-forcing {c}\b", section)),
+                    "generate")
         for line in code_lines(section):
             if re.search(r"\b(pip|pytest|ffmpeg|ffplay)\b", line) and not COMMANDS[name].search(line):
                 continue  # another program's flags
@@ -94,6 +96,7 @@ def test_every_flag_in_the_docs_exists_in_its_parser():
     # the extraction finds what it should: both CLI pages write generate and download flags
     assert {"README.md", "docs/cli.md", "docs/training.md"} <= pages
     assert ("docs/cli.md", "download", "--models-dir") in flags
+    assert ("docs/cli.md", "convert-lora", "--alpha") in flags and ("docs/cli.md", "generate", "--lora") in flags
     assert ("README.md", "generate", "--frames") in flags
     assert ("docs/training.md", "training", "--stages") in flags
     assert ("README.md", "self-forcing", "--window") in flags
@@ -109,6 +112,8 @@ def test_the_flag_check_catches_a_wrong_flag():
     text = "## `self-forcing download`: x\n\n```bash\nself-forcing download --model-dir x\n```\n"
     assert cli_md_flags(text) == [("download", "--model-dir")]
     assert "--model-dir" not in options["download"] and "--models-dir" in options["download"]
+    text = "## `self-forcing convert-lora`: x\n\n```bash\nself-forcing convert-lora a.pt b.safetensors --alfa 2\n```\n"
+    assert cli_md_flags(text) == [("convert-lora", "--alfa")] and "--alpha" in options["convert-lora"]
 
 
 # -- links -----------------------------------------------------------------------------------------------
