@@ -14,13 +14,16 @@ Steps (``--steps``, in this order):
           stream_decode (live frames) and long (rolling cache, 30 s). Each run: a new seed (no cached result),
           queue-to-done seconds at a websocket client connected before the POST, time per node (from the
           'executing' messages), first 'self_forcing.frames' event and first binary preview.
-  cli     ``python -m self_forcing.cli generate`` with the same files and sizes (mp4 written, as SaveVideo does),
-          wall time, the CLI's own "in X s" and the first raw frame bytes (a FIFO), for the overhead ratios.
+  cli     ``python -m self_forcing.cli generate`` with the same files and sizes (mp4 written, as SaveVideo does;
+          ``--fused-kernels`` as the nodes run, and plain as the core path runs): seconds from the model loaded
+          to the process ended, and to the first raw frame (a FIFO); server_over_cli per workflow.
   core    benchmarks/core_model_speed.py (the Stream Sampler on a core MODEL vs on our loader, in-process).
-  caps    the same node on a core MODEL and on our loader with ``torch.cuda.set_per_process_memory_fraction``
-          at 24 and 16 GB and ComfyUI's planner told the same (``--reserve-vram`` = total - cap), ``--lowvram``;
-          one process per cap; what ComfyUI loaded (partially or not), seconds, peak memory, or the error.
-  caps14b the same for a random 14B, core UNETLoader with fp8_e4m3fn weights (only when time is left).
+  caps    the same node on a core MODEL (weights as loaded, and fp8_e4m3fn) and on our loader with
+          ``torch.cuda.set_per_process_memory_fraction`` at 24 and 16 GB and ComfyUI's planner told the same
+          (``--reserve-vram`` = total - cap), ``--lowvram``; one process per cap; what ComfyUI loaded
+          (partially or not), seconds, peak memory, or the error.
+  caps14b the same for a random 14B, core UNETLoader with fp8_e4m3fn weights, capped and not (only with 200 s
+          left: in practice a call of its own, ``--steps caps14b --budget-s 520``).
 
     # H200 (after scripts/comfy_gpu_kit.sh here; see docs/benchmarks.md for the device call):
     python benchmarks/comfy_server_gpu.py --comfy-dir .comfy --out $OUT/comfy_server
@@ -58,7 +61,7 @@ NOT_CARRIED = ("comfyui_frontend_package", "comfyui_workflow_templates", "comfyu
 GPU_SIZES = dict(width=832, height=480, length=81, long_length=477, window=21, sink=3)
 TINY_SIZES = dict(width=32, height=32, length=9, long_length=33, window=3, sink=3)
 # seconds each step may take on the GPU (--tiny: x4, CPU); the run also stops at --budget-s
-STEP_CAPS = {"files": 60, "server": 230, "cli": 150, "core": 100, "caps": 110, "caps14b": 420}
+STEP_CAPS = {"files": 60, "server": 230, "cli": 150, "core": 100, "caps": 130, "caps14b": 420}
 TINY_DIT = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=4096, text_len=512, freq_dim=256)
 
 
@@ -448,22 +451,26 @@ def step_core(args, env: dict, work: Path, result: dict, save, deadline: float) 
 def step_caps(args, env: dict, work: Path, result: dict, save, deadline: float, size: str) -> None:
     key = "caps" if size != "14B" else "caps14b"
     out = result.setdefault(key, {})
-    caps = [None] if args.tiny else args.caps
+    # 14B: uncapped too (does it run at all, how fast, its peak); --tiny: no cap (CPU)
+    caps = [None] if args.tiny else args.caps + ([None] if size == "14B" else [])
     for i, cap in enumerate(caps):
-        left = (deadline - time.perf_counter()) / (len(caps) - i)  # a share of what is left, each
+        rest = deadline - time.perf_counter()
+        left = max(rest - 90 * (len(caps) - i - 1), rest / (len(caps) - i))  # the first may write the 14B file
         if left < 20:
             out[str(cap)] = {"status": "skipped: time budget spent"}
             continue
         target = work / f"caps_{size}_{cap}.json"
         cmd = [args.python, str(Path(__file__).resolve()), "--worker", "--comfy-dir", str(args.comfy_dir),
                "--size", size, "--work", str(work), "--worker-out", str(target)]
-        cmd += ["--tiny"] if args.tiny else ["--cap-gb", str(cap)]
+        cmd += (["--tiny"] if args.tiny else []) + ([] if cap is None else ["--cap-gb", str(cap)])
         try:
             p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=left)
-            out[str(cap)] = (json.loads(target.read_text()) if target.exists()
-                             else {"status": f"rc {p.returncode}", "stderr": p.stderr[-2000:]})
-        except subprocess.TimeoutExpired:
-            out[str(cap)] = {"status": "timeout"}
+            status, tail = ("done" if p.returncode == 0 else f"rc {p.returncode}"), p.stderr[-2000:]
+        except subprocess.TimeoutExpired as e:
+            status, tail = f"timeout after {left:.0f} s", (e.stderr or b"")[-2000:].decode(errors="replace")
+        # what the worker wrote (after each path), and how it ended
+        out[str(cap)] = {**(json.loads(target.read_text()) if target.exists() else {}), "worker": status,
+                         **({} if status == "done" else {"stderr": tail})}
         log(f"caps {size} {cap} GB:", json.dumps(out[str(cap)])[:800])
         save()
 
@@ -491,8 +498,9 @@ def worker(args) -> int:
             torch.manual_seed(0)
             with torch.device("cuda"):
                 model = CausalWanModel(WAN_14B, attn_backend="sdpa").to(torch.bfloat16)
-            save_model(str(models / "diffusion_models" / MODEL), model, WAN_14B, meta={"frames_per_block": 3},
-                       dtype=torch.bfloat16)
+            part = models / "diffusion_models" / ("partial_" + MODEL)  # renamed when whole
+            save_model(str(part), model, WAN_14B, meta={"frames_per_block": 3}, dtype=torch.bfloat16)
+            os.replace(part, models / "diffusion_models" / MODEL)
             del model
             torch.cuda.empty_cache()
             res["write_14b_s"] = time.perf_counter() - t
@@ -517,8 +525,10 @@ def worker(args) -> int:
     sizes = TINY_SIZES if tiny else GPU_SIZES
     kw = dict(width=sizes["width"], height=sizes["height"], length=sizes["length"], seed=0, frames_per_block=3)
     positive = [[torch.randn(1, 512, 4096, generator=torch.Generator().manual_seed(1)) * 0.1, {}]]
-    paths = {"core": lambda: core_nodes.UNETLoader().load_unet(MODEL, "fp8_e4m3fn" if args.size == "14B" else "default")[0]}
-    if args.size != "14B":
+    unet = core_nodes.UNETLoader().load_unet
+    paths = {"core": lambda: unet(MODEL, "fp8_e4m3fn" if args.size == "14B" else "default")[0]}
+    if args.size != "14B":  # 1.3B: core with fp8 weights too, and our loader
+        paths["core_fp8"] = lambda: unet(MODEL, "fp8_e4m3fn")[0]
         paths["ours"] = lambda: sf.SelfForcingModelLoader.execute(
             model_name=MODEL, dtype="bf16", attention="auto", device="cpu" if not cuda else "default",
             keep_loaded=True).args[0]
@@ -542,7 +552,7 @@ def worker(args) -> int:
             r.update(status="error", error=f"{type(e).__name__}: {str(e)[:600]}")
         if cuda:
             r["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        if name == "core" and model is not None:
+        if name.startswith("core") and model is not None:
             r["loaded_partially"] = bool(getattr(model.model, "model_lowvram", False))
             r["loaded_gib"] = model.loaded_size() / 2**30 if hasattr(model, "loaded_size") else None
             r["model_gib"] = model.model_size() / 2**30

@@ -45,7 +45,7 @@ GIT_OBJECT_DIRECTORY="$tmp/objects" GIT_ALTERNATE_OBJECT_DIRECTORIES="$MIRROR/ob
 git --git-dir="$MIRROR" rev-parse HEAD > .comfy/KIT_COMMIT
 # tokenizer data (only read when a text encoder is built); the python files stay
 find .comfy/comfy/text_encoders .comfy/comfy/sd1_tokenizer -type f \
-    \( -name 'vocab*' -o -name 'merges*' -o -name 'tokenizer.json' -o -name '*.model' -o -name 'spiece*' \) -delete
+    \( -name 'vocab*' -o -name 'merges*' -o -name 'tokenizer.json' -o -name '*.model' \) ! -name '*.py' -delete
 find .comfy -type f \( -name '*.md' -o -name '*.png' -o -name '*.jpg' \) -delete
 echo "ComfyUI $(sed -n 's/^__version__ = "\(.*\)"/\1/p' .comfy/comfyui_version.py) at $(cut -c1-12 .comfy/KIT_COMMIT)"
 

@@ -149,5 +149,7 @@ def test_tiny_run_in_the_real_comfyui_server(tmp_path):
     cms = res["core_model_speed"]
     assert cms["video"] == [32, 32, 9] and cms["core_over_ours"] > 0 and cms["max_abs_diff"] < 0.1
     caps = res["caps"]["None"]
-    assert caps["core"]["status"] == "ok" and caps["ours"]["status"] == "ok", caps
+    assert caps["worker"] == "done" and caps["core"]["status"] == "ok" and caps["ours"]["status"] == "ok", caps
     assert caps["core"]["loaded_partially"] is False and caps["core"]["warm_s"] > 0
+    assert caps["core_fp8"]["status"] == "ok" and caps["core_fp8"]["weight_dtype"] == "torch.float8_e4m3fn"
+    assert caps["core_fp8"]["model_gib"] < caps["core"]["model_gib"] / 2  # fp8 weights: a quarter of fp32
