@@ -299,14 +299,15 @@ def step_server(args, work: Path, env: dict, sizes: dict, result: dict, save, de
         save()
         seed = 100
         for name in args.workflows:
-            runs = 1 if name == "long" else args.runs
+            runs = 1 if name == "long" and args.tiny else args.runs  # tiny: the long one once (CPU time)
             src = json.loads((REPO / "workflows" / "api" / WORKFLOWS[name]).read_text())
             prompt = rewrite(src, sizes, long=name == "long")
             out = result["server"].setdefault("workflows", {}).setdefault(name, {"runs": []})
             for i in range(runs):
                 left = deadline - time.perf_counter()
-                if left < 10:
-                    out["skipped"] = "time budget spent"
+                last = out["runs"][-1].get("queue_to_done_s", 0) if out["runs"] else 0
+                if left < max(10.0, 1.2 * last):  # a second long run only when it fits
+                    out["skipped"] = f"run {i}: time budget spent"
                     break
                 seed += 1
                 set_seed(prompt, seed)
@@ -319,8 +320,8 @@ def step_server(args, work: Path, env: dict, sizes: dict, result: dict, save, de
                     break
                 save()
             done = [r["queue_to_done_s"] for r in out["runs"] if r.get("status") == "success"]
-            if done:
-                out["warm_queue_to_done_s"] = done[-1]
+            if done:  # the last successful run; counted_run 0 = only a cold run (model load, graph capture)
+                out["warm_queue_to_done_s"], out["counted_run"] = done[-1], len(done) - 1
             save()
     finally:
         srv.stop()
