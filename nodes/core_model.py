@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ META_KEY = "self_forcing"  # our checkpoint metadata on a core MODEL: patcher.mo
 CORE_MODEL_NODES = ("SelfForcingSampler", "SelfForcingExtendVideo")
 UNION_TYPE = f"{MODEL_TYPE},{CORE_MODEL_TYPE}"
 CORE_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+log = logging.getLogger("self_forcing")
 
 CORE_LOADER = NodeSpec(
     node_id="SelfForcingCoreModelLoader",
@@ -186,6 +188,14 @@ def bind(skeleton: Skeleton, sd: dict[str, torch.Tensor], device: torch.device, 
     return Bound(copied=copied, held=held_bytes(skeleton.model), float8_layers=layers)
 
 
+def describe_bound(bound: Bound, dtype: torch.dtype) -> str:
+    """One log line of what a run borrowed (ComfyUI's log: how much the run added to core's weights)."""
+    mib = 2 ** 20
+    kept = (f"{bound.float8_layers} linear layers kept in float8 (cast to {str(dtype).replace('torch.', '')} "
+            "one layer at a time)") if bound.float8_layers else "no float8 layers"
+    return f"core MODEL bound: {kept}; {bound.copied / mib:.1f} MiB copied for the run, {bound.held / mib:.1f} MiB held"
+
+
 def unbind(skeleton: Skeleton) -> None:
     """Drop every reference to the borrowed tensors (parameters back on the meta device, float8 layers plain
     again)."""
@@ -249,7 +259,7 @@ def borrowed_handle(patcher, *, load: Callable[[object], None], attention: str =
     skeleton = skeleton_for(diffusion_model, sd, attention)
     device, dtype = torch.device(patcher.load_device), compute_dtype(patcher)
     try:
-        bind(skeleton, sd, device, dtype, scales)
+        log.info(describe_bound(bind(skeleton, sd, device, dtype, scales), dtype))
     except BaseException:
         unbind(skeleton)
         raise

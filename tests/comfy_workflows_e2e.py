@@ -5,7 +5,9 @@ Runs the shipped UI files ``example_workflows/self_forcing_core_lora.json`` (cor
 LoraLoaderModelOnly -> our sampler) and ``self_forcing_14b_low_memory.json`` (core UNETLoader, weight_dtype
 fp8_e4m3fn, on a file in Krea Realtime 14B's published layout) through the shared harness
 (``comfy_harness.sh start/run/stop``), plus the LoRA workflow with a LongLive-style peft LoRA converted by
-``sf_model.checkpoint.convert_lora`` (passes only when ComfyUI loads every LoRA key). The sampler's size is set to
+``sf_model.checkpoint.convert_lora`` (passes only when ComfyUI loads every LoRA key). The low-memory run passes
+only when the server log says its float8 linear layers were bound as float8 (``core MODEL bound: N linear layers
+kept in float8``, N > 0: no upcast copy of the model). The sampler's size is set to
 64x64x33 with ``--set`` (a CPU run); everything else is the shipped file.
 
 Model files are tiny and random, written into a fresh temporary folder that ComfyUI reads through
@@ -142,7 +144,14 @@ def main() -> int:
         log = next((line.strip() for line in (start.stdout + start.stderr).splitlines()
                     if line.strip().endswith(".log")), None)
         results.append(run(args.harness, REPO / "example_workflows" / "self_forcing_core_lora.json", env))
-        results.append(run(args.harness, REPO / "example_workflows" / "self_forcing_14b_low_memory.json", env))
+        before = Path(log).read_text(errors="replace") if log else ""
+        low = run(args.harness, REPO / "example_workflows" / "self_forcing_14b_low_memory.json", env)
+        added = (Path(log).read_text(errors="replace") if log else "")[len(before):]
+        # nodes.core_model logs what a run bound: core's fp8 linear weights must stay float8 (cast per layer)
+        bound = re.findall(r"core MODEL bound: (\d+) linear layers kept in float8.*", added)
+        low["bound"] = re.findall(r"core MODEL bound: .*", added)
+        low["ok"] = low["ok"] and bool(bound) and all(int(n) > 0 for n in bound)
+        results.append(low)
         lora_node = next(n["id"] for n in json.loads((REPO / "example_workflows" / "self_forcing_core_lora.json")
                                                      .read_text())["nodes"] if n["type"] == "LoraLoaderModelOnly")
         before = Path(log).read_text(errors="replace") if log else ""

@@ -356,9 +356,10 @@ def low_memory_14b() -> Graph:
                     "\n## Memory\n"
                     "- *weight_dtype* fp8_e4m3fn: ComfyUI keeps the 14B weights in fp8 (about 14 GB instead of 28 GB "
                     "in bf16); the saved embeddings spare the 11 GB umT5-XXL text encoder.\n"
-                    "- Today the sampler computes in bf16 and casts the core MODEL's weights for the run, so the "
-                    "GPU still needs room for the weights in bf16 during sampling; a smaller *length* or size "
-                    "lowers only the activations and the KV cache.\n"
+                    "- The sampler keeps these fp8 weights as they are and casts them to bf16 one layer at a time "
+                    "as each layer runs (a scaled-fp8 file's scales applied then), so sampling adds no bf16 copy "
+                    "of the model: the GPU needs room for the fp8 weights, one layer in bf16, the KV cache and the "
+                    "activations; a smaller *length* or size lowers the last two.\n"
                     "- Krea trained with 3 frames per block and Self Forcing's step list (the sampler's defaults "
                     "here); its demo server's KV re-computation is not reproduced.\n"))
     model = g.add("UNETLoader", unet_name=KREA_14B, weight_dtype="fp8_e4m3fn")
