@@ -8,6 +8,7 @@ One KV-cached chunk forward of Wan-1.3B at 832x480 attends q = 3 frames x 1560 t
   GPU is sm90 (its first call JIT-compiles the kernel, ~1.5 min, cached on disk; not timed);
 - ``fp8kv``: what ``Fp8KVCache`` costs per forward: dequantise the e4m3 K/V (per frame and head scales) to bf16,
   then SDPA (``speed.kv_fp8.attend_fp8``); ``fp8kv_write`` is the quantisation of one chunk's K/V on write;
+- ``flashinfer_graph``: the same FlashInfer call captured in a CUDA graph and replayed (as the nodes run);
 - ``flashinfer_fp8``: FlashInfer's kernel on e4m3 q/k/v with per-head scales (a probe of an FP8 kernel; the
   row says why when this FlashInfer build refuses it).
 
@@ -70,6 +71,23 @@ def fp8_cache_with(k: torch.Tensor, v: torch.Tensor, frame_tokens: int, dtype) -
     return cache
 
 
+def graphed(fn):
+    """``fn`` captured in a CUDA graph (after a warm-up call on a side stream) -> a callable replaying it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
+
+
 def flashinfer_fp8(q, k, v):
     """FlashInfer on e4m3 q/k/v with per-head float32 scales -> (callable, (q8, k8, v8, scales))."""
     mod = _flash_module("flashinfer")
@@ -105,6 +123,11 @@ def run(args) -> dict:
         cases = {"sdpa": lambda: attention(q, k, v, "sdpa")}
         if have_fi:
             cases["flashinfer"] = lambda: attention(q, k, v, "flashinfer")
+        if have_fi and device.type == "cuda":  # the nodes replay forwards from CUDA graphs: can the kernel be captured?
+            try:
+                cases["flashinfer_graph"] = graphed(lambda: attention(q, k, v, "flashinfer"))
+            except Exception as e:  # noqa: BLE001 - a probe: report why, go on
+                rows.append({"kv_tokens": lk, "case": "flashinfer_graph", "error": f"{type(e).__name__}: {e}"[:300]})
         cache = fp8_cache_with(k, v, ft, dtype)
         cases["fp8kv"] = lambda: attend_fp8(q, cache, 0, "sdpa")
         if have_fi:

@@ -52,16 +52,22 @@ def test_cache_stores_e4m3_in_ring_slots_and_reads_back_within_the_bound():
             cache.write(layer, k * (layer + 1), v)
         for i in range(2):
             written[cache.slot(start + i)] = k[:, i * FT:(i + 1) * FT]
+        if start == 0:
+            first_chunk_mean = k.mean(1)
     assert cache.k.dtype == torch.float8_e4m3fn and cache.v.dtype == torch.float8_e4m3fn
     kr, vr = cache.valid(0)
     assert kr.dtype == torch.float32 and kr.shape == (1, 4 * FT, 2, 8)
+    shift = cache.k_shift[0][:, None]  # keys are stored minus the mean key of the chunk of frame 0
+    torch.testing.assert_close(shift[:, 0], first_chunk_mean)
     for slot, k in written.items():
         got = kr[:, slot * FT:(slot + 1) * FT]
-        scale = k.abs().amax(dim=(1, 3), keepdim=True) / 448
-        assert within_e4m3(k, got, scale.expand_as(k))
+        scale = (k - shift).abs().amax(dim=(1, 3), keepdim=True) / 448
+        assert within_e4m3(k - shift, got - shift, scale.expand_as(k))
+        assert rel(got, k) < 0.04
     k8, v8, ks, vs = cache.valid_fp8(1)  # raw for an FP8 kernel: e4m3 + [B, frames, heads] scales
     assert k8.dtype == torch.float8_e4m3fn and ks.shape == (1, 4, 2)
-    torch.testing.assert_close(dequantize_frames(k8, ks, FT, torch.float32), cache.valid(1)[0])
+    torch.testing.assert_close(dequantize_frames(k8, ks, FT, torch.float32, cache.k_shift[1]), cache.valid(1)[0])
+    torch.testing.assert_close(dequantize_frames(v8, vs, FT, torch.float32), cache.valid(1)[1])
     # history pieces (activation checkpointing, valid_with_current) are the same dequantised values
     hk, hv, order = cache.history(1)
     spans, same_order = cache.history_spans()
@@ -108,7 +114,7 @@ def test_fp8_cache_halves_the_kv_bytes_of_bf16():
     fp8 = Fp8KVCache(**shape, dtype=torch.bfloat16, device="meta")
     kv = lambda c: c.k.numel() * c.k.element_size() + c.v.numel() * c.v.element_size()  # noqa: E731
     assert kv(fp8) * 2 == kv(bf16)
-    assert bf16.nbytes() == kv(bf16) and 0.5 < fp8.nbytes() / bf16.nbytes() < 0.5001  # scales: 8 B/frame/head
+    assert bf16.nbytes() == kv(bf16) and 0.5 < fp8.nbytes() / bf16.nbytes() < 0.5001  # scales, key shift: tiny
     assert fp8.quantized and not bf16.quantized
 
 
@@ -148,3 +154,23 @@ def test_attend_fp8_is_attention_on_the_dequantised_cache():
     ref = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     err = rel(out, ref.transpose(1, 2))
     assert 1e-4 < err < 0.05
+    # the stored (shifted) keys give the same attention: softmax ignores the shift common to every key
+    k8, v8, ks, vs = cache.valid_fp8(0)
+    shifted = dequantize_frames(k8, ks, FT, torch.float32)
+    assert rel(shifted, k) > 0.1  # really shifted
+    torch.testing.assert_close(torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), shifted.transpose(1, 2), dequantize_frames(v8, vs, FT, torch.float32).transpose(1, 2)
+    ).transpose(1, 2), out, atol=1e-5, rtol=1e-4)
+
+
+def test_the_key_shift_lowers_the_error_of_keys_with_a_common_offset():
+    g = torch.Generator().manual_seed(4)
+    k = torch.randn(1, 3 * FT, 2, 8, generator=g) + torch.randn(1, 1, 2, 8, generator=g) * 8  # a big common part
+    v = torch.randn(1, 3 * FT, 2, 8, generator=g)
+    cache = Fp8KVCache(1, 1, FT, 2, 8, window=3, dtype=torch.float32, device="cpu")
+    cache.begin(0, 3)
+    cache.write(0, k, v)
+    plain = dequantize_frames(*quantize_frames(k, FT), FT, torch.float32)
+    # rounding error relative to how keys differ from their mean (what attention weights depend on)
+    spread = (k - k.mean(1, keepdim=True)).norm()
+    assert (cache.valid(0)[0] - k).norm() / spread < 0.5 * (plain - k).norm() / spread

@@ -8,13 +8,20 @@ step (as in the exact cache). Each frame slot has one scale per head and per lay
 next to the buffers in ``k_scale`` / ``v_scale`` [layers, B, slots, heads]; a slot's scale is rewritten with
 the slot, so rewriting one frame never touches another frame's numbers.
 
+Keys are stored shifted: before quantisation every key loses ``k_shift`` [layers, B, heads, head_dim], the mean
+key of the chunk that writes frame 0 (set by each pass over that chunk, then kept), so e4m3's few bits go to
+how keys differ rather than to what they share. All keys a query sees carry the same shift, and softmax
+ignores a term ``q . shift`` common to every key, so an FP8 kernel may use the shifted keys as they are;
+the reads below add it back. (On the toy model this halves the error of one forward, 7 % -> 4 %: keys, not
+values, carry nearly all of it; see docs/benchmarks.md.)
+
 Reading: ``valid`` / ``history`` dequantise into the compute dtype (what the SDPA / flash backends take), so
 ``CausalWanModel.forward_chunk`` runs unchanged. ``valid_fp8`` hands out the raw e4m3 tensors and their
 scales without dequantising, for an FP8 attention kernel that takes them directly (``attend_fp8`` is that
 seam: today it dequantises and calls ``sf_model.attention.attention``).
 
 Memory: the K/V buffers take half of bf16's bytes (a quarter of float32's), plus 8 bytes per frame, head and
-layer for the scales (``nbytes``). Quantisation reuses ``fp8.quantize_by_amax`` (the FP8 linear layers'
+layer for the scales and one float32 key shift per layer and head (``nbytes``). Quantisation reuses ``fp8.quantize_by_amax`` (the FP8 linear layers'
 rounding). Not supported (refused): history routing (``key_means``, whose mean keys would need the exact
 keys) and re-rotating a sink in place (``sf_model.positions`` with rebased positions or KV re-caching), which
 writes keys into the buffers directly.
@@ -37,11 +44,15 @@ def quantize_frames(x: torch.Tensor, frame_tokens: int) -> tuple[torch.Tensor, t
     return q.flatten(1, 2), scale[:, :, 0, :, 0]
 
 
-def dequantize_frames(q: torch.Tensor, scale: torch.Tensor, frame_tokens: int, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_frames(q: torch.Tensor, scale: torch.Tensor, frame_tokens: int, dtype: torch.dtype,
+                      shift: torch.Tensor | None = None) -> torch.Tensor:
     """Inverse of ``quantize_frames`` into ``dtype`` (e4m3 -> bf16/fp16/fp32 is exact; the scale multiply
-    rounds once in ``dtype``)."""
+    rounds once in ``dtype``); ``shift`` [B, H, D], if given, is added back (the keys' shift, see the cache)."""
     s = scale.to(dtype)[:, :, None, :, None]
-    return (q.unflatten(1, (-1, frame_tokens)).to(dtype) * s).flatten(1, 2)
+    out = q.unflatten(1, (-1, frame_tokens)).to(dtype) * s
+    if shift is not None:
+        out = out + shift.to(dtype)[:, None, None]
+    return out.flatten(1, 2)
 
 
 class Fp8KVCache(KVCache):
@@ -62,6 +73,7 @@ class Fp8KVCache(KVCache):
         shape = (num_layers, batch, self.capacity, num_heads)
         self.k_scale = torch.zeros(shape, dtype=torch.float32, device=device)
         self.v_scale = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.k_shift = torch.zeros(num_layers, batch, num_heads, head_dim, dtype=torch.float32, device=device)
 
     @classmethod
     def for_model(cls, model, batch: int, frame_tokens: int, *, window: int, sink: int = 0) -> "Fp8KVCache":
@@ -76,6 +88,9 @@ class Fp8KVCache(KVCache):
         ft = self.frame_tokens
         if self._tracking:
             self._notice_foreign_changes()
+        if self.plan.start_frame == 0:  # the chunk of frame 0 sets the keys' shift (every pass of it)
+            self.k_shift[layer].copy_(k.float().mean(1))
+        k = k.float() - self.k_shift[layer][:, None]
         for buf, sbuf, x in ((self.k[layer], self.k_scale[layer], k), (self.v[layer], self.v_scale[layer], v)):
             q, s = quantize_frames(x, ft)
             for slot, off, n in self.plan.runs:
@@ -87,7 +102,8 @@ class Fp8KVCache(KVCache):
     # -- reading -----------------------------------------------------------------------------
     def valid_fp8(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The valid slots as stored: (k e4m3 [B, n*frame_tokens, H, D], v e4m3, k scales [B, n, H],
-        v scales [B, n, H]) views, n = valid frames; value ~= e4m3 * scale of its frame and head."""
+        v scales [B, n, H]) views, n = valid frames; value ~= e4m3 * scale of its frame and head, key ~= that
+        + ``k_shift[layer]`` (which attention may leave out)."""
         nf = self.plan.valid_frames
         n = nf * self.frame_tokens
         return self.k[layer, :, :n], self.v[layer, :, :n], self.k_scale[layer, :, :nf], self.v_scale[layer, :, :nf]
@@ -96,33 +112,33 @@ class Fp8KVCache(KVCache):
         """Keys and values of every valid slot, dequantised into the compute dtype."""
         k8, v8, ks, vs = self.valid_fp8(layer)
         ft, dt = self.frame_tokens, self.compute_dtype
-        return dequantize_frames(k8, ks, ft, dt), dequantize_frames(v8, vs, ft, dt)
+        return dequantize_frames(k8, ks, ft, dt, self.k_shift[layer]), dequantize_frames(v8, vs, ft, dt)
 
     def history(self, layer: int):
         """As ``KVCache.history``, with the pieces dequantised (new tensors, not views of the buffers)."""
         ft, dt = self.frame_tokens, self.compute_dtype
         spans, order = self.history_spans()
 
-        def read(buf, sbuf):
-            return tuple(dequantize_frames(buf[layer, :, lo * ft:hi * ft], sbuf[layer, :, lo:hi], ft, dt)
+        def read(buf, sbuf, shift=None):
+            return tuple(dequantize_frames(buf[layer, :, lo * ft:hi * ft], sbuf[layer, :, lo:hi], ft, dt, shift)
                          for lo, hi in spans)
-        return read(self.k, self.k_scale), read(self.v, self.v_scale), order
+        return read(self.k, self.k_scale, self.k_shift[layer]), read(self.v, self.v_scale), order
 
     # -- bookkeeping -------------------------------------------------------------------------
     @property
     def graph_key(self) -> tuple:
         """Buffers a recorded CUDA graph reads besides ``k``/``v`` (``speed.graphs`` situation key)."""
-        return (self.k_scale.data_ptr(), self.v_scale.data_ptr())
+        return (self.k_scale.data_ptr(), self.v_scale.data_ptr(), self.k_shift.data_ptr())
 
     def _versions(self) -> tuple:
-        return super()._versions() + (self.k_scale._version, self.v_scale._version)
+        return super()._versions() + (self.k_scale._version, self.v_scale._version, self.k_shift._version)
 
     def nbytes(self) -> int:
-        return super().nbytes() + 2 * self.k_scale.numel() * self.k_scale.element_size()
+        return super().nbytes() + 4 * (2 * self.k_scale.numel() + self.k_shift.numel())
 
     def release(self) -> None:
         super().release()
-        self.k_scale = self.v_scale = None
+        self.k_scale = self.v_scale = self.k_shift = None
 
 
 def attend_fp8(q: torch.Tensor, cache: Fp8KVCache, layer: int, backend: str) -> torch.Tensor:
