@@ -11,12 +11,20 @@ loader's CUDA trunk (fused kernels, CUDA graphs) is not used on the core path, s
     python benchmarks/core_model_speed.py --comfy-dir /path/to/ComfyUI --size 1.3B --out $OUT/core_model_speed.json
     # a CPU smoke run (tiny model, seconds):
     python benchmarks/core_model_speed.py --comfy-dir /path/to/ComfyUI --size tiny --cpu
+    # issue 16's memory question: the core path only, UNETLoader fp8 weights (kept fp8, cast per layer), the
+    # process capped at 16 GiB of the GPU (torch.cuda.set_per_process_memory_fraction):
+    python benchmarks/core_model_speed.py --comfy-dir /path/to/ComfyUI --size 14B --paths core \
+        --weight-dtype fp8_e4m3fn --memory-cap-gb 16 --length 21 --runs 1 --out $OUT/core_14b_fp8_16g.json
+
+A path that fails (e.g. out of memory under the cap) is recorded with its error instead of its times. The core
+path also records what it bound (the ``core MODEL bound: ...`` log line: float8 layers kept, MiB copied/held).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import sys
@@ -56,7 +64,16 @@ def main() -> int:
     ap.add_argument("--cpu", action="store_true", help="ComfyUI on the CPU (as main.py --cpu)")
     ap.add_argument("--work", default=None, help="folder for the random checkpoint (default: a temporary one)")
     ap.add_argument("--out", default=None, help="write the result JSON here too")
+    ap.add_argument("--paths", default="ours,core", help="comma list of the paths to run: ours, core")
+    ap.add_argument("--weight-dtype", default="default", choices=("default", "fp8_e4m3fn", "fp8_e5m2"),
+                    help="UNETLoader weight_dtype of the core path (fp8: weights kept fp8, cast per layer)")
+    ap.add_argument("--memory-cap-gb", type=float, default=None,
+                    help="CUDA: cap this process at this many GiB (set_per_process_memory_fraction), set after the "
+                         "random checkpoint is written")
     args = ap.parse_args()
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    if not paths or set(paths) - {"ours", "core"}:
+        ap.error(f"--paths takes ours and/or core, got {args.paths!r}")
     tiny = args.size == "tiny"
     width, height = args.width or (64 if tiny else 832), args.height or (64 if tiny else 480)
     length = args.length or (17 if tiny else 81)
@@ -76,6 +93,21 @@ def main() -> int:
 
     folder_paths.add_model_folder_path("diffusion_models", str(work))
     cuda = not args.cpu
+    cap = None
+    if cuda and args.memory_cap_gb:
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(0).total_memory
+        cap = min(1.0, args.memory_cap_gb * 2**30 / total)
+        torch.cuda.set_per_process_memory_fraction(cap, 0)
+    bound_lines = []
+
+    class Bound(logging.Handler):  # nodes.core_model logs what a core-MODEL run bound
+        def emit(self, record):
+            if record.getMessage().startswith("core MODEL bound"):
+                bound_lines.append(record.getMessage())
+
+    logging.getLogger("self_forcing").addHandler(Bound())
+    logging.getLogger("self_forcing").setLevel(logging.INFO)
     positive = [[torch.randn(1, 512, 4096, generator=torch.Generator().manual_seed(1)) * 0.1, {}]]
     kw = dict(width=width, height=height, length=length, seed=0, frames_per_block=3)
 
@@ -94,18 +126,43 @@ def main() -> int:
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
         return {"median_s": statistics.median(times), "times_s": times, "peak_gib": peak}, out
 
-    result = {"size": args.size, "video": [width, height, length], "device": "cpu" if args.cpu else "cuda"}
-    ours = sf.SelfForcingModelLoader.execute(model_name=name, dtype="bf16", attention="auto",
-                                             device="cpu" if args.cpu else "default", keep_loaded=True).args[0]
-    result["ours"], a = timed(ours)
-    del ours
-    if cuda:
-        torch.cuda.empty_cache()
-    core = core_nodes.UNETLoader().load_unet(name, "default")[0]
-    result["core"], b = timed(core)
-    result["core_dtype"] = str(core.model_dtype())
-    result["core_over_ours"] = result["core"]["median_s"] / result["ours"]["median_s"]
-    result["max_abs_diff"] = float((a.float() - b.float()).abs().max())
+    def attempt(key, make):
+        try:
+            result[key], out = timed(make())
+            return out
+        except Exception as e:  # noqa: BLE001 - recorded (e.g. out of memory under --memory-cap-gb)
+            result[key] = {"error": f"{type(e).__name__}: {str(e)[:600]}",
+                           "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+            return None
+        finally:
+            if cuda:
+                import comfy.model_management as mm
+
+                mm.unload_all_models()
+                mm.soft_empty_cache()
+                torch.cuda.empty_cache()
+
+    result = {"size": args.size, "video": [width, height, length], "device": "cpu" if args.cpu else "cuda",
+              "paths": paths, "weight_dtype": args.weight_dtype, "memory_cap_gib": args.memory_cap_gb,
+              "memory_fraction": cap}
+    a = b = None
+    if "ours" in paths:
+        a = attempt("ours", lambda: sf.SelfForcingModelLoader.execute(
+            model_name=name, dtype="bf16", attention="auto", device="cpu" if args.cpu else "default",
+            keep_loaded=True).args[0])
+    if "core" in paths:
+        core_dtype = []
+
+        def core_model():
+            core = core_nodes.UNETLoader().load_unet(name, args.weight_dtype)[0]
+            core_dtype.append(str(core.model_dtype()))
+            return core
+        b = attempt("core", core_model)
+        result["core_dtype"] = core_dtype[0] if core_dtype else None
+        result["core_bound"] = bound_lines[-1] if bound_lines else None
+    if a is not None and b is not None:
+        result["core_over_ours"] = result["core"]["median_s"] / result["ours"]["median_s"]
+        result["max_abs_diff"] = float((a.float() - b.float()).abs().max())
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
