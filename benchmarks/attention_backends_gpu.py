@@ -13,10 +13,13 @@ One KV-cached chunk forward of Wan-1.3B at 832x480 attends q = 3 frames x 1560 t
   row says why when this FlashInfer build refuses it).
 
 and prints time, TFLOP/s (4 * Lq * Lk * heads * head_dim per call) and the max / relative error vs SDPA (the
-error of fp8kv is the K/V quantisation's). Results go to ``--out`` (JSON; default $OUT/attention_backends.json
+error of fp8kv is the K/V quantisation's). Then (unless ``--no-video``) whole videos of a random-weight
+Wan-1.3B (21 latent frames at 832x480, 4 steps, fused kernels + CUDA graphs as the nodes run, bf16) with the
+exact cache and with ``kv_fp8``, on each backend: generator seconds (median of ``--videos`` after a warm-up
+video), peak memory, and the latents' relative error against the exact SDPA video. Results go to ``--out`` (JSON; default $OUT/attention_backends.json
 when $OUT is set).
 
-    python benchmarks/attention_backends_gpu.py            # H200, about a minute (+ FlashInfer's JIT once)
+    python benchmarks/attention_backends_gpu.py            # H200, 2-3 minutes (+ FlashInfer's JIT once)
     python benchmarks/attention_backends_gpu.py --tiny     # CPU smoke run, small shapes
 """
 
@@ -155,6 +158,51 @@ def run(args) -> dict:
             "fp8_dtype": str(FP8), "rows": rows}
 
 
+def videos(args) -> list[dict]:
+    """Random-weight Wan videos: exact vs FP8 K/V cache on every available exact backend (module docstring)."""
+    from self_forcing.benchmarks.wan_random import random_model
+    from self_forcing.sf_model.config import TINY, WAN_1_3B
+    from self_forcing.sf_model.sampler import StreamOptions, generate
+    from self_forcing.sf_model.speed import use_cuda_graphs, use_fused_kernels
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    cfg = TINY if args.tiny else WAN_1_3B
+    frames, h, w = (6, 4, 6) if args.tiny else (21, 60, 104)
+    model = random_model(cfg, device, dtype, seed=0)
+    if device.type == "cuda":
+        use_cuda_graphs(use_fused_kernels(model))
+    g = torch.Generator(device=device).manual_seed(1)
+    ctx = torch.randn(1, min(cfg.text_len, 512), cfg.text_dim, device=device, dtype=dtype, generator=g)
+    ref, rows = None, []
+    for backend in [b for b in available_backends(device) if b in ("sdpa", "flashinfer")]:
+        model.attn_backend_request, model._backend = backend, None
+        for kv in (False, True):
+            opts = StreamOptions(kv_fp8=kv)
+
+            def one():
+                return generate(model, ctx, num_frames=frames, height=h, width=w, seed=0, options=opts)
+            lat = one()  # warm-up (graph recording, JIT)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            secs = []
+            for _ in range(args.videos):
+                t0 = time.perf_counter()
+                lat = one()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                secs.append(time.perf_counter() - t0)
+            ref = lat if ref is None else ref
+            rows.append({"backend": backend, "kv_fp8": kv, "seconds": statistics.median(secs), "all_seconds": secs,
+                         "rel_err_vs_exact_sdpa": ((lat.float() - ref.float()).norm() / ref.float().norm()).item(),
+                         "peak_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda"
+                         else None})
+            print(f"video {backend:>10s} kv_fp8={kv!s:5s} {rows[-1]['seconds']:.3f} s  rel err vs exact sdpa "
+                  f"{rows[-1]['rel_err_vs_exact_sdpa']:.2e}  peak {rows[-1]['peak_gib'] or 0:.2f} GiB", flush=True)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="small shapes on the CPU (smoke run)")
@@ -164,12 +212,15 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--out", default=None)
+    p.add_argument("--no-video", action="store_true", help="only the attention calls, no whole videos")
+    p.add_argument("--videos", type=int, default=None, help="timed videos per case (after a warm-up one)")
     args = p.parse_args(argv)
     if args.tiny:
-        defaults = dict(device="cpu", dtype="fp32", kv_frames=[3, 6], warmup=1, iters=2)
+        defaults = dict(device="cpu", dtype="fp32", kv_frames=[3, 6], warmup=1, iters=2, videos=1)
         args.frame_tokens, args.heads, args.head_dim, args.chunk_frames = 16, 2, 32, 3
     else:
-        defaults = dict(device="cuda", dtype="bf16", kv_frames=[3, 6, 9, 12, 15, 18, 21], warmup=5, iters=20)
+        defaults = dict(device="cuda", dtype="bf16", kv_frames=[3, 6, 9, 12, 15, 18, 21], warmup=5, iters=20,
+                        videos=3)
         args.frame_tokens, args.heads, args.head_dim, args.chunk_frames = 1560, 12, 128, 3
     for k, v in defaults.items():
         if getattr(args, k) is None:
@@ -187,6 +238,9 @@ def main(argv=None):
                   f"{r['rel_err']:9.2e}")
         else:
             print(f"{r['kv_tokens']:9d} {r['case']:>15s} {r['ms']:9.3f}   ({r['note']})")
+    if not args.no_video:
+        with torch.no_grad():
+            res["videos"] = videos(args)
     out = args.out or (os.path.join(os.environ["OUT"], "attention_backends.json") if os.environ.get("OUT") else None)
     if out:
         with open(out, "w") as f:

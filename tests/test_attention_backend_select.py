@@ -132,3 +132,7 @@ def test_attention_backends_benchmark_tiny_runs_on_the_cpu(tmp_path, monkeypatch
         assert by[(lk, "sdpa")]["max_err"] == 0.0 and by[(lk, "sdpa")]["tflops"] > 0
         assert 1e-4 < by[(lk, "fp8kv")]["rel_err"] < 0.06  # the K/V quantisation, really applied
     assert res["kv_bytes_per_token"]["fp8"] * 2 == res["kv_bytes_per_token"]["bf16"]
+    vids = {(r["backend"], r["kv_fp8"]): r for r in res["videos"]}  # whole videos of a random tiny Wan
+    assert set(vids) == {("sdpa", False), ("sdpa", True)}
+    assert vids[("sdpa", False)]["rel_err_vs_exact_sdpa"] == 0.0 and vids[("sdpa", True)]["seconds"] > 0
+    assert 0 < vids[("sdpa", True)]["rel_err_vs_exact_sdpa"] < 0.05
