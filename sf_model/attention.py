@@ -81,11 +81,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
 
 def flashinfer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """FlashInfer's single-request prefill kernel on Hopper ("fa3"), one call per batch element: q [Lq, H, D]
-    against k/v [Lk, H, D] in its "NHD" layout (a batch element of Wan's layout, no copy), not causal."""
+    against k/v [Lk, H, D] in its "NHD" layout (a batch element of Wan's layout: no copy unless strided), not
+    causal, default scale 1/sqrt(head_dim)."""
     mod = _flash_module("flashinfer")
     if mod is None:
         raise ValueError("attention backend 'flashinfer' is not importable (pip install 'flashinfer-python')")
-    outs = [mod.single_prefill_with_kv_cache(q[b], k[b], v[b], causal=False, kv_layout="NHD", backend="fa3")
+    # .contiguous(): a no-op except for strided views (v sliced from a fused qkv GEMM)
+    outs = [mod.single_prefill_with_kv_cache(q[b].contiguous(), k[b].contiguous(), v[b].contiguous(),
+                                             causal=False, kv_layout="NHD", backend="fa3")
             for b in range(q.shape[0])]
     return outs[0].unsqueeze(0) if len(outs) == 1 else torch.stack(outs)
 
