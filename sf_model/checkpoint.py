@@ -40,6 +40,7 @@ import torch
 from .config import WanConfig, check_field, infer_config
 from .layouts import (LORA_TOP_LEVEL, apply_release, comfy_lora_state_dict, dequantize_scaled_fp8, looks_like_lora,
                       merge_lora, read_lora_state, release_by_key, release_for, strip_prefixes)
+from .weight_cast import cast_linears, is_float8, linear_param_names
 
 FORMAT_KEY = "self_forcing"
 FORMAT_VERSION = 1
@@ -458,6 +459,9 @@ def load_model(path: str, device: torch.device | str = "cpu", dtype: torch.dtype
     """Load any supported checkpoint into a ``CausalWanModel`` (strictly), with an optional LoRA merged.
 
     ``dtype`` None keeps the file's floating dtype (float32 for fp32 training checkpoints; bfloat16 for fp8).
+    A float8 ``dtype`` (``torch.float8_e4m3fn``) stores the linear layers' weights in float8 (rounded as ComfyUI's
+    weight_dtype fp8_e4m3fn does, no scale), cast to bfloat16 one layer at a time when they run
+    (``sf_model.weight_cast``); the rest is bfloat16. Such a model cannot use ``fuse_qkv`` / the fused trunk.
     ``lora``/``lora_strength``/``lora_alpha``/``release``: see ``load_state_dict_file``.
     """
     sd, config, layout, meta, extras = load_state_dict_file(path, lora, lora_strength, release, lora_alpha)
@@ -481,6 +485,17 @@ def build_model(sd: Mapping[str, torch.Tensor], config: WanConfig, device: torch
     with torch.device("meta"):
         model = CausalWanModel(config, attn_backend=attn_backend)
     check_compatible(model, sd, source=source)
+    if is_float8(dtype):  # float8 storage of the linear layers, built on the device in its final dtypes
+        storage, dtype = dtype, torch.bfloat16
+        keep, top = linear_param_names(model), torch.finfo(storage).max
+        bad = next((k for k in sorted(keep) if not bool(sd[k].abs().max() <= top)), None)  # casts would saturate
+        if bad is not None:
+            raise CheckpointError(f"{source}: tensor '{bad}' has values beyond {storage}'s range (+-{top:g}); "
+                                  "load it in bf16")
+        ready = {k: v.to(device=device, dtype=storage if k in keep else dtype) for k, v in sd.items()}
+        model.load_state_dict(ready, strict=True, assign=True)
+        cast_linears(model, dtype)
+        return model.eval().requires_grad_(False)
     model = model.to_empty(device=device)
     model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True)
     model = model.to(dtype=dtype)

@@ -78,6 +78,12 @@ def split_scales(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
     return weights, scales
 
 
+def linear_param_names(model: nn.Module) -> set[str]:
+    """State-dict names of the weights and biases of ``model``'s linear layers."""
+    return {f"{prefix}.{name}" for prefix, module in model.named_modules() if isinstance(module, nn.Linear)
+            for name, _ in module.named_parameters(recurse=False)}
+
+
 def castable(model: nn.Module, sd: dict[str, torch.Tensor]) -> set[str]:
     """Names in ``sd`` of the float8 weights/biases of ``model``'s linear layers: what ``cast_linears`` keeps
     as float8 (a layer counts when its weight is float8)."""

@@ -124,3 +124,28 @@ def test_fused_qkv_and_the_fused_trunk_are_refused_for_float8_layers(tiny_model)
         use_fused_kernels(fp8)
     with pytest.raises(ValueError, match="not float8 linear weights"):
         cast_linears(copy.deepcopy(tiny_model), torch.float32, {"patch_embedding": torch.ones(())})
+
+
+def test_our_loader_stores_the_linear_layers_in_float8_on_request(tiny_model, tmp_path):
+    from self_forcing.sf_model.checkpoint import CheckpointError, load_model, save_model
+
+    path = str(tmp_path / "tiny.safetensors")
+    save_model(path, tiny_model, tiny_model.config)
+    model = load_model(path, dtype=F8).model
+    names = linear_names(model)
+    assert all(type(model.get_submodule(n)) is CastLinear for n in names)
+    assert {p.dtype for n in names for p in model.get_submodule(n).parameters()} == {F8}
+    assert model.dtype == torch.bfloat16
+    # reference: the file's float32 values rounded to float8 once, then upcast to bf16 by hand
+    ref = load_model(path, dtype=torch.float32).model
+    linear = {f"{n}.{k}" for n in names for k in ("weight", "bias")}
+    for name, p in ref.named_parameters():
+        p.data = (p.data.to(F8) if name in linear else p.data).to(torch.bfloat16)
+    assert torch.equal(run(model), run(ref))
+    assert held_bytes(model) < held_bytes(ref)
+    with torch.no_grad():
+        tiny_model.blocks[1].ffn[2].weight[0, 0] = 1000.0  # beyond e4m3's 448: the cast would saturate
+    save_model(path, tiny_model, tiny_model.config)
+    with pytest.raises(CheckpointError, match="blocks.1.ffn.2.weight"):
+        load_model(path, dtype=F8)
+    assert load_model(path, dtype=torch.bfloat16).model.dtype == torch.bfloat16  # other dtypes as before
