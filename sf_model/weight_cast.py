@@ -42,7 +42,10 @@ class CastLinear(nn.Linear):
     def cast_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         dtype = dtype or self.compute_dtype
         w = self.weight.to(dtype)
-        return w if self.weight_scale is None else w * self.weight_scale.to(dtype)
+        if self.weight_scale is None:
+            return w
+        scale = self.weight_scale.to(dtype)
+        return w.mul_(scale) if w is not self.weight else w * scale  # scaled in place: one transient, not two
 
     def cast_bias(self, dtype: torch.dtype | None = None) -> torch.Tensor | None:
         return None if self.bias is None else self.bias.to(dtype or self.compute_dtype)
