@@ -94,8 +94,10 @@ def main() -> int:
     folder_paths.add_model_folder_path("diffusion_models", str(work))
     cuda = not args.cpu
     cap = None
+    if cuda:
+        torch.cuda.empty_cache()  # the random checkpoint's model is gone: its memory neither capped nor counted
+        torch.cuda.reset_peak_memory_stats()
     if cuda and args.memory_cap_gb:
-        torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(0).total_memory
         cap = min(1.0, args.memory_cap_gb * 2**30 / total)
         torch.cuda.set_per_process_memory_fraction(cap, 0)
