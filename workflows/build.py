@@ -80,7 +80,8 @@ def files_note(text_encoder: bool = True, extra: str = "") -> str:
 
 def _loader(g: Graph) -> Link:
     return g.add("SelfForcingModelLoader", model_name=weights.SELF_FORCING.name, dtype="auto", attention="auto",
-                 device="default", keep_loaded=False, download_if_missing=False)
+                 device="default", keep_loaded=False, download_if_missing=False, lora_name="none",
+                 lora_strength=1.0)
 
 
 def _prompt(g: Graph, text: str) -> Link:
