@@ -50,7 +50,9 @@ from self_forcing.sf_model.checkpoint import save_model
 from self_forcing.sf_model.config import TINY
 from self_forcing.sf_model.model import CausalWanModel
 from self_forcing.sf_model.vae import WAN21_VAE, WanVAE, save_vae
+from self_forcing.sf_model.layouts import LoraFactors, comfy_lora_state_dict
 from self_forcing.sf_model.weights import SELF_FORCING, UMT5, WAN_VAE
+from self_forcing.workflows.build import CORE_LORA, KREA_14B
 from self_forcing.workflows import run_headless
 
 REPO = Path(__file__).resolve().parent.parent
@@ -67,7 +69,7 @@ def log(*a):
 
 # -- 1. tiny files ----------------------------------------------------------------------------------
 def write_tiny_files(models: Path) -> dict:
-    for sub in ("diffusion_models", "vae", "text_encoders", "text_embeds"):
+    for sub in ("diffusion_models", "vae", "text_encoders", "text_embeds", "loras"):
         (models / sub).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     model = CausalWanModel(TINY_WAN, attn_backend="sdpa")
@@ -76,6 +78,13 @@ def write_tiny_files(models: Path) -> dict:
             p.copy_(torch.randn_like(p) * 0.2 + (1.0 if name.endswith(("norm_q.weight", "norm_k.weight")) else 0.0))
     save_model(models / "diffusion_models" / SELF_FORCING.name, model, TINY_WAN,
                meta={"frames_per_block": 3, "note": "tiny random test model"})
+    # the names the core-MODEL workflows use: the tiny model as the 14B file, a random LoRA on its linears
+    shutil.copy(models / "diffusion_models" / SELF_FORCING.name, models / "diffusion_models" / KREA_14B)
+    g = torch.Generator().manual_seed(1)
+    factors = {n: LoraFactors(torch.randn(4, p.shape[1], generator=g) * 0.01,
+                              torch.randn(p.shape[0], 4, generator=g) * 0.01)
+               for n, p in model.state_dict().items() if p.ndim == 2 and ".ffn." in n}
+    save_file(comfy_lora_state_dict(factors), str(models / "loras" / CORE_LORA))
     vae = WanVAE(WAN21_VAE).eval()
     save_vae(models / "vae" / WAN_VAE.name, vae.half())
     save_file({"placeholder": torch.zeros(1)}, str(models / "text_encoders" / UMT5.name))
@@ -86,7 +95,7 @@ def write_tiny_files(models: Path) -> dict:
 
 
 def write_yaml(models: Path, path: Path) -> None:
-    folders = ("diffusion_models", "vae", "text_encoders", "text_embeds")
+    folders = ("diffusion_models", "vae", "text_encoders", "text_embeds", "loras")
     path.write_text(f"sf_e2e:\n    base_path: {models}\n" + "".join(f"    {f}: {f}\n" for f in folders))
 
 
