@@ -320,7 +320,7 @@ def test_the_toy_extend_node_switches_at_its_new_frames(toy):
 
 # -- the CLI: --prompt-at FRAME:[POLICY:]PROMPT -------------------------------------------------------------
 def test_cli_prompt_at_parsing():
-    from self_forcing.cli.generate import parse_prompt_at, prompt_plan
+    from self_forcing.cli.prompt_at import parse_prompt_at, prompt_plan
 
     assert parse_prompt_at(["24:a b: c", "6:reset:x.safetensors", "12:keep:y"], "recache") == [
         (6, "reset", "x.safetensors"), (12, "keep", "y"), (24, "recache", "a b: c")]
