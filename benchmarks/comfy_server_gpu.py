@@ -462,8 +462,8 @@ def step_caps(args, env: dict, work: Path, result: dict, save, deadline: float, 
             out[str(cap)] = {"status": "skipped: time budget spent"}
             continue
         target = work / f"caps_{size}_{cap}.json"
-        cmd = [args.python, str(Path(__file__).resolve()), "--worker", "--comfy-dir", str(args.comfy_dir),
-               "--size", size, "--work", str(work), "--worker-out", str(target)]
+        cmd = [args.python, str(Path(__file__).resolve().parent / "comfy_caps_worker.py"), "--comfy-dir",
+               str(args.comfy_dir), "--size", size, "--work", str(work), "--worker-out", str(target)]
         cmd += (["--tiny"] if args.tiny else []) + ([] if cap is None else ["--cap-gb", str(cap)])
         try:
             p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=left)
@@ -475,96 +475,6 @@ def step_caps(args, env: dict, work: Path, result: dict, save, deadline: float, 
                          **({} if status == "done" else {"stderr": tail})}
         log(f"caps {size} {cap} GB:", json.dumps(out[str(cap)])[:800])
         save()
-
-
-def worker(args) -> int:
-    """In ComfyUI's python, no server: one memory cap, the core-MODEL path then our loader's path."""
-    sys.path.insert(0, str(args.comfy_dir))
-    import comfy.cli_args
-
-    import torch
-
-    cuda = torch.cuda.is_available() and not args.tiny
-    res = {"size": args.size, "cap_gb": args.cap_gb}
-    work = Path(args.work)
-    models = work / "base" / "models"
-    if args.size == "14B":  # written once, before the cap (built on the GPU: seconds, not minutes)
-        models = work / "big" / "models"
-        (models / "diffusion_models").mkdir(parents=True, exist_ok=True)
-        if not (models / "diffusion_models" / MODEL).exists():
-            from self_forcing.sf_model.checkpoint import save_model
-            from self_forcing.sf_model.config import WAN_14B
-            from self_forcing.sf_model.model import CausalWanModel
-
-            t = time.perf_counter()
-            torch.manual_seed(0)
-            with torch.device("cuda"):
-                model = CausalWanModel(WAN_14B, attn_backend="sdpa").to(torch.bfloat16)
-            part = models / "diffusion_models" / ("partial_" + MODEL)  # renamed when whole
-            save_model(str(part), model, WAN_14B, meta={"frames_per_block": 3}, dtype=torch.bfloat16)
-            os.replace(part, models / "diffusion_models" / MODEL)
-            del model
-            torch.cuda.empty_cache()
-            res["write_14b_s"] = time.perf_counter() - t
-    if cuda and args.cap_gb:
-        total = torch.cuda.get_device_properties(0).total_memory
-        cap = args.cap_gb * 2**30
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total))
-        comfy.cli_args.args.reserve_vram = max(0.0, (total - cap) / 2**30)  # ComfyUI's planner sees the cap too
-        comfy.cli_args.args.lowvram = True
-        res.update(total_gib=total / 2**30, fraction=cap / total, reserve_vram_gb=comfy.cli_args.args.reserve_vram,
-                   lowvram=True)
-    comfy.cli_args.args.cpu = not cuda
-    import comfy.model_management as mm
-    import folder_paths
-    import nodes as core_nodes
-
-    from self_forcing.nodes import comfy as sf
-
-    res["vram_state"] = str(mm.vram_state)
-    folder_paths.add_model_folder_path("diffusion_models", str(models / "diffusion_models"))
-    tiny = args.tiny
-    sizes = TINY_SIZES if tiny else GPU_SIZES
-    kw = dict(width=sizes["width"], height=sizes["height"], length=sizes["length"], seed=0, frames_per_block=3)
-    positive = [[torch.randn(1, 512, 4096, generator=torch.Generator().manual_seed(1)) * 0.1, {}]]
-    unet = core_nodes.UNETLoader().load_unet
-    paths = {"core": lambda: unet(MODEL, "fp8_e4m3fn" if args.size == "14B" else "default")[0]}
-    if args.size != "14B":  # 1.3B: core with fp8 weights too, and our loader
-        paths["core_fp8"] = lambda: unet(MODEL, "fp8_e4m3fn")[0]
-        paths["ours"] = lambda: sf.SelfForcingModelLoader.execute(
-            model_name=MODEL, dtype="bf16", attention="auto", device="cpu" if not cuda else "default",
-            keep_loaded=True).args[0]
-    for name, load in paths.items():
-        r = {}
-        model = None
-        try:
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            t = time.perf_counter()
-            model = load()
-            r["load_s"] = time.perf_counter() - t
-            for i in range(1 if args.size == "14B" else 2):  # warm-up, then timed
-                t = time.perf_counter()
-                sf.SelfForcingSampler.execute(model=model, positive=positive, **kw)
-                if cuda:
-                    torch.cuda.synchronize()
-                r["first_s" if i == 0 else "warm_s"] = time.perf_counter() - t
-            r["status"] = "ok"
-        except Exception as e:  # OOM included: that is a result here
-            r.update(status="error", error=f"{type(e).__name__}: {str(e)[:600]}")
-        if cuda:
-            r["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        if name.startswith("core") and model is not None:
-            r["loaded_partially"] = bool(getattr(model.model, "model_lowvram", False))
-            r["loaded_gib"] = model.loaded_size() / 2**30 if hasattr(model, "loaded_size") else None
-            r["model_gib"] = model.model_size() / 2**30
-            r["weight_dtype"] = str(model.model_dtype())
-        res[name] = r
-        del model
-        mm.unload_all_models()
-        mm.soft_empty_cache()
-        Path(args.worker_out).write_text(json.dumps(res, indent=1))
-    return 0
 
 
 # -- main -------------------------------------------------------------------------------------------------
@@ -584,14 +494,8 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, default=None)
     ap.add_argument("--simulate-kit", action="store_true",
                     help="block the packages the kit does not carry (a test here of what the GPU machine has)")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--size", default="1.3B", help=argparse.SUPPRESS)
-    ap.add_argument("--cap-gb", type=float, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.comfy_dir = Path(args.comfy_dir).resolve()
-    if args.worker:
-        return worker(args)
     t_start = time.perf_counter()
     deadline = t_start + args.budget_s
     args.workflows = [w for w in args.workflows.split(",") if w]
