@@ -17,7 +17,8 @@ from .schema import CAT_LOADERS, MODEL_TYPE, InputSpec, NodeSpec, OutputSpec
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
+DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32", "fp8_e4m3fn")
+FP8_STORAGE = {"fp8_e4m3fn": torch.float8_e4m3fn}  # linear weights stored in float8, computed in bf16
 ATTENTION = ("auto", "sdpa", "flash3", "flash2")
 DEVICES = ("default", "cpu")  # the loaders' device input
 MODEL_FOLDER = "diffusion_models"
@@ -38,7 +39,9 @@ LOADER = NodeSpec(
                   options_source=MODEL_FOLDER),
         InputSpec("dtype", "COMBO",
                   "Weight and compute precision. auto: bf16 where the device supports it, else fp16 on GPUs "
-                  "and fp32 on the CPU. fp32 needs twice the memory of bf16/fp16.",
+                  "and fp32 on the CPU. fp32 needs twice the memory of bf16/fp16. fp8_e4m3fn: the linear "
+                  "layers' weights stored in float8 (about half of bf16's memory, e.g. a 14B model in ~15 GB), "
+                  "each cast to bf16 when it runs: slower (no fused kernels) and slightly less exact.",
                   default="auto", options=DTYPE_CHOICES),
         InputSpec("attention", "COMBO",
                   "Attention kernel. auto: flash-attn 3 or 2 if installed on a CUDA device, else PyTorch SDPA. "
@@ -187,7 +190,10 @@ def resolve_devices(choice: str, main: torch.device, offload: torch.device) -> t
 
 
 def resolve_dtype(choice: str, device: torch.device, supports_bf16: bool) -> torch.dtype:
-    """'auto' -> bf16 where supported, else fp16 on accelerators and fp32 on the CPU."""
+    """The weights' storage dtype of a loader's ``dtype`` input: 'auto' -> bf16 where supported, else fp16 on
+    accelerators and fp32 on the CPU; 'fp8_e4m3fn' -> float8 (linear layers; they compute in bf16)."""
+    if choice in FP8_STORAGE:
+        return FP8_STORAGE[choice]
     if choice in DTYPES:
         return DTYPES[choice]
     if choice != "auto":
@@ -208,11 +214,13 @@ def load_handle(path: str, name: str, *, dtype: str, attention: str, load_device
     """
     load_device, offload_device = torch.device(load_device), torch.device(offload_device)
     resolve_backend(attention, load_device)
-    torch_dtype = resolve_dtype(dtype, load_device, supports_bf16)
+    storage = resolve_dtype(dtype, load_device, supports_bf16)
+    fp8 = storage in FP8_STORAGE.values()
+    torch_dtype = torch.bfloat16 if fp8 else storage  # the compute dtype
     rest = load_device if keep_loaded else offload_device
-    loaded = load_model(path, device=rest, dtype=torch_dtype, attn_backend=attention, lora=lora,
+    loaded = load_model(path, device=rest, dtype=storage, attn_backend=attention, lora=lora,
                         lora_strength=lora_strength)
-    if load_device.type == "cuda":
+    if load_device.type == "cuda" and not fp8:  # the fused trunk reads plain weights (it refuses float8 layers)
         # Inference trunk with fused kernels (Triton when installed, else the same math in PyTorch),
         # fused QKV and the GELU-epilogue GEMM, and block forwards replayed from CUDA graphs (same
         # numbers, less host time): ~1.7x the eager speed on an H100 (README, Benchmarks).
@@ -221,6 +229,12 @@ def load_handle(path: str, name: str, *, dtype: str, attention: str, load_device
                        dtype=torch_dtype, keep_loaded=keep_loaded,
                        lora=(lora_name or os.path.basename(lora)) if lora else None,
                        lora_strength=float(lora_strength) if lora else 0.0)
+
+
+def _dtype_note(handle: ModelHandle) -> str:
+    name = DTYPE_NAMES.get(handle.dtype, str(handle.dtype))
+    fp8 = sorted({str(p.dtype).replace("torch.", "") for p in handle.model.parameters() if p.dtype.itemsize == 1})
+    return f"{', '.join(fp8)} linear weights, {name} compute" if fp8 else name
 
 
 def _count(n: int) -> str:
@@ -236,7 +250,7 @@ def describe(handle: ModelHandle) -> str:
         f"model: {size_name(cfg)} ({_count(params)} parameters, {cfg.num_layers} layers, dim {cfg.dim})",
         f"layout: {handle.loaded.layout}",
         f"frames per block: {fpb if fpb is not None else 'not stored in the file (3 for the official model)'}",
-        f"dtype: {DTYPE_NAMES.get(handle.dtype, str(handle.dtype))}, attention: {handle.model.attn_backend_request}",
+        f"dtype: {_dtype_note(handle)}, attention: {handle.model.attn_backend_request}",
         f"runs on {handle.load_device}, rests on {handle.model.device}"
         + (" (kept loaded)" if handle.keep_loaded else ""),
         f"LoRA: {handle.lora} merged at strength {handle.lora_strength:g}" if handle.lora else "LoRA: none",

@@ -274,11 +274,41 @@ def test_loader_reads_a_saved_checkpoint_and_reports_it(tmp_path, tiny_model):
                     offload_device=torch.device("cpu"), keep_loaded=False, supports_bf16=False)
 
 
+def test_the_loader_keeps_linear_weights_in_fp8_and_samples_in_bf16_on_request(tmp_path, tiny_model):
+    """dtype 'fp8_e4m3fn': the linear layers' parameters stay float8 (cast per layer when they run), computed in
+    bf16; the video equals the one of a bf16 model holding the same fp8-rounded weights."""
+    from self_forcing.sf_model.weight_cast import linear_param_names
+
+    path = tmp_path / "tiny.safetensors"
+    save_model(path, tiny_model, TINY, meta={"frames_per_block": 3})
+    kw = dict(attention="sdpa", load_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+              keep_loaded=False, supports_bf16=True)
+    h = load_handle(str(path), "tiny", dtype="fp8_e4m3fn", **kw)
+    params = dict(h.model.named_parameters())
+    fp8 = {n for n, p in params.items() if p.dtype == torch.float8_e4m3fn}
+    assert fp8 and fp8 == set(linear_param_names(h.model))  # weights and biases, as ComfyUI's fp8_e4m3fn
+    assert h.dtype == torch.bfloat16 and "float8_e4m3fn linear weights, bf16 compute" in describe(h)
+    ref = load_handle(str(path), "tiny", dtype="bf16", **kw)
+    original = tiny_model.state_dict()
+    with torch.no_grad():
+        for n, p in ref.model.named_parameters():
+            if n in fp8:  # rounded from the file's float32 values, as the loader rounds them
+                p.copy_(original[n].to(torch.float8_e4m3fn).to(torch.bfloat16))
+                assert torch.equal(p, params[n].to(torch.bfloat16))
+    run = dict(width=64, height=32, length=9, seed=3, steps=STEPS, shift=5.0)
+    out, want = sample_video(h, prompt(), **run), sample_video(ref, prompt(), **run)
+    assert torch.equal(out, want)
+    assert {n for n, p in h.model.named_parameters() if p.dtype == torch.float8_e4m3fn} == fp8  # still fp8
+    plain = sample_video(load_handle(str(path), "tiny", dtype="bf16", **kw), prompt(), **run)
+    assert not torch.equal(out, plain)  # the fp8 rounding is really there
+
+
 def test_auto_dtype():
     assert resolve_dtype("auto", torch.device("cuda"), True) == torch.bfloat16
     assert resolve_dtype("auto", torch.device("cuda"), False) == torch.float16
     assert resolve_dtype("auto", torch.device("cpu"), False) == torch.float32
     assert resolve_dtype("fp16", torch.device("cpu"), False) == torch.float16
+    assert resolve_dtype("fp8_e4m3fn", torch.device("cuda"), True) == torch.float8_e4m3fn
     with pytest.raises(ValueError):
         resolve_dtype("int8", torch.device("cpu"), False)
 
