@@ -35,3 +35,25 @@ def tiny_model():
 @pytest.fixture
 def make_tiny():
     return build_tiny
+
+
+@pytest.fixture(scope="session")
+def cli_frames():
+    """``frames(loaded, num_frames, seed)``: the frames ``self-forcing generate`` should write for a toy model
+    (latents sampled here, decoded chunk by chunk, quantised to uint8), as a numpy array [T, H, W, 3]."""
+    from self_forcing.cli.generate import DEFAULT_PROMPT
+    from self_forcing.sf_model.pipeline import frames_to_uint8
+    from self_forcing.sf_model.sampler import StreamOptions, generate
+    from self_forcing.toy.bundle import encode_prompt, latents_to_video
+
+    def frames(loaded, num_frames: int, seed: int):
+        meta = loaded.meta
+        opts = StreamOptions(frames_per_block=meta["frames_per_block"], steps=meta["steps"], shift=meta["shift"],
+                             warp=meta["warp"], context_noise=meta["context_noise"], partial_last_chunk=True)
+        ctx = encode_prompt(loaded, DEFAULT_PROMPT, "cpu")
+        h, w = meta["toy"]["latent_size"]
+        lat = generate(loaded.model, ctx, num_frames=num_frames, height=h, width=w, seed=seed, options=opts)
+        chunks = [frames_to_uint8(latents_to_video(loaded, lat[:, :, s:s + 3]))[0] for s in range(0, num_frames, 3)]
+        return torch.cat(chunks).numpy()
+
+    return frames

@@ -12,13 +12,10 @@ import torch
 
 from self_forcing.cli import main
 from self_forcing.cli.fmp4 import top_level_boxes
-from self_forcing.cli.generate import DEFAULT_PROMPT, default_model_path
+from self_forcing.cli.generate import default_model_path
 from self_forcing.cli.video_out import FragmentedMP4Writer, RawWriter
 from self_forcing.sf_model import sampler as sampler_module
 from self_forcing.sf_model.checkpoint import load_model
-from self_forcing.sf_model.pipeline import frames_to_uint8
-from self_forcing.sf_model.sampler import StreamOptions, generate
-from self_forcing.toy.bundle import encode_prompt, latents_to_video
 
 av = pytest.importorskip("av")
 
@@ -29,18 +26,6 @@ FRAME_BYTES = SIZE * SIZE * 3
 @pytest.fixture(scope="module")
 def toy():
     return load_model(default_model_path(), dtype=torch.float32)
-
-
-def reference_frames(loaded, num_frames: int, seed: int) -> np.ndarray:
-    """The frames the CLI should produce: sample the latents here, decode them chunk by chunk, quantise."""
-    meta = loaded.meta
-    opts = StreamOptions(frames_per_block=meta["frames_per_block"], steps=meta["steps"], shift=meta["shift"],
-                         warp=meta["warp"], context_noise=meta["context_noise"], partial_last_chunk=True)
-    ctx = encode_prompt(loaded, DEFAULT_PROMPT, "cpu")
-    h, w = meta["toy"]["latent_size"]
-    lat = generate(loaded.model, ctx, num_frames=num_frames, height=h, width=w, seed=seed, options=opts)
-    chunks = [frames_to_uint8(latents_to_video(loaded, lat[:, :, s:s + 3]))[0] for s in range(0, num_frames, 3)]
-    return torch.cat(chunks).numpy()
 
 
 def decode(source) -> np.ndarray:
@@ -57,7 +42,8 @@ def kinds(data: bytes) -> list[bytes]:
     return [k for k, _, _ in top_level_boxes(data)]
 
 
-def test_stream_file_is_playable_while_it_grows_and_raw_stdout_is_exact(toy, tmp_path, monkeypatch, capsysbinary):
+def test_stream_file_is_playable_while_it_grows_and_raw_stdout_is_exact(cli_frames, toy, tmp_path, monkeypatch,
+                                                                        capsysbinary):
     out = tmp_path / "live.mp4"
     denoised = []
     real_denoise = sampler_module.denoise_chunk
@@ -83,7 +69,7 @@ def test_stream_file_is_playable_while_it_grows_and_raw_stdout_is_exact(toy, tmp
     assert rc == 0, captured.err.decode()
 
     # raw stdout: exactly the quantised frames of the decoded latents, nothing else on stdout
-    ref = reference_frames(toy, 7, seed=2)
+    ref = cli_frames(toy, 7, seed=2)
     assert ref.shape == (7, SIZE, SIZE, 3)
     assert len(captured.out) == 7 * FRAME_BYTES
     raw = np.frombuffer(captured.out, np.uint8).reshape(7, SIZE, SIZE, 3)
@@ -108,7 +94,7 @@ def test_stream_file_is_playable_while_it_grows_and_raw_stdout_is_exact(toy, tmp
     assert psnr(whole, ref) > 35
 
 
-def test_fragmented_mp4_to_stdout_and_raw_to_a_fifo(toy, tmp_path, monkeypatch, capsysbinary):
+def test_fragmented_mp4_to_stdout_and_raw_to_a_fifo(cli_frames, toy, tmp_path, monkeypatch, capsysbinary):
     monkeypatch.chdir(tmp_path)
     fifo = tmp_path / "frames.fifo"
     os.mkfifo(fifo)
@@ -132,7 +118,7 @@ def test_fragmented_mp4_to_stdout_and_raw_to_a_fifo(toy, tmp_path, monkeypatch, 
     thread.join(timeout=60)
     captured = capsysbinary.readouterr()
     assert rc == 0, captured.err.decode()
-    ref = reference_frames(toy, 6, seed=1)
+    ref = cli_frames(toy, 6, seed=1)
     assert bytes(received) == ref.tobytes()
     assert kinds(captured.out) == [b"ftyp", b"moov"] + [b"moof", b"mdat"] * 2
     assert psnr(decode(io.BytesIO(captured.out)), ref) > 35
@@ -171,11 +157,12 @@ def test_a_reader_that_goes_away_stops_generation_cleanly(tmp_path, monkeypatch,
     assert decode(str(out)).shape == (3, SIZE, SIZE, 3)
 
 
-def test_raw_only_writes_no_mp4_and_regular_mp4_is_unchanged(toy, tmp_path, monkeypatch, capsysbinary):
+def test_raw_only_writes_no_mp4_and_regular_mp4_is_unchanged(cli_frames, toy, tmp_path, monkeypatch,
+                                                              capsysbinary):
     monkeypatch.chdir(tmp_path)
     assert main(["generate", "--frames", "3", "--raw", "frames.rgb", "--no-progress"]) == 0
     assert sorted(os.listdir(tmp_path)) == ["frames.rgb"]
-    ref = reference_frames(toy, 3, seed=0)
+    ref = cli_frames(toy, 3, seed=0)
     assert (tmp_path / "frames.rgb").read_bytes() == ref.tobytes()
     # without --stream the mp4 is a regular one (moov after the data), as before
     assert main(["generate", "--frames", "3", "--out", "plain.mp4", "--no-progress"]) == 0

@@ -14,13 +14,12 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from self_forcing.cli import main
-from self_forcing.cli.generate import DEFAULT_PROMPT, default_model_path
+from self_forcing.cli.generate import default_model_path
 from self_forcing.nodes import model as node_model
 from self_forcing.nodes import schema
 from self_forcing.sf_model.checkpoint import load_model, save_model
@@ -263,34 +262,18 @@ def toy_lora(tmp_path_factory):
     return write_core(root / "toy_lora.safetensors", factors), write_peft(root / "toy_lora.pt", factors)
 
 
-def reference_frames(loaded, num_frames: int, seed: int) -> np.ndarray:
-    """What the CLI writes for a toy model (as tests/test_cli_stream.py computes it)."""
-    from self_forcing.sf_model.pipeline import frames_to_uint8
-    from self_forcing.sf_model.sampler import StreamOptions, generate
-    from self_forcing.toy.bundle import encode_prompt, latents_to_video
-
-    meta = loaded.meta
-    opts = StreamOptions(frames_per_block=meta["frames_per_block"], steps=meta["steps"], shift=meta["shift"],
-                         warp=meta["warp"], context_noise=meta["context_noise"], partial_last_chunk=True)
-    ctx = encode_prompt(loaded, DEFAULT_PROMPT, "cpu")
-    h, w = meta["toy"]["latent_size"]
-    lat = generate(loaded.model, ctx, num_frames=num_frames, height=h, width=w, seed=seed, options=opts)
-    chunks = [frames_to_uint8(latents_to_video(loaded, lat[:, :, s:s + 3]))[0] for s in range(0, num_frames, 3)]
-    return torch.cat(chunks).numpy()
-
-
 def raw_run(tmp_path, name: str, *extra) -> bytes:
     out = tmp_path / name
     assert main(["generate", "--frames", "3", "--seed", "1", "--raw", str(out), "--no-progress", *map(str, extra)]) == 0
     return out.read_bytes()
 
 
-def test_generate_lora_changes_the_frames_as_load_model_lora_does(toy_lora, tmp_path, capsys):
+def test_generate_lora_changes_the_frames_as_load_model_lora_does(toy_lora, tmp_path, capsys, cli_frames):
     core, peft = toy_lora
     plain = raw_run(tmp_path, "plain.rgb")
     merged = raw_run(tmp_path, "lora.rgb", "--lora", core, "--lora-strength", "0.8")
     assert merged != plain
-    want = reference_frames(load_model(default_model_path(), dtype=torch.float32, lora=core, lora_strength=0.8), 3, 1)
+    want = cli_frames(load_model(default_model_path(), dtype=torch.float32, lora=core, lora_strength=0.8), 3, 1)
     assert merged == want.tobytes()
     assert "toy_lora.safetensors merged" in capsys.readouterr().err  # the run says what it merged
     assert raw_run(tmp_path, "peft.rgb", "--lora", peft, "--lora-strength", "0.8") == merged  # same factors
