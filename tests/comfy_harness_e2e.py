@@ -68,8 +68,11 @@ def log(*a):
 
 
 # -- 1. tiny files ----------------------------------------------------------------------------------
-def write_tiny_files(models: Path) -> dict:
-    for sub in ("diffusion_models", "vae", "text_encoders", "text_embeds", "loras"):
+def write_tiny_files(models: Path, yaml: Path) -> dict:
+    """The stand-in model files under ``models``, and ``yaml``: ComfyUI's extra model paths pointing at them."""
+    folders = ("diffusion_models", "vae", "text_encoders", "text_embeds", "loras")
+    yaml.write_text(f"sf_e2e:\n    base_path: {models}\n" + "".join(f"    {f}: {f}\n" for f in folders))
+    for sub in folders:
         (models / sub).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     model = CausalWanModel(TINY_WAN, attn_backend="sdpa")
@@ -78,13 +81,11 @@ def write_tiny_files(models: Path) -> dict:
             p.copy_(torch.randn_like(p) * 0.2 + (1.0 if name.endswith(("norm_q.weight", "norm_k.weight")) else 0.0))
     save_model(models / "diffusion_models" / SELF_FORCING.name, model, TINY_WAN,
                meta={"frames_per_block": 3, "note": "tiny random test model"})
-    # the names the core-MODEL workflows use: the tiny model as the 14B file, a random LoRA on its linears
-    shutil.copy(models / "diffusion_models" / SELF_FORCING.name, models / "diffusion_models" / KREA_14B)
+    shutil.copy(models / "diffusion_models" / SELF_FORCING.name, models / "diffusion_models" / KREA_14B)  # core-MODEL
     g = torch.Generator().manual_seed(1)
-    factors = {n: LoraFactors(torch.randn(4, p.shape[1], generator=g) * 0.01,
-                              torch.randn(p.shape[0], 4, generator=g) * 0.01)
-               for n, p in model.state_dict().items() if p.ndim == 2 and ".ffn." in n}
-    save_file(comfy_lora_state_dict(factors), str(models / "loras" / CORE_LORA))
+    ffn = {n: LoraFactors(torch.randn(4, p.shape[1], generator=g) / 100, torch.randn(p.shape[0], 4, generator=g) / 100)
+           for n, p in model.state_dict().items() if p.ndim == 2 and ".ffn." in n}  # a random core-format LoRA
+    save_file(comfy_lora_state_dict(ffn), str(models / "loras" / CORE_LORA))
     vae = WanVAE(WAN21_VAE).eval()
     save_vae(models / "vae" / WAN_VAE.name, vae.half())
     save_file({"placeholder": torch.zeros(1)}, str(models / "text_encoders" / UMT5.name))
@@ -92,11 +93,6 @@ def write_tiny_files(models: Path) -> dict:
     ctx[:, :24] = torch.randn(1, 24, 4096) * 0.1  # 24 "tokens", zero padding after, as core's umT5 output
     save_text_embeds(str(models / "text_embeds" / EMBEDS), ctx)
     return {"text_embeds": ctx}
-
-
-def write_yaml(models: Path, path: Path) -> None:
-    folders = ("diffusion_models", "vae", "text_encoders", "text_embeds", "loras")
-    path.write_text(f"sf_e2e:\n    base_path: {models}\n" + "".join(f"    {f}: {f}\n" for f in folders))
 
 
 # -- server helpers --------------------------------------------------------------------------------
@@ -563,8 +559,7 @@ def main() -> int:
     work = make_work_folder(args.work)
     log(f"work folder: {work}")  # in it: the server's own state folder (made by the harness), the stand-ins
     state, models, yaml = work / "comfy_state", work / "models", work / "extra_model_paths.yaml"
-    tiny = write_tiny_files(models)
-    write_yaml(models, yaml)
+    tiny = write_tiny_files(models, yaml)
     env = dict(os.environ, COMFY_DIR=str(comfy_dir), COMFY_STATE_DIR=str(state), COMFY_HOST=args.host,
                COMFY_PORT=str(args.port),
                COMFY_EXTRA_ARGS=f"{os.environ.get('COMFY_EXTRA_ARGS', '')} --extra-model-paths-config {yaml}".strip())
