@@ -375,6 +375,17 @@ def convert_lora(src: str, dst: str, alpha: float | None = None) -> str:
     return dst
 
 
+def _resolve(obj, file_meta: dict, path: str, release: str | None) -> tuple[dict, str, dict, dict]:
+    """What both readers make of a file's tensors (or header entries) and metadata: (bare Wan state dict,
+    layout description, metadata with the release's settings, bundled extras)."""
+    meta = file_metadata(file_meta, path)
+    obj, extras = split_bundle(obj, meta.get("bundle", []))
+    found = find_release(meta, path, release)
+    sd, layout = normalize_state_dict(obj, found.entry if found else None)
+    meta, layout = with_release(meta, found, release, layout)
+    return sd, layout, meta, extras
+
+
 def load_state_dict_file(path: str, lora: str | None = None, lora_strength: float = 1.0,
                          release: str | None = "auto", lora_alpha: float | None = None,
                          ) -> tuple[dict[str, torch.Tensor], WanConfig, str, dict, dict]:
@@ -382,12 +393,7 @@ def load_state_dict_file(path: str, lora: str | None = None, lora_strength: floa
 
     ``lora``: a LoRA file merged into the weights (strength ``lora_strength``; ``lora_alpha`` where the file
     stores none, default alpha = rank). ``release``: see ``with_release``."""
-    obj, file_meta = read_file(path)
-    meta = file_metadata(file_meta, path)
-    obj, extras = split_bundle(obj, meta.get("bundle", []))
-    found = find_release(meta, path, release)
-    sd, layout = normalize_state_dict(obj, found.entry if found else None)
-    meta, layout = with_release(meta, found, release, layout)
+    sd, layout, meta, extras = _resolve(*read_file(path), path, release)
     check_finite(sd, path)
     if lora is not None:
         sd, note = apply_lora_file(sd, lora, float(lora_strength), lora_alpha)
@@ -439,12 +445,7 @@ def read_header(path: str) -> tuple[dict[str, torch.Tensor], dict]:
 
 def inspect_checkpoint(path: str, release: str | None = "auto") -> tuple[WanConfig, str, dict]:
     """(config, layout, meta) of a safetensors checkpoint from its header alone (``read_header``)."""
-    tensors, file_meta = read_header(path)
-    meta = file_metadata(file_meta, path)
-    rest, extras = split_bundle(tensors, meta.get("bundle", []))
-    found = find_release(meta, path, release)
-    sd, layout = normalize_state_dict(rest, found.entry if found else None)
-    meta, layout = with_release(meta, found, release, layout)
+    sd, layout, meta, _ = _resolve(*read_header(path), path, release)
     try:
         config = WanConfig.from_dict(meta["model"]) if "model" in meta else infer_config(sd)
     except (KeyError, ValueError) as e:
