@@ -1,5 +1,5 @@
 """CUDA check of `self-forcing generate` (run on the GPU machine, e.g. from benchmarks/pending_gpu.sh; not a CI test)."""
-import os, sys, time, subprocess
+import os, subprocess, sys, tempfile, time
 import numpy as np, torch
 from self_forcing.sf_model.config import WanConfig, WAN_1_3B
 from self_forcing.sf_model.model import CausalWanModel
@@ -11,7 +11,7 @@ from self_forcing.sf_model.sampler import StreamOptions
 from self_forcing.sf_model.text_embeds import save_text_embeds
 from self_forcing.cli import main
 
-root = "/tmp/cli_check"; os.makedirs(root, exist_ok=True)
+root = tempfile.mkdtemp(prefix="cli_check_")
 def rand_(m, seed):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
