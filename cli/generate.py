@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import signal
 import stat
@@ -116,6 +117,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--fused-kernels", action="store_true",
                    help="fused inference kernels (Triton on CUDA; elsewhere the same math in PyTorch, no faster) "
                         "and, on CUDA, block forwards replayed from CUDA graphs")
+    p.add_argument("--kv-fp8", action="store_true",
+                   help="opt-in, less exact: keep the KV cache in float8 e4m3 (about half of bf16's cache memory; "
+                        "today slower, see docs/benchmarks.md); not with history routing or rebased positions with "
+                        "a sink")
     p.add_argument("--fps", type=int, default=None, help="frame rate of the video (default: the model's)")
     p.add_argument("--out", default=None,
                    help=f"output .mp4 (or .gif); '-' = stdout (with --stream). Default {DEFAULT_OUT}, or none "
@@ -289,13 +294,20 @@ def sampling_options(args, meta: dict, num_frames: int):
     from ..sf_model.schedule import parse_steps
 
     steps = parse_steps(args.steps) if args.steps else None
-    return StreamOptions.from_meta(meta, cache_policy(args, meta, num_frames), steps=steps, partial_last_chunk=True)
+    opts = StreamOptions.from_meta(meta, cache_policy(args, meta, num_frames), steps=steps, partial_last_chunk=True)
+    if not getattr(args, "kv_fp8", False):
+        return opts
+    try:  # StreamOptions holds the rules; an error here is --kv-fp8's (the rest was valid just above)
+        return dataclasses.replace(opts, kv_fp8=True)
+    except ValueError as e:
+        raise ValueError(f"--kv-fp8: {e}; drop --kv-fp8 for this run") from None
 
 
 def _cache_note(opts) -> str:
     from ..sf_model.window import CachePolicy
 
-    return CachePolicy(opts.frames_per_block, opts.window, opts.sink, opts.routing_topk, opts.positions).describe()
+    note = CachePolicy(opts.frames_per_block, opts.window, opts.sink, opts.routing_topk, opts.positions).describe()
+    return note + (", FP8 K/V cache" if opts.kv_fp8 else "")
 
 
 def prepare_toy(args, loaded, path: str, device, dtype, build: Callable) -> Job:
