@@ -148,3 +148,31 @@ def test_a_prompt_of_other_shape_clears_the_recordings(make_tiny):
     out = generate(graphed, pair, num_frames=9, height=4, width=6, seed=3)  # its own cache
     assert torch.equal(out, generate(eager, pair, num_frames=9, height=4, width=6, seed=3))
     assert graphs.recorded == 6 and len(graphs.graphs) == 3  # the batch-1 recordings were dropped
+
+
+def test_cuda_malloc_async_keeps_graphs_off_and_the_video_exact(make_tiny, monkeypatch):
+    # ComfyUI sets PyTorch's cudaMallocAsync backend by default; recording there aborted the whole server
+    # process on an H200 (a captured allocation freed outside the capture). Graphs must stay off, eagerly exact.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "cudaMallocAsync")
+    eager = make_tiny(TINY, seed=4)
+    graphed = make_tiny(TINY, seed=4)
+    cache, graphs = with_graphs(graphed)
+    captured = []
+    monkeypatch.setattr(graphs, "_capture", lambda *a: captured.append(a) or pytest.fail("recorded a graph"))
+    opts = StreamOptions(frames_per_block=3)
+    with pytest.warns(UserWarning, match="cudaMallocAsync"):
+        out = generate(graphed, CTX, num_frames=9, height=4, width=6, seed=2, options=opts, cache=cache)
+    assert torch.equal(out, generate(eager, CTX, num_frames=9, height=4, width=6, seed=2, options=opts))
+    assert (graphs.recorded, graphs.replayed, captured) == (0, 0, [])
+    assert "--disable-cuda-malloc" in graphs.failed
+
+
+def test_native_allocator_still_records(make_tiny, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "native")
+    graphed = make_tiny(TINY, seed=4)
+    cache, graphs = with_graphs(graphed)
+    generate(graphed, CTX, num_frames=9, height=4, width=6, seed=2, options=StreamOptions(frames_per_block=3),
+             cache=cache)
+    assert graphs.failed is None and graphs.recorded == 3

@@ -58,6 +58,20 @@ class _Graph:
     out: torch.Tensor
 
 
+def unsupported_reason() -> str | None:
+    """Why CUDA graphs must not be recorded in this process (None: they can be).
+
+    Under PyTorch's ``cudaMallocAsync`` allocator backend (``PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync``,
+    which ComfyUI sets by default on recent GPUs) a tensor recorded in a graph's pool and freed outside the
+    capture aborts the whole process (CUDA "invalid argument" in the allocator's free, measured on an H200 with
+    ComfyUI 0.3.64), so graphs stay off there; the replay saves only the host's launch time (~1 %).
+    """
+    if torch.cuda.is_available() and torch.cuda.get_allocator_backend() == "cudaMallocAsync":
+        return ("PyTorch's cudaMallocAsync allocator is active (ComfyUI's default; start ComfyUI with "
+                "--disable-cuda-malloc to use CUDA graphs); graphs there abort the process when freed")
+    return None
+
+
 class ChunkGraphs:
     """Recorded forwards keyed by situation (see the module docstring)."""
 
@@ -137,6 +151,10 @@ class ChunkGraphs:
             self.replayed += 1
             return g.out.clone()
         out = forward(x, t, rope)  # the real result, and the warm-up of everything the graph will run
+        if self.failed is None:
+            self.failed = unsupported_reason()
+            if self.failed is not None:
+                warnings.warn(f"CUDA graphs off, running eagerly: {self.failed}")
         if self.failed is not None:
             return out
         static = (x.clone(), t.clone(), rope[0].clone(), rope[1].clone())
