@@ -328,15 +328,15 @@ class SelfForcingLongVideoOptions(io.ComfyNode):
         return build_schema(OPTIONS)
 
     @classmethod
-    def validate_inputs(cls, cache=None, window=None, sink=None, routing_topk=None, positions=None):
+    def validate_inputs(cls, cache=None, window=None, sink=None, routing_topk=None, positions=None, kv_fp8=None):
         return validate_node(OPTIONS, cache=cache, window=window, sink=sink, routing_topk=routing_topk,
-                             positions=positions)
+                             positions=positions, kv_fp8=kv_fp8)
 
     @classmethod
     def execute(cls, cache: str = "rolling", window: int = 21, sink: int = 3, routing_topk: int = 0,
-                positions: str = "absolute") -> io.NodeOutput:
+                positions: str = "absolute", kv_fp8: bool = False) -> io.NodeOutput:
         return io.NodeOutput(LongVideoOptions(cache=cache, window=window, sink=sink, routing_topk=routing_topk,
-                                              positions=positions).check())
+                                              positions=positions, kv_fp8=kv_fp8).check())
 
 
 class SelfForcingPromptSchedule(io.ComfyNode):

@@ -40,11 +40,12 @@ class LongVideoOptions:
     sink: int = 3
     routing_topk: int = 0
     positions: str = "absolute"
+    kv_fp8: bool = False  # opt-in, less exact: the K/V cache in float8 (StreamOptions.kv_fp8)
 
     def check(self) -> "LongVideoOptions":
         """These settings against the node's spec: ranges, options and the routing rule (raises ValueError)."""
         ok = check_inputs(OPTIONS, cache=self.cache, window=self.window, sink=self.sink,
-                          routing_topk=self.routing_topk, positions=self.positions)
+                          routing_topk=self.routing_topk, positions=self.positions, kv_fp8=self.kv_fp8)
         if ok is not True:
             raise ValueError(f"{NODE_NAME}: {ok}")
         return self
@@ -107,6 +108,11 @@ OPTIONS = NodeSpec(
                   "distance exceeds sink + window (keep that <= 21, the official training length). Identical "
                   "until the window first slides past the sink, and without a sink.",
                   default="absolute", options=POSITION_MODES, optional=True),
+        InputSpec("kv_fp8", "BOOLEAN",
+                  "Opt-in, less exact: keep the cached keys/values in float8 e4m3 (about half of bf16's cache "
+                  "memory; today slower, and the video drifts from the exact one; figures in docs/benchmarks.md). "
+                  "Any device, the CPU included. Not with routing_topk, nor rebased positions with a sink, nor a "
+                  "KV re-cache prompt switch with a sink.", default=False, optional=True),
     ),
     outputs=(OutputSpec(OPTIONS_TYPE, "options", "Long-video settings for the sampler / extend node."),),
     rules=(_routing_rule,),

@@ -10,6 +10,7 @@ run is ``long_video.cache_policy``'s (the options node's, or the default rule wh
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import traceback
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ from ..sf_model.schedule import DEFAULT_STEPS_TEXT, parse_steps
 from .decode import StreamDecode, decode_latents, run_decoded_stream
 from .latent import WAN21_SPACE, LatentSpace, latent_space
 from .live import LIVE_NAME
+from .long_video import NODE_NAME as OPTIONS_NAME
 from .long_video import OPTIONS_INPUT, SCHEDULE_NAME, LongVideoOptions, cache_policy, prompt_schedule
 from .model import ModelHandle
 from .schema import CAT_SAMPLING, LIVE_TYPE, MODEL_TYPE, SEED_MAX, InputSpec, NodeSpec, OutputSpec
@@ -199,8 +201,14 @@ def run_options(frames_per_block: int, steps: str, shift: float, context_noise: 
     included) of a checkpoint with metadata ``meta`` (raises ValueError with a fix-it text)."""
     cache = cache_policy(long_video, frames_per_block=frames_per_block, total_frames=total_frames, meta=meta,
                          rope_max_frames=rope_max_frames)
-    return StreamOptions.from_policy(cache, steps=parse_steps(steps), shift=shift, context_noise=context_noise,
+    opts = StreamOptions.from_policy(cache, steps=parse_steps(steps), shift=shift, context_noise=context_noise,
                                      partial_last_chunk=True)
+    if long_video is None or not long_video.kv_fp8:
+        return opts
+    try:  # StreamOptions holds the rules; an error here is kv_fp8's (the rest was valid just above)
+        return dataclasses.replace(opts, kv_fp8=True)
+    except ValueError as e:
+        raise ValueError(f"{OPTIONS_NAME}: {e}; turn kv_fp8 off for this run") from None
 
 
 def model_bytes(model: torch.nn.Module) -> int:

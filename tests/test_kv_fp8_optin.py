@@ -1,6 +1,7 @@
 """The FP8 K/V cache as a user opt-in: ``self-forcing generate --kv-fp8`` streams what the core sampler makes with
 ``StreamOptions(kv_fp8=True)`` (close to the exact video, not equal to it), and the combinations StreamOptions
-refuses come back as clean CLI errors naming the flag."""
+refuses come back as clean CLI errors naming the flag; the 'Long-Video Options' node's optional ``kv_fp8`` input
+reaches the same StreamOptions (old prompts without it still validate)."""
 
 import dataclasses
 import os
@@ -81,3 +82,57 @@ def test_kv_fp8_with_what_it_cannot_do_is_a_clean_error(argv, message, toy, tmp_
     assert os.listdir(tmp_path) == []  # nothing written, no .part left behind
     # the same run without the flag is fine (the refusal is --kv-fp8's)
     assert main(["generate", "--no-progress", "--raw", "ok.rgb", *argv]) == 0
+
+
+# -- the nodes: 'Long-Video Options' kv_fp8 (optional, off by default) -----------------------------------------
+@pytest.fixture(scope="module")
+def toy_handle():
+    from self_forcing.nodes import toy as toy_nodes
+    from self_forcing.nodes.model import load_handle
+
+    cpu = torch.device("cpu")
+    return load_handle(toy_nodes.toy_model_path(toy_nodes.TOY_MODELS[0]), toy_nodes.TOY_MODELS[0], dtype="fp32",
+                       attention="sdpa", load_device=cpu, offload_device=cpu, keep_loaded=True, supports_bf16=False)
+
+
+def test_options_node_kv_fp8_reaches_the_sampler(toy_handle):
+    from self_forcing.nodes.long_video import OPTIONS, LongVideoOptions
+    from self_forcing.nodes.sampling import sample_video
+    from self_forcing.nodes.toy import TOY_PROMPT, encode_toy_prompt
+
+    spec = OPTIONS.input("kv_fp8")
+    assert spec.type == "BOOLEAN" and spec.default is False and spec.optional
+    cond = encode_toy_prompt(toy_handle, TOY_PROMPT)
+
+    def run(kv_fp8: bool) -> torch.Tensor:
+        options = LongVideoOptions(cache="rolling", window=6, sink=0, routing_topk=0, kv_fp8=kv_fp8).check()
+        return sample_video(toy_handle, cond, width=64, height=64, length=9, seed=5, long_video=options)
+
+    fp8, exact = run(True), run(False)
+    ctx = encode_prompt(toy_handle.loaded, TOY_PROMPT, "cpu")
+    opts = toy_options(toy_handle.meta, window=6, extend_positions=True)
+    core = generate(toy_handle.model, ctx, num_frames=9, height=32, width=32, seed=5,
+                    options=dataclasses.replace(opts, kv_fp8=True))
+    assert torch.equal(fp8, core)  # the node's video is the core sampler's with kv_fp8=True, bit for bit
+    assert torch.equal(exact, generate(toy_handle.model, ctx, num_frames=9, height=32, width=32, seed=5,
+                                       options=opts))
+    assert not torch.equal(fp8, exact)
+    rel = ((fp8 - exact).norm() / exact.norm()).item()
+    assert 0 < rel < 0.7  # measured 0.32 (docs/benchmarks.md: 0.28 mean over the toy benchmark's videos)
+
+
+def test_options_node_kv_fp8_is_optional_and_refusals_name_it(toy_handle):
+    from self_forcing.nodes.long_video import NODE_NAME, OPTIONS, LongVideoOptions
+    from self_forcing.nodes.sampling import sample_video
+    from self_forcing.nodes.schema import check_inputs
+    from self_forcing.nodes.toy import TOY_PROMPT, encode_toy_prompt
+
+    # an API prompt saved before the input existed still validates (and gets the exact cache)
+    assert check_inputs(OPTIONS, cache="rolling", window=21, sink=3, routing_topk=0, positions="absolute") is True
+    assert LongVideoOptions().kv_fp8 is False
+    cond = encode_toy_prompt(toy_handle, TOY_PROMPT)
+    for options, what in ((LongVideoOptions(window=6, sink=0, routing_topk=3, kv_fp8=True), "routing"),
+                          (LongVideoOptions(window=6, sink=3, positions="rebased", kv_fp8=True), "rebased")):
+        with pytest.raises(ValueError) as err:
+            sample_video(toy_handle, cond, width=64, height=64, length=9, seed=0, long_video=options.check())
+        assert NODE_NAME in str(err.value) and "kv_fp8" in str(err.value) and what in str(err.value)

@@ -146,7 +146,7 @@ def long_video() -> Graph:
     positive = _prompt(g, PROMPT)
     vae = _vae(g)
     options = g.add("SelfForcingLongVideoOptions", cache="rolling", window=21, sink=3, routing_topk=0,
-                    positions="absolute")
+                    positions="absolute", kv_fp8=False)
     latent = g.add("SelfForcingSampler", model=model, positive=positive, width=832, height=480, length=477,
                    **_sampling(), options=options)
     _save(g, latent, vae, "video/self_forcing_long")
@@ -231,7 +231,7 @@ def toy_demo() -> Graph:
     model = g.add("SelfForcingToyModelLoader", model_name=TOY_MODELS[0], device="default")
     positive = g.add("SelfForcingToyTextEncode", model=model, text=TOY_PROMPT)
     options = g.add("SelfForcingLongVideoOptions", cache="rolling", window=12, sink=0, routing_topk=0,
-                    positions="absolute")
+                    positions="absolute", kv_fp8=False)
     latent = g.add("SelfForcingSampler", model=model, positive=positive, width=64, height=64, length=45,
                    **_sampling(seed=0), options=options)
     images = g.add("SelfForcingToyDecode", model=model, latent=latent)
@@ -273,7 +273,7 @@ def toy_prompt_switch() -> Graph:
     second = g.add("SelfForcingPromptSchedule", "Switch at frame 48", previous=first, conditioning=prompts[2],
                    start_frame=48, switch="recache")
     options = g.add("SelfForcingLongVideoOptions", cache="rolling", window=9, sink=3, routing_topk=0,
-                    positions="rebased")
+                    positions="rebased", kv_fp8=False)
     latent = g.add("SelfForcingSampler", model=model, positive=second, width=64, height=64, length=69,
                    **_sampling(seed=0), options=options)
     images = g.add("SelfForcingToyDecode", model=model, latent=latent)
@@ -302,7 +302,7 @@ def long_video_minute() -> Graph:
     second = g.add("SelfForcingPromptSchedule", "Switch at 40 s", previous=first, conditioning=prompts[2],
                    start_frame=640, switch="recache")
     options = g.add("SelfForcingLongVideoOptions", cache="rolling", window=18, sink=3, routing_topk=0,
-                    positions="rebased")
+                    positions="rebased", kv_fp8=False)
     latent = g.add("SelfForcingSampler", model=model, positive=second, width=832, height=480, length=961,
                    **_sampling(), options=options)
     _save(g, latent, vae, "video/self_forcing_minute")
