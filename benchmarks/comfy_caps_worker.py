@@ -91,7 +91,10 @@ def worker(args) -> int:
                 r["first_s" if i == 0 else "warm_s"] = time.perf_counter() - t
             r["status"] = "ok"
         except Exception as e:  # OOM included: that is a result here
-            r.update(status="error", error=f"{type(e).__name__}: {str(e)[:600]}")
+            import traceback
+
+            r.update(status="error", error=f"{type(e).__name__}: {str(e)[:600]}",
+                     where=traceback.format_exc(limit=12)[-2500:])
         if cuda:
             r["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if name.startswith("core") and model is not None:

@@ -64,7 +64,11 @@ def main() -> int:
     ap.add_argument("--cpu", action="store_true", help="ComfyUI on the CPU (as main.py --cpu)")
     ap.add_argument("--work", default=None, help="folder for the random checkpoint (default: a temporary one)")
     ap.add_argument("--out", default=None, help="write the result JSON here too")
-    ap.add_argument("--paths", default="ours,core", help="comma list of the paths to run: ours, core")
+    ap.add_argument("--paths", default="ours,core", help="comma list of the paths to run: ours, core; also "
+                    "ours_eager (our loader without the fused trunk and CUDA graphs) and core_bf16 (our core loader "
+                    "node with weight_dtype bf16), to tell where a difference comes from")
+    ap.add_argument("--profile", action="store_true", help="after the timed runs, one profiled run per path: its "
+                    "20 costliest CUDA kernels (self time) go into the JSON")
     ap.add_argument("--weight-dtype", default="default", choices=("default", "fp8_e4m3fn", "fp8_e5m2"),
                     help="UNETLoader weight_dtype of the core path (fp8: weights kept fp8, cast per layer)")
     ap.add_argument("--memory-cap-gb", type=float, default=None,
@@ -72,8 +76,8 @@ def main() -> int:
                          "random checkpoint is written")
     args = ap.parse_args()
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-    if not paths or set(paths) - {"ours", "core"}:
-        ap.error(f"--paths takes ours and/or core, got {args.paths!r}")
+    if not paths or set(paths) - {"ours", "core", "ours_eager", "core_bf16"}:
+        ap.error(f"--paths takes ours, core, ours_eager, core_bf16, got {args.paths!r}")
     tiny = args.size == "tiny"
     width, height = args.width or (64 if tiny else 832), args.height or (64 if tiny else 480)
     length = args.length or (17 if tiny else 81)
@@ -126,7 +130,19 @@ def main() -> int:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-        return {"median_s": statistics.median(times), "times_s": times, "peak_gib": peak}, out
+        res = {"median_s": statistics.median(times), "times_s": times, "peak_gib": peak}
+        if args.profile and cuda:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                sf.SelfForcingSampler.execute(model=model, positive=positive, **kw)
+                torch.cuda.synchronize()
+            rows = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)[:20]
+            res["profile_top_kernels_ms"] = [[e.key[:90], round(e.self_device_time_total / 1e3, 2), e.count]
+                                             for e in rows]
+            res["profile_total_device_ms"] = round(sum(e.self_device_time_total for e in prof.key_averages()) / 1e3, 1)
+            res["profile_cpu_ops"] = sum(e.count for e in prof.key_averages())
+        return res, out
 
     def attempt(key, make):
         try:
@@ -152,6 +168,19 @@ def main() -> int:
         a = attempt("ours", lambda: sf.SelfForcingModelLoader.execute(
             model_name=name, dtype="bf16", attention="auto", device="cpu" if args.cpu else "default",
             keep_loaded=True).args[0])
+    if "ours_eager" in paths:
+        def eager():
+            from self_forcing.sf_model.speed import use_cuda_graphs, use_fused_kernels
+
+            handle = sf.SelfForcingModelLoader.execute(model_name=name, dtype="bf16", attention="auto",
+                                                       device="cpu" if args.cpu else "default",
+                                                       keep_loaded=True).args[0]
+            use_cuda_graphs(use_fused_kernels(handle.model, enabled=False), enabled=False)
+            return handle
+        attempt("ours_eager", eager)
+    if "core_bf16" in paths:
+        attempt("core_bf16", lambda: sf.SelfForcingCoreModelLoader.execute(model_name=name,
+                                                                           weight_dtype="bf16").args[0])
     if "core" in paths:
         core_dtype = []
 
