@@ -57,6 +57,8 @@ def kv_cache_bytes(config, options, total_frames: int, latent_h: int, latent_w: 
     every layer (plus the routing summaries when routing is on). ``options``: StreamOptions or CachePolicy."""
     slots = sum(cache_slots(options.window, options.sink, total_frames))
     size = 2 * config.num_layers * batch * slots * frame_tokens(config, latent_h, latent_w) * config.dim
+    if getattr(options, "kv_fp8", False):  # e4m3 keys/values, float32 scales per (slot, head), key shift per head
+        return size + 4 * config.num_layers * batch * config.num_heads * (2 * slots + config.head_dim)
     size *= dtype_bytes(dtype)
     if options.routing_topk is not None:
         size += config.num_layers * batch * slots * config.dim * 4
@@ -128,6 +130,14 @@ def device_total_bytes(device) -> int | None:
 def check_fits(bytes_needed: int, device) -> None:
     """Raise ValueError when ``bytes_needed`` exceed all of ``device``'s memory (call before allocating)."""
     total = device_total_bytes(device)
+    capped = ""
+    if total is not None and torch.device(device).type == "cuda":
+        index = torch.device(device).index
+        index = torch.cuda.current_device() if index is None else index
+        fraction = torch.cuda.get_per_process_memory_fraction(index)
+        if fraction < 1.0:  # torch.cuda.set_per_process_memory_fraction: this process may use only that share
+            total, capped = int(total * fraction), f" this process may use ({fraction:.0%} of the device)"
     if total is not None and bytes_needed > total:
         raise ValueError(f"this request needs ~{bytes_needed / GB:,.1f} GB on {device}, which has "
-                         f"{total / GB:,.1f} GB in total; lower the size/length/window")
+                         f"{total / GB:,.1f} GB{capped or ' in total'}; lower the size/length/window "
+                         "(or an FP8 K/V cache, kv_fp8, for about half of the K/V memory)")

@@ -343,3 +343,37 @@ def test_saved_checkpoints_embeddings_and_vaes_have_the_usual_permissions(make_t
     for name in ("m", "e", "v"):
         assert (os.stat(tmp_path / f"{name}.safetensors").st_mode & 0o777) == 0o666 & ~umask, name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.safetensors", "m.safetensors", "v.safetensors"]
+
+
+def test_the_estimate_counts_the_fp8_cache_the_sampler_allocates(make_tiny, monkeypatch):
+    from self_forcing.sf_model.memory import kv_cache_bytes
+    from self_forcing.sf_model.sampler import stream
+    from self_forcing.sf_model.speed.kv_fp8 import Fp8KVCache
+
+    model = make_tiny(TINY, seed=1)
+    made, build = [], Fp8KVCache.for_model.__func__
+    monkeypatch.setattr(Fp8KVCache, "for_model", classmethod(lambda cls, *a, **k: made.append(build(cls, *a, **k))
+                                                             or made[-1]))
+    for opts, frames in ((StreamOptions(frames_per_block=3, kv_fp8=True), 9),
+                         (StreamOptions(frames_per_block=3, window=6, kv_fp8=True), 15)):
+        sizes = [made[-1].nbytes() for _ in stream(model, CTX, num_frames=frames, height=4, width=6, options=opts)]
+        assert kv_cache_bytes(TINY, opts, frames, 4, 6, 1, torch.float32) == sizes[0]
+        exact = kv_cache_bytes(TINY, StreamOptions(frames_per_block=3, window=opts.window), frames, 4, 6, 1,
+                               torch.bfloat16)
+        assert sizes[0] < 0.75 * exact  # about half of bf16's (one byte per element, plus the scales)
+
+
+def test_the_fit_check_honours_a_per_process_memory_cap(monkeypatch):
+    # a GPU capped with torch.cuda.set_per_process_memory_fraction (a 24 GB share of a bigger card) must refuse
+    # what exceeds the share before allocating, not fail with an out-of-memory error inside the run
+    from self_forcing.sf_model import memory
+
+    monkeypatch.setattr(memory, "device_total_bytes", lambda device: 100 * 2 ** 30)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda index: 0.24)
+    memory.check_fits(20 * 2 ** 30, "cuda:0")
+    with pytest.raises(ValueError, match=r"which has 25\.8 GB this process may use \(24% of the device\).*kv_fp8"):
+        memory.check_fits(30 * 2 ** 30, "cuda:0")
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda index: 1.0)
+    memory.check_fits(30 * 2 ** 30, "cuda:0")
+    with pytest.raises(ValueError, match="in total"):
+        memory.check_fits(200 * 2 ** 30, "cuda:0")
