@@ -22,16 +22,17 @@ import torch
 from comfy_api.latest import ComfyExtension, io, ui
 
 from ..sf_model import weights
-from ..sf_model.latent_format import SPATIAL_STRIDE
+from ..sf_model.latent_format import SPATIAL_STRIDE, TEMPORAL_STRIDE, latent_frames
 from ..sf_model.schedule import DEFAULT_STEPS_TEXT
-from .core_model import CORE_DTYPES, CORE_LOADER, core_model_from_file, describe_core, model_handle
+from .core_model import (CORE_DTYPES, CORE_LOADER, compute_dtype, core_meta, core_model_from_file, core_state_dict,
+                         describe_core, model_handle, skeleton_for)
 from .decode import StreamDecode, VaeViews, check_wan21_state_dict
 from .latent import latent_space
 from .live import EVENT, LIVE, LiveFrameOptions, LiveFrameSender
 from .long_video import OPTIONS, SCHEDULE, LongVideoOptions, add_prompt
 from .model import (LOADER, LORA_FOLDER, MODEL_FOLDER, NO_LORA, describe, load_handle, loader_key, lora_choices,
                     missing_model_message, model_choices, resolve_devices, wants_lora)
-from .sampling import EXTEND, SAMPLER, RunHooks, extend_video, sample_video
+from .sampling import EXTEND, SAMPLER, RunHooks, extend_video, run_bytes, run_options, sample_video
 from .schema import InputSpec, NodeSpec, OutputSpec, check_values, validate_node
 from .text import (LOAD_EMBEDS, SAVE_EMBEDS, TEXT_EMBEDS, conditioning_from_context, read_embeds,
                    register_text_embeds_folder, save_embeds, save_folder, tensor_of)
@@ -108,11 +109,34 @@ def accept_core_model(schema: io.Schema) -> io.Schema:
     return schema
 
 
-def core_loader(hooks: RunHooks):
-    """How a core MODEL is loaded for a run (``core_model.borrowed_handle``): ComfyUI loads it fully on its
-    device with its patches (LoRA) merged; memory for the run is then freed with that model kept loaded."""
+def core_run_bytes(patcher, run: dict | None) -> int | None:
+    """Device bytes a run on a core MODEL needs besides its weights (``sampling.run_bytes`` of ``run``, the node's
+    request), or None where ``run`` is missing or invalid (the run itself then names the problem)."""
+    if run is None:
+        return None
+    decode, dm = run.get("decode"), patcher.model.diffusion_model
+    try:
+        cfg = skeleton_for(dm, core_state_dict(dm)[0], "auto").config  # the skeleton the run binds (cached)
+        opts = run_options(run["frames_per_block"], run["steps"], run["shift"], run["context_noise"], run["options"],
+                           total_frames=run["frames"], meta=core_meta(patcher), rope_max_frames=cfg.rope_max_frames)
+    except ValueError:  # CheckpointError too
+        return None
+    return (run_bytes(cfg, opts, run["frames"], run["lat_h"], run["lat_w"], run["batch"], compute_dtype(patcher))
+            + (decode.reserve_bytes if decode is not None else 0))
+
+
+def core_loader(hooks: RunHooks, run: dict | None = None):
+    """How a core MODEL is loaded for a run (``core_model.borrowed_handle``). Without patches ComfyUI decides,
+    asked once for the run's memory (``core_run_bytes``): it loads what fits, the other linear layers stay on its
+    offload device, streamed per layer (``core_model.bind``); nothing is asked later (ComfyUI could move bound
+    weights). With patches (LoRA) or no estimate: fully loaded, then memory for the run freed, as before."""
 
     def load(patcher) -> None:
+        need = None if getattr(patcher, "patches", None) else core_run_bytes(patcher, run)
+        if need is not None:
+            mm.load_models_gpu([patcher], memory_required=int(need * 1.1))
+            hooks.free_memory = None  # asked for above
+            return
         mm.load_models_gpu([patcher], force_full_load=True)
 
         def free_memory(nbytes: int, device: torch.device) -> None:
@@ -402,7 +426,12 @@ class SelfForcingSampler(io.ComfyNode):
                                    latent_height=height // SPATIAL_STRIDE, latent_width=width // SPATIAL_STRIDE,
                                    live=live_frames)
         hooks = run_hooks()
-        with model_handle(model, load=core_loader(hooks)) as handle:  # ours, or a core MODEL's weights borrowed
+        prompt = positive[0][0] if positive and positive[0] else None
+        run = dict(frames=latent_frames(length, TEMPORAL_STRIDE), lat_h=height // SPATIAL_STRIDE,
+                   lat_w=width // SPATIAL_STRIDE, batch=int(prompt.shape[0]) if hasattr(prompt, "shape") else 1,
+                   frames_per_block=frames_per_block, steps=steps, shift=shift, context_noise=context_noise,
+                   options=options, decode=decode)
+        with model_handle(model, load=core_loader(hooks, run)) as handle:  # ours, or a core MODEL's weights borrowed
             result = sample_video(handle, positive, width=width, height=height, length=length, seed=seed,
                                   frames_per_block=frames_per_block, steps=steps, shift=shift,
                                   context_noise=context_noise, long_video=options, hooks=hooks, decode=decode)
@@ -436,7 +465,12 @@ class SelfForcingExtendVideo(io.ComfyNode):
             decode = stream_decode(vae, batch=batch, frames_per_block=frames_per_block, latent_height=h,
                                    latent_width=w, live=live_frames)
         hooks = run_hooks()
-        with model_handle(model, load=core_loader(hooks)) as handle:  # ours, or a core MODEL's weights borrowed
+        samples = latent.get("samples") if isinstance(latent, dict) else latent
+        run = None if getattr(samples, "ndim", 0) != 5 else dict(
+            frames=samples.shape[2] + extend_frames // TEMPORAL_STRIDE, lat_h=samples.shape[3],
+            lat_w=samples.shape[4], batch=samples.shape[0], frames_per_block=frames_per_block, steps=steps,
+            shift=shift, context_noise=context_noise, options=options, decode=decode)
+        with model_handle(model, load=core_loader(hooks, run)) as handle:  # ours, or a core MODEL's weights borrowed
             result = extend_video(handle, positive, latent, extend_frames=extend_frames,
                                   history_frames=history_frames, resample_strength=resample_strength, seed=seed,
                                   frames_per_block=frames_per_block, steps=steps, shift=shift,

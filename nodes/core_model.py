@@ -32,7 +32,8 @@ import torch
 
 from ..sf_model.checkpoint import CheckpointError, LoadedModel, check_compatible, load_state_dict_file
 from ..sf_model.config import infer_config
-from ..sf_model.weight_cast import castable, cast_linears, held_bytes, is_float8, split_scales, uncast_linears
+from ..sf_model.weight_cast import (castable, cast_linears, held_bytes, is_float8, linear_param_names, split_scales,
+                                    streamed_layers, uncast_linears)
 from .model import MODEL_FOLDER, ModelHandle
 from .schema import CAT_LOADERS, MODEL_TYPE, InputSpec, NodeSpec, OutputSpec
 
@@ -151,11 +152,16 @@ def _on(t: torch.Tensor, device: torch.device) -> bool:
 @dataclass
 class Bound:
     """What ``bind`` did: bytes copied (cast or moved) for the run, bytes the bound skeleton holds (parameters,
-    buffers, weight scales), and the number of linear layers kept in float8 (cast per layer when they run)."""
+    buffers, weight scales), the number of linear layers kept in float8 (cast per layer when they run), and the
+    linear layers whose weights stay where ComfyUI's partial loading left them (moved per layer when they run):
+    how many, their bytes, and the device(s) they stay on."""
 
     copied: int
     held: int
     float8_layers: int
+    streamed_layers: int = 0
+    streamed_bytes: int = 0
+    streamed_from: str = ""
 
 
 def bind(skeleton: Skeleton, sd: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype,
@@ -163,13 +169,25 @@ def bind(skeleton: Skeleton, sd: dict[str, torch.Tensor], device: torch.device, 
     """Point the skeleton's parameters at ``sd``'s tensors, moved/cast only where they are not already on
     ``device`` in ``dtype`` (those are the only copies). Float8 weights (and biases) of linear layers stay
     float8 (moved if needed, never upcast) and are cast per layer at run time, times their ``scales`` entry
-    (scaled fp8). A scale of any other tensor is folded into it here (a copy)."""
+    (scaled fp8). A scale of any other tensor is folded into it here (a copy). A linear layer whose weight is
+    not on ``device`` (ComfyUI loaded the model partially: the rest stays on its offload device) keeps its
+    weight and bias where they are, as they are, and moves them to ``device`` one layer at a time when it runs
+    (unless its weight is scaled but not float8: folded and moved here)."""
     scales = dict(scales or {})
     keep = castable(skeleton.model, sd)
-    copied = 0
+    stay = set()  # linear weights/biases left where they are
+    for name in linear_param_names(skeleton.model):
+        layer = name.rpartition(".")[0]
+        if not _on(sd[f"{layer}.weight"], device) and (f"{layer}.weight" in keep or layer not in scales):
+            stay.add(name)
+    copied = streamed = 0
     ready = {}
     for name, t in sd.items():
         base, _, leaf = name.rpartition(".")
+        if name in stay:  # left on the offload device by ComfyUI: no copy
+            streamed += t.numel() * t.element_size()
+            ready[name] = torch.nn.Parameter(t, requires_grad=False)
+            continue
         if name in keep:
             target = t.dtype
         elif leaf == "weight" and base in scales:  # a scaled weight not kept in float8: folded here
@@ -184,8 +202,12 @@ def bind(skeleton: Skeleton, sd: dict[str, torch.Tensor], device: torch.device, 
         ready[name] = torch.nn.Parameter(t, requires_grad=False)
     skeleton.model.load_state_dict(ready, strict=True, assign=True)
     on_device = {k: (v if _on(v, device) else v.to(device)) for k, v in scales.items()}
-    layers = cast_linears(skeleton.model, dtype, on_device)
-    return Bound(copied=copied, held=held_bytes(skeleton.model), float8_layers=layers)
+    cast_linears(skeleton.model, dtype, on_device, device=device)
+    layers = sum(1 for m in skeleton.model.modules() if isinstance(m, torch.nn.Linear) and is_float8(m.weight.dtype))
+    where = sorted({str(sd[n].device) for n in stay})
+    return Bound(copied=copied, held=held_bytes(skeleton.model), float8_layers=layers,
+                 streamed_layers=streamed_layers(skeleton.model, device), streamed_bytes=streamed,
+                 streamed_from=", ".join(where))
 
 
 def describe_bound(bound: Bound, dtype: torch.dtype) -> str:
@@ -193,6 +215,9 @@ def describe_bound(bound: Bound, dtype: torch.dtype) -> str:
     mib = 2 ** 20
     kept = (f"{bound.float8_layers} linear layers kept in float8 (cast to {str(dtype).replace('torch.', '')} "
             "one layer at a time)") if bound.float8_layers else "no float8 layers"
+    if bound.streamed_layers:
+        kept += (f"; {bound.streamed_layers} linear layers streamed from {bound.streamed_from} "
+                 f"({bound.streamed_bytes / mib:.1f} MiB, moved one layer at a time: ComfyUI loaded it partially)")
     return f"core MODEL bound: {kept}; {bound.copied / mib:.1f} MiB copied for the run, {bound.held / mib:.1f} MiB held"
 
 
