@@ -13,6 +13,12 @@ they are: our linear layers keep them in float8 and cast one layer at a time whe
 file's ``scale_weight`` then (``sf_model.weight_cast``), so the run holds no bf16 copy of the model; only the
 small non-linear parameters (patch embedding, norms, modulation) are cast to the compute dtype for the run.
 
+On CUDA with plain (not float8) weights a run gets our loader's speed-ups (``speed_up``): the fused inference
+trunk (its fused QKV is a copy of q/k/v, ours) and CUDA graphs of the chunk forwards. A graph reads tensors by
+address, so recordings are kept across runs only while every tensor they read is where it was when they were
+recorded (``fingerprint``: name, address, shape, dtype, device of every bound parameter; the fused QKV copies
+are refilled in place at every bind, so values core patched in place are seen); anything else drops them.
+
 What is read from the patcher is public and long-stable: ``patcher.model.diffusion_model`` (the torch module),
 ``patcher.load_device``, ``patcher.model_dtype()`` and ``patcher.model.manual_cast_dtype`` (the compute dtype of
 weights stored in fp8). The ComfyUI call that loads and patches is passed in (``load``), from ``nodes.comfy``.
@@ -32,8 +38,9 @@ import torch
 
 from ..sf_model.checkpoint import CheckpointError, LoadedModel, check_compatible, load_state_dict_file
 from ..sf_model.config import infer_config
-from ..sf_model.weight_cast import (castable, cast_linears, held_bytes, is_float8, linear_param_names, split_scales,
-                                    streamed_layers, uncast_linears)
+from ..sf_model.speed import ChunkGraphs, FusedTrunk, fuse_gelu, use_cuda_graphs, use_fused_kernels
+from ..sf_model.weight_cast import (castable, cast_linears, has_cast_layers, held_bytes, is_float8, linear_param_names,
+                                    split_scales, streamed_layers, uncast_linears)
 from .model import MODEL_FOLDER, ModelHandle
 from .schema import CAT_LOADERS, MODEL_TYPE, InputSpec, NodeSpec, OutputSpec
 
@@ -108,6 +115,7 @@ class Skeleton:
 
     model: torch.nn.Module
     config: object
+    fingerprint: tuple | None = None  # of the tensors the kept CUDA-graph recordings read (see speed_up)
 
 
 _SKELETONS: "weakref.WeakKeyDictionary[torch.nn.Module, Skeleton]" = weakref.WeakKeyDictionary()
@@ -221,9 +229,91 @@ def describe_bound(bound: Bound, dtype: torch.dtype) -> str:
     return f"core MODEL bound: {kept}; {bound.copied / mib:.1f} MiB copied for the run, {bound.held / mib:.1f} MiB held"
 
 
+def cuda_speedups(device: torch.device, bound: Bound) -> bool:
+    """Whether a bound run gets our loader's CUDA speed-ups (``speed_up``): on a CUDA load device with no layer
+    kept in float8 (the fused trunk reads plain weights: it refuses float8 layers), as our loader decides. (A
+    model with any cast layer, float8 or streamed, runs eagerly whatever this says: ``borrowed_handle``.)"""
+    return device.type == "cuda" and bound.float8_layers == 0
+
+
+def fingerprint(model: torch.nn.Module) -> tuple:
+    """(name, address, shape, dtype, device) of every parameter and buffer: what a CUDA graph recorded on the
+    model reads (the q/k/v parameters are views of the fused QKV copy once fused)."""
+    return tuple((name, t.data_ptr(), tuple(t.shape), t.dtype, t.device)
+                 for name, t in model.state_dict(keep_vars=True).items())
+
+
+def _refuse_qkv(model: torch.nn.Module) -> None:
+    """Fused QKV of every self-attention from its bound q/k/v weights: copied into the fused buffers kept from
+    the last run where they fit (same addresses: recorded graphs stay valid), else into new ones."""
+    with torch.no_grad():
+        for blk in model.blocks:
+            attn = blk.self_attn
+            lins = (attn.q, attn.k, attn.v)
+            rows = sum(lin.weight.shape[0] for lin in lins)
+            w, b = attn.fused if attn.fused is not None else (None, None)
+            fits = w is not None and all(
+                t.shape[0] == rows and t.shape[1:] == s.shape[1:] and t.dtype == s.dtype and t.device == s.device
+                for t, s in ((w, attn.q.weight), (b, attn.q.bias)))
+            if not fits:
+                attn.fused = None
+                attn.fuse_qkv()
+                continue
+            start = 0
+            for lin in lins:
+                n = lin.weight.shape[0]
+                w[start:start + n].copy_(lin.weight)
+                b[start:start + n].copy_(lin.bias)
+                lin.weight.data, lin.bias.data = w[start:start + n], b[start:start + n]
+                start += n
+
+
+def speed_up(skeleton: Skeleton, make_graphs: Callable[[], ChunkGraphs] = ChunkGraphs) -> bool:
+    """Our loader's CUDA speed-ups on a bound skeleton: the fused trunk (with fused QKV and the GELU-epilogue
+    GEMM) and CUDA graphs (a ``make_graphs()`` recorder, kept on the skeleton). The fused QKV copies are
+    refilled from the bound weights now; recordings are dropped unless every tensor they read is where it was
+    when they were recorded (``fingerprint``). Returns whether the kept recordings stay usable."""
+    model = skeleton.model
+    if isinstance(model.inference_trunk, FusedTrunk) and not model.inference_trunk.fp8:
+        _refuse_qkv(model)
+    else:
+        use_fused_kernels(model)  # fuses QKV (new copies) and drops any recording
+    if model.chunk_graphs is None:
+        use_cuda_graphs(model, graphs=make_graphs())
+    now = fingerprint(model)
+    kept = now == skeleton.fingerprint
+    if not kept:
+        model.chunk_graphs.clear()
+        skeleton.fingerprint = now
+    return kept
+
+
+def _drop_speedups(skeleton: Skeleton, *, switch_off: bool) -> None:
+    """Drop the fused QKV copies and the recordings (``switch_off``: also the trunk, the GELU epilogue and the
+    recorder itself, for an eager run)."""
+    model = skeleton.model
+    for blk in model.blocks:
+        blk.self_attn.fused = None
+    if model.chunk_graphs is not None:
+        model.chunk_graphs.clear()
+    skeleton.fingerprint = None
+    if switch_off:
+        model.inference_trunk = None
+        fuse_gelu(model, False)
+        model.chunk_graphs = None
+
+
+def _recordings_in_use(model: torch.nn.Module) -> bool:
+    graphs = model.chunk_graphs
+    return graphs is not None and graphs.failed is None and len(graphs.graphs) > 0
+
+
 def unbind(skeleton: Skeleton) -> None:
     """Drop every reference to the borrowed tensors (parameters back on the meta device, float8 layers plain
-    again)."""
+    again). The fused QKV copies (ours) stay only while CUDA-graph recordings that read them are kept (they are
+    refilled at the next bind, ``speed_up``); else they go too."""
+    if not _recordings_in_use(skeleton.model):
+        _drop_speedups(skeleton, switch_off=False)
     uncast_linears(skeleton.model)
     for module in skeleton.model.modules():
         for name, p in list(module.named_parameters(recurse=False)):
@@ -271,12 +361,16 @@ def describe_core(patcher) -> str:
 
 
 @contextmanager
-def borrowed_handle(patcher, *, load: Callable[[object], None], attention: str = "auto", name: str = "core MODEL"):
+def borrowed_handle(patcher, *, load: Callable[[object], None], attention: str = "auto", name: str = "core MODEL",
+                    speedups: Callable[[torch.device, Bound], bool] = cuda_speedups,
+                    make_graphs: Callable[[], ChunkGraphs] = ChunkGraphs):
     """A ``ModelHandle`` for one run on a core MODEL's (patched) weights.
 
     ``load(patcher)`` must make ComfyUI load the model on its load device with its patches (LoRA) applied,
     fully (``comfy.model_management.load_models_gpu([patcher], force_full_load=True)``). The handle rests and
     runs on the patcher's load device and is never moved by us (``keep_loaded``): ComfyUI owns the weights.
+    ``speedups(device, bound)`` decides whether the run gets the fused trunk and CUDA graphs (``speed_up``, with
+    ``make_graphs`` as the recorder); otherwise it runs eagerly.
     """
     load(patcher)
     diffusion_model = patcher.model.diffusion_model
@@ -284,7 +378,16 @@ def borrowed_handle(patcher, *, load: Callable[[object], None], attention: str =
     skeleton = skeleton_for(diffusion_model, sd, attention)
     device, dtype = torch.device(patcher.load_device), compute_dtype(patcher)
     try:
-        log.info(describe_bound(bind(skeleton, sd, device, dtype, scales), dtype))
+        bound = bind(skeleton, sd, device, dtype, scales)
+        if speedups(device, bound) and not has_cast_layers(skeleton.model):
+            kept = speed_up(skeleton, make_graphs)
+            failed = skeleton.model.chunk_graphs.failed
+            how = (f"fused trunk, CUDA graphs off ({failed})" if failed else
+                   f"fused trunk + CUDA graphs ({'recordings kept' if kept else 'recorded anew'})")
+        else:
+            _drop_speedups(skeleton, switch_off=True)
+            how = "eager"
+        log.info(f"{describe_bound(bound, dtype)}; {how}")
     except BaseException:
         unbind(skeleton)
         raise

@@ -215,3 +215,209 @@ def test_bind_counts_only_the_small_non_linear_parameters_as_copied(tiny_model):
     assert bound.copied == 2 * rest  # the non-linear parameters, upcast to bf16; no linear weight copied
     assert bound.held == linear_bytes(core) + 2 * rest + 4 * n_linear
     unbind(skeleton)
+
+
+# -- CUDA speed-ups on the core path (fused trunk + CUDA graphs), exercised on the CPU ---------------------------
+#
+# The decision is injected (``speedups``: what ``cuda_speedups`` says on a CUDA device) and the recorder is a
+# stand-in that behaves like a CUDA graph where it matters here: a graph reads tensors BY ADDRESS, so a replay
+# whose tensors (parameters, the fused QKV copies) no longer live where they did at recording would read freed
+# or foreign memory: the stand-in refuses such a replay (AssertionError) instead.
+
+from self_forcing.nodes.core_model import Bound, cuda_speedups, skeleton_for  # noqa: E402
+from self_forcing.sf_model.speed import ChunkGraphs, FusedTrunk, use_fused_kernels  # noqa: E402
+from self_forcing.sf_model.speed.graphs import _with_text  # noqa: E402
+
+
+def reads(model):
+    """Where the tensors a recorded forward of ``model`` reads live (name -> address, shape)."""
+    seen = {n: (t.data_ptr(), tuple(t.shape)) for n, t in model.state_dict(keep_vars=True).items()}
+    for i, blk in enumerate(model.blocks):
+        if blk.self_attn.fused is not None:
+            seen[f"{i}.fused"] = tuple(t.data_ptr() for t in blk.self_attn.fused)
+    return seen
+
+
+class AddressGraphs(ChunkGraphs):
+    """Records by running the forward on the static inputs; a replay runs the forward of the current call (its
+    cache is at the recorded address: the situation key says so) on the static inputs, after checking that every
+    tensor the model reads is still at its recorded address."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.stale = 0
+
+    def accepts(self, x):
+        return True
+
+    def run(self, key, forward, x, t, rope, text):
+        self.current = forward
+        return super().run(key, forward, x, t, rope, text)
+
+    def _capture(self, forward, static):
+        seen = reads(self.model)
+        out = forward(static[0], static[1], (static[2], static[3]))
+
+        def replay():
+            if reads(self.model) != seen:
+                self.stale += 1
+                raise AssertionError("a recorded graph replayed on tensors that moved (stale recording)")
+            out.copy_(_with_text(self.current, self._text, static[0], static[1], (static[2], static[3])))
+        return replay, out
+
+
+def as_on_cuda(device, bound):  # cuda_speedups' answer on a CUDA load device
+    return cuda_speedups(torch.device("cuda"), bound)
+
+
+def never(device, bound):
+    return False
+
+
+def recorder_for(patcher):
+    """The skeleton of ``patcher``'s core model with an address-checking recorder, and each run's new K/V cache in
+    the storage of the first run's (as CUDA's caching allocator hands back a freed block of the same size), so a
+    second run can replay the first run's recordings."""
+    core = patcher.model.diffusion_model
+    skeleton = skeleton_for(core, core_state_dict_of(core), "auto")
+    graphs = AddressGraphs(skeleton.model)
+    made, original = {}, skeleton.model.new_cache
+
+    def new_cache(*args, **kw):
+        cache = original(*args, **kw)
+        key = (args, tuple(sorted(kw.items())))
+        if key in made:
+            cache.k, cache.v = made[key]
+        else:
+            made[key] = (cache.k, cache.v)
+        return cache
+    skeleton.model.new_cache = new_cache
+    return skeleton, graphs
+
+
+def core_state_dict_of(core):
+    from self_forcing.nodes.core_model import core_state_dict
+
+    return core_state_dict(core)[0]
+
+
+def fused_ours(model):
+    """Our loader's path on the same weights: the fused trunk (no graphs: the same math)."""
+    return ours(use_fused_kernels(copy.deepcopy(model)))
+
+
+def run_core(patcher, graphs, speedups=as_on_cuda):
+    with borrowed_handle(patcher, load=load, speedups=speedups, make_graphs=lambda: graphs) as handle:
+        return sample_video(handle, prompt(), **KW), handle.model
+
+
+def core_storages(core):
+    return {p.untyped_storage().data_ptr() for p in core.parameters()}
+
+
+def test_cuda_speedups_only_for_plain_weights_on_cuda():
+    assert cuda_speedups(torch.device("cuda", 0), Bound(copied=0, held=1, float8_layers=0))
+    assert not cuda_speedups(torch.device("cuda", 0), Bound(copied=0, held=1, float8_layers=3))
+    assert not cuda_speedups(torch.device("cpu"), Bound(copied=0, held=1, float8_layers=0))
+
+
+def test_trunk_and_graphs_on_the_core_path_match_eager_and_replay_while_the_storages_stay(tiny_model):
+    patcher = Patcher(core_module(tiny_model))
+    core = patcher.model.diffusion_model
+    q_ptr, q_before = core.blocks[0].self_attn.q.weight.data_ptr(), core.blocks[0].self_attn.q.weight.clone()
+    skeleton, graphs = recorder_for(patcher)
+    got, model = run_core(patcher, graphs)
+    assert isinstance(model.inference_trunk, FusedTrunk) and model.chunk_graphs is graphs
+    # 4 chunks of 1 latent frame x (2 denoising passes + 1 cache pass), minus the skipped last cache pass
+    assert (graphs.recorded, graphs.replayed, graphs.stale) == (4, 7, 0)
+    eager, _ = run_core(Patcher(core_module(tiny_model)), None, speedups=never)
+    assert torch.equal(got, sample_video(fused_ours(tiny_model), prompt(), **KW))  # our loader's CUDA path
+    assert ((got - eager).abs().max() / eager.abs().max()).item() <= 1e-5  # the fused trunk's tolerance
+    assert not torch.equal(got, torch.zeros_like(got))
+    # after the run: no parameter holds memory; the fused QKV copies kept for the recordings are ours, not core's
+    assert all(p.device.type == "meta" for p in skeleton.model.parameters())
+    kept = [t for blk in skeleton.model.blocks for t in blk.self_attn.fused]
+    assert kept and not {t.untyped_storage().data_ptr() for t in kept} & core_storages(core)
+    attn = core.blocks[0].self_attn  # core's own weights untouched by the fusing
+    assert attn.q.weight.data_ptr() == q_ptr and torch.equal(attn.q.weight, q_before)
+    again, _ = run_core(patcher, graphs)  # the same storages: every forward replays
+    assert torch.equal(again, got) and (graphs.recorded, graphs.replayed, graphs.stale) == (4, 18, 0)
+
+
+def test_weights_patched_in_place_are_seen_by_the_kept_recordings(tiny_model):
+    patcher = Patcher(core_module(tiny_model))
+    core = patcher.model.diffusion_model
+    _, graphs = recorder_for(patcher)
+    first, _ = run_core(patcher, graphs)
+    with torch.no_grad():  # as a LoRA merged into the same storage: q (in the fused copy) and the head change
+        core.blocks[0].self_attn.q.weight.mul_(1.5)
+        core.head.head.weight.mul_(2.0)
+    patched, _ = run_core(patcher, graphs)
+    assert graphs.recorded == 4 and graphs.stale == 0  # same addresses: the recordings were kept and replayed
+    ref = core_module(tiny_model)
+    with torch.no_grad():
+        ref.blocks[0].self_attn.q.weight.mul_(1.5)
+        ref.head.head.weight.mul_(2.0)
+    want = sample_video(fused_ours(upcast_reference(ref, torch.float32)), prompt(), **KW)
+    assert torch.equal(patched, want) and not torch.equal(patched, first)
+
+
+def replace_storages(core, scale=1.5):
+    """As core's LoRA patching does (``set_attr_param``): new tensors (new storage) for some weights, here the
+    FFN and output projections and the head, scaled; q/k/v keep their storage."""
+    with torch.no_grad():
+        for name, p in list(core.named_parameters()):
+            if ".ffn." in name or ".o.weight" in name or name.startswith("head."):
+                owner = core.get_submodule(name.rpartition(".")[0])
+                setattr(owner, name.rpartition(".")[2], torch.nn.Parameter(p * scale, requires_grad=False))
+
+
+def test_new_core_storages_drop_the_recordings_and_give_the_new_weights_latents(tiny_model):
+    patcher = Patcher(core_module(tiny_model))
+    _, graphs = recorder_for(patcher)
+    first, _ = run_core(patcher, graphs)
+    replace_storages(patcher.model.diffusion_model)
+    got, _ = run_core(patcher, graphs)
+    assert graphs.recorded == 8 and graphs.stale == 0  # recorded anew, nothing stale replayed
+    ref = core_module(tiny_model)
+    replace_storages(ref)
+    want = sample_video(fused_ours(upcast_reference(ref, torch.float32)), prompt(), **KW)
+    assert torch.equal(got, want) and not torch.equal(got, first)
+
+
+def test_the_stand_in_catches_stale_recordings(tiny_model, monkeypatch):
+    """Without the fingerprint check the run above would replay graphs on moved tensors: the stand-in says so."""
+    import self_forcing.nodes.core_model as cm
+
+    patcher = Patcher(core_module(tiny_model))
+    _, graphs = recorder_for(patcher)
+    run_core(patcher, graphs)
+    monkeypatch.setattr(cm, "fingerprint", lambda model: "always the same")
+    run_core(patcher, graphs)  # still the same storages: fine
+    replace_storages(patcher.model.diffusion_model)
+    with pytest.raises(AssertionError, match="stale recording"):
+        run_core(patcher, graphs)
+    assert all(p.device.type == "meta" for p in _SKELETONS[patcher.model.diffusion_model].model.parameters())
+
+
+def test_float8_weights_and_the_cpu_keep_the_eager_path(tiny_model):
+    patcher = Patcher(core_module(tiny_model))
+    core = patcher.model.diffusion_model
+    skeleton, graphs = recorder_for(patcher)
+    run_core(patcher, graphs)
+    assert graphs.recorded == 4
+    with torch.no_grad():  # the same core model, now stored in float8 (core casts to float32 when it runs)
+        for p in core.parameters():
+            if p.dim() > 0:
+                p.data = p.data.to(F8)
+    patcher.model.manual_cast_dtype = torch.float32
+    got, model = run_core(patcher, graphs, speedups=lambda device, bound: True)  # cast layers: eager anyway
+    assert model.inference_trunk is None and model.chunk_graphs is None
+    assert all(blk.self_attn.fused is None and blk.ffn_first is None for blk in model.blocks)
+    assert graphs.recorded == 4 and graphs.replayed == 7  # nothing recorded or replayed in the float8 run
+    assert torch.equal(got, sample_video(ours(upcast_reference(core, torch.float32)), prompt(), **KW))
+    plain = Patcher(core_module(tiny_model))  # default decision on the CPU: eager, nothing kept
+    with borrowed_handle(plain, load=load) as handle:
+        sample_video(handle, prompt(), **KW)
+        assert handle.model.inference_trunk is None and handle.model.chunk_graphs is None
