@@ -1,14 +1,18 @@
 """One capped-memory run of ``benchmarks/comfy_server_gpu.py`` (its ``caps`` / ``caps14b`` steps), in ComfyUI's python
 without a server: one memory cap (``torch.cuda.set_per_process_memory_fraction`` plus ComfyUI's own
 ``reserve_vram`` and ``lowvram``), then the core-MODEL path (core UNETLoader; fp8 weights too) and our loader's
-path through the Stream Sampler node; seconds, peak memory, whether ComfyUI loaded the model partially, or the
-error. Writes ``--worker-out`` after each path. Launched by comfy_server_gpu.py; ``--tiny`` runs on the CPU.
+path through the Stream Sampler node; seconds, peak memory, whether ComfyUI loaded the model partially, what the
+run bound (our log line: layers kept in float8, layers streamed from the CPU), or the error. The 14B runs first
+with a Long-Video Options node's ``kv_fp8=True`` (its K/V cache is 25 GiB in bf16 at 832x480x81, 12.5 GiB in
+FP8: what lets it near 24 GB), then without (``kv_fp8`` in each path's record). Writes ``--worker-out`` after
+each path. Launched by comfy_server_gpu.py; ``--tiny`` runs on the CPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -68,15 +72,24 @@ def worker(args) -> int:
     kw = dict(width=sizes["width"], height=sizes["height"], length=sizes["length"], seed=0, frames_per_block=3)
     positive = [[torch.randn(1, 512, 4096, generator=torch.Generator().manual_seed(1)) * 0.1, {}]]
     unet = core_nodes.UNETLoader().load_unet
-    paths = {"core": lambda: unet(MODEL, "fp8_e4m3fn" if args.size == "14B" else "default")[0]}
+    core = lambda: unet(MODEL, "fp8_e4m3fn" if args.size == "14B" else "default")[0]  # noqa: E731
+    paths = {"core_kv_fp8": core} if args.size == "14B" else {}  # the 14B: FP8 K/V cache first
+    paths["core"] = core
+    kv_fp8 = sf.SelfForcingLongVideoOptions.execute(kv_fp8=True).args[0]
+    bound = []  # our log line per run: what was bound (float8 layers, streamed layers, bytes copied)
+    handler = logging.Handler()
+    handler.emit = lambda record: bound.append(record.getMessage()) if "core MODEL bound" in record.getMessage() else None
+    logging.getLogger("self_forcing").addHandler(handler)
+    logging.getLogger("self_forcing").setLevel(logging.INFO)
     if args.size != "14B":  # 1.3B: core with fp8 weights too, and our loader
         paths["core_fp8"] = lambda: unet(MODEL, "fp8_e4m3fn")[0]
         paths["ours"] = lambda: sf.SelfForcingModelLoader.execute(
             model_name=MODEL, dtype="bf16", attention="auto", device="cpu" if not cuda else "default",
             keep_loaded=True).args[0]
     for name, load in paths.items():
-        r = {}
+        r = {"kv_fp8": name.endswith("kv_fp8")}
         model = None
+        bound.clear()
         try:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
@@ -85,7 +98,8 @@ def worker(args) -> int:
             r["load_s"] = time.perf_counter() - t
             for i in range(1 if args.size == "14B" else 2):  # warm-up, then timed
                 t = time.perf_counter()
-                sf.SelfForcingSampler.execute(model=model, positive=positive, **kw)
+                sf.SelfForcingSampler.execute(model=model, positive=positive, options=kv_fp8 if r["kv_fp8"] else None,
+                                              **kw)
                 if cuda:
                     torch.cuda.synchronize()
                 r["first_s" if i == 0 else "warm_s"] = time.perf_counter() - t
@@ -95,6 +109,7 @@ def worker(args) -> int:
 
             r.update(status="error", error=f"{type(e).__name__}: {str(e)[:600]}",
                      where=traceback.format_exc(limit=12)[-2500:])
+        r["bound"] = bound[-1] if bound else None
         if cuda:
             r["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if name.startswith("core") and model is not None:
