@@ -236,6 +236,13 @@ def cuda_speedups(device: torch.device, bound: Bound) -> bool:
     return device.type == "cuda" and bound.float8_layers == 0
 
 
+def fused_qkv_bytes(config, dtype: torch.dtype) -> int:
+    """Memory the CUDA speed-ups add to a core-MODEL run (``speed_up``): the fused QKV copies (q, k, v weights and
+    biases of every block) in ``dtype``, ours, not counted by ComfyUI; kept between runs while CUDA-graph
+    recordings that read them are kept (``unbind``)."""
+    return config.num_layers * 3 * config.dim * (config.dim + 1) * torch.empty((), dtype=dtype).element_size()
+
+
 def fingerprint(model: torch.nn.Module) -> tuple:
     """(name, address, shape, dtype, device) of every parameter and buffer: what a CUDA graph recorded on the
     model reads (the q/k/v parameters are views of the fused QKV copy once fused)."""
@@ -384,6 +391,7 @@ def borrowed_handle(patcher, *, load: Callable[[object], None], attention: str =
             failed = skeleton.model.chunk_graphs.failed
             how = (f"fused trunk, CUDA graphs off ({failed})" if failed else
                    f"fused trunk + CUDA graphs ({'recordings kept' if kept else 'recorded anew'})")
+            how += f", fused QKV copy {fused_qkv_bytes(skeleton.config, dtype) / 2 ** 20:.1f} MiB"
         else:
             _drop_speedups(skeleton, switch_off=True)
             how = "eager"

@@ -224,7 +224,7 @@ def test_bind_counts_only_the_small_non_linear_parameters_as_copied(tiny_model):
 # whose tensors (parameters, the fused QKV copies) no longer live where they did at recording would read freed
 # or foreign memory: the stand-in refuses such a replay (AssertionError) instead.
 
-from self_forcing.nodes.core_model import Bound, cuda_speedups, skeleton_for  # noqa: E402
+from self_forcing.nodes.core_model import Bound, cuda_speedups, fused_qkv_bytes, skeleton_for  # noqa: E402
 from self_forcing.sf_model.speed import ChunkGraphs, FusedTrunk, use_fused_kernels  # noqa: E402
 from self_forcing.sf_model.speed.graphs import _with_text  # noqa: E402
 
@@ -339,6 +339,7 @@ def test_trunk_and_graphs_on_the_core_path_match_eager_and_replay_while_the_stor
     assert all(p.device.type == "meta" for p in skeleton.model.parameters())
     kept = [t for blk in skeleton.model.blocks for t in blk.self_attn.fused]
     assert kept and not {t.untyped_storage().data_ptr() for t in kept} & core_storages(core)
+    assert sum(t.numel() * t.element_size() for t in kept) == fused_qkv_bytes(TINY, torch.float32)
     attn = core.blocks[0].self_attn  # core's own weights untouched by the fusing
     assert attn.q.weight.data_ptr() == q_ptr and torch.equal(attn.q.weight, q_before)
     again, _ = run_core(patcher, graphs)  # the same storages: every forward replays
