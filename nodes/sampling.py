@@ -227,8 +227,18 @@ def check_request_fits(handle: ModelHandle, opts: StreamOptions, total_frames: i
     """Refuse a run that can never fit its device (weights + run + decode), before anything is allocated or
     unloaded; returns the run's bytes besides the weights."""
     extra = run_bytes(handle.config, opts, total_frames, lat_h, lat_w, batch, handle.model.dtype) + decode_bytes
-    check_fits(extra + model_bytes(handle.model), handle.load_device)
+    check_fits(extra + device_weight_bytes(handle), handle.load_device)
     return extra
+
+
+def device_weight_bytes(handle: ModelHandle) -> int:
+    """The weights a run holds on its device: all of them when the run moves them there; for weights that stay
+    where they are (``keep_loaded``, e.g. a core MODEL's, partially loaded by ComfyUI) only those on the load
+    device -- the others are streamed one linear layer at a time (``sf_model.weight_cast``)."""
+    if not handle.keep_loaded:
+        return model_bytes(handle.model)
+    kind = torch.device(handle.load_device).type
+    return sum(p.numel() * p.element_size() for p in handle.model.parameters() if p.device.type == kind)
 
 
 @contextmanager

@@ -216,3 +216,25 @@ def test_the_sampler_node_asks_for_its_own_request(comfy, tiny_model):
                                            frames_per_block=1, steps="1000,500", shift=5.0)
     assert comfy.calls == [([patcher], {"memory_required": int(want_bytes() * 1.1)})]
     assert out.values[0]["samples"].shape == (1, 16, 4, 4, 8)  # the request estimated: 4 latent frames of 4x8
+
+
+def test_the_fit_check_counts_only_the_weights_a_run_holds_on_its_device(tiny_model):
+    # a core MODEL partially loaded by ComfyUI keeps some linear weights off the device (streamed per layer): the
+    # fit check must not count them, or a 14B that fits 24 GB with streaming is refused; our own loader's
+    # weights all move to the device for the run, so all of them count
+    from self_forcing.nodes.model import ModelHandle
+    from self_forcing.nodes.sampling import device_weight_bytes, model_bytes
+    from self_forcing.sf_model.checkpoint import LoadedModel
+
+    model = copy.deepcopy(tiny_model)
+    first = model.blocks[0].ffn[0]
+    first.weight = nn.Parameter(torch.empty(first.weight.shape, dtype=first.weight.dtype, device="meta"),
+                                requires_grad=False)  # "left on another device"
+    off = first.weight.numel() * first.weight.element_size()
+
+    def handle(keep):
+        return ModelHandle(LoadedModel(model, model.config, "test", {}), "tiny", torch.device("cpu"),
+                           torch.device("cpu"), torch.float32, keep_loaded=keep)
+
+    assert device_weight_bytes(handle(True)) == model_bytes(model) - off
+    assert device_weight_bytes(handle(False)) == model_bytes(model)
