@@ -310,6 +310,16 @@ def _drop_speedups(skeleton: Skeleton, *, switch_off: bool) -> None:
         model.chunk_graphs = None
 
 
+def release_speedups(diffusion_model: torch.nn.Module) -> bool:
+    """Drop what the CUDA speed-ups keep between runs for a core diffusion model (the fused QKV copies and the
+    CUDA-graph recordings with their memory pool), e.g. when ComfyUI unloads that model; not during a run on it.
+    The next run rebuilds them. Returns whether there was a skeleton."""
+    found = _SKELETONS.get(diffusion_model)
+    if found is not None:
+        _drop_speedups(found, switch_off=False)
+    return found is not None
+
+
 def _recordings_in_use(model: torch.nn.Module) -> bool:
     graphs = model.chunk_graphs
     return graphs is not None and graphs.failed is None and len(graphs.graphs) > 0

@@ -224,7 +224,8 @@ def test_bind_counts_only_the_small_non_linear_parameters_as_copied(tiny_model):
 # whose tensors (parameters, the fused QKV copies) no longer live where they did at recording would read freed
 # or foreign memory: the stand-in refuses such a replay (AssertionError) instead.
 
-from self_forcing.nodes.core_model import Bound, cuda_speedups, fused_qkv_bytes, skeleton_for  # noqa: E402
+from self_forcing.nodes.core_model import (Bound, cuda_speedups, fused_qkv_bytes, release_speedups,  # noqa: E402
+                                          skeleton_for)
 from self_forcing.sf_model.speed import ChunkGraphs, FusedTrunk, use_fused_kernels  # noqa: E402
 from self_forcing.sf_model.speed.graphs import _with_text  # noqa: E402
 
@@ -344,6 +345,10 @@ def test_trunk_and_graphs_on_the_core_path_match_eager_and_replay_while_the_stor
     assert attn.q.weight.data_ptr() == q_ptr and torch.equal(attn.q.weight, q_before)
     again, _ = run_core(patcher, graphs)  # the same storages: every forward replays
     assert torch.equal(again, got) and (graphs.recorded, graphs.replayed, graphs.stale) == (4, 18, 0)
+    assert release_speedups(core) and not release_speedups(torch.nn.Linear(1, 1))  # e.g. ComfyUI unloads it
+    assert all(blk.self_attn.fused is None for blk in skeleton.model.blocks) and not graphs.graphs
+    third, _ = run_core(patcher, graphs)  # rebuilt: recorded anew, same latents
+    assert torch.equal(third, got) and (graphs.recorded, graphs.stale) == (8, 0)
 
 
 def test_weights_patched_in_place_are_seen_by_the_kept_recordings(tiny_model):
