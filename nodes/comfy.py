@@ -21,18 +21,24 @@ import folder_paths
 import torch
 from comfy_api.latest import ComfyExtension, io, ui
 
+try:  # ModelPatcher's callback types (ComfyUI >= 0.3.10); without them kept speed-up memory goes at the next run
+    from comfy.patcher_extension import CallbacksMP
+    DETACH = CallbacksMP.ON_DETACH
+except (ImportError, AttributeError):
+    DETACH = None
+
 from ..sf_model import weights
 from ..sf_model.latent_format import SPATIAL_STRIDE, TEMPORAL_STRIDE, latent_frames
 from ..sf_model.schedule import DEFAULT_STEPS_TEXT
-from .core_model import (CORE_DTYPES, CORE_LOADER, compute_dtype, core_meta, core_model_from_file, core_state_dict,
-                         describe_core, model_handle, skeleton_for)
+from .core_model import CORE_DTYPES, CORE_LOADER, core_model_from_file, describe_core, model_handle
+from .core_run import core_run_bytes, release_on_detach
 from .decode import StreamDecode, VaeViews, check_wan21_state_dict
 from .latent import latent_space
 from .live import EVENT, LIVE, LiveFrameOptions, LiveFrameSender
 from .long_video import OPTIONS, SCHEDULE, LongVideoOptions, add_prompt
 from .model import (LOADER, LORA_FOLDER, MODEL_FOLDER, NO_LORA, describe, load_handle, loader_key, lora_choices,
                     missing_model_message, model_choices, resolve_devices, wants_lora)
-from .sampling import EXTEND, SAMPLER, RunHooks, extend_video, run_bytes, run_options, sample_video
+from .sampling import EXTEND, SAMPLER, RunHooks, extend_video, sample_video
 from .schema import InputSpec, NodeSpec, OutputSpec, check_values, validate_node
 from .text import (LOAD_EMBEDS, SAVE_EMBEDS, TEXT_EMBEDS, conditioning_from_context, read_embeds,
                    register_text_embeds_folder, save_embeds, save_folder, tensor_of)
@@ -109,22 +115,6 @@ def accept_core_model(schema: io.Schema) -> io.Schema:
     return schema
 
 
-def core_run_bytes(patcher, run: dict | None) -> int | None:
-    """Device bytes a run on a core MODEL needs besides its weights (``sampling.run_bytes`` of ``run``, the node's
-    request), or None where ``run`` is missing or invalid (the run itself then names the problem)."""
-    if run is None:
-        return None
-    decode, dm = run.get("decode"), patcher.model.diffusion_model
-    try:
-        cfg = skeleton_for(dm, core_state_dict(dm)[0], "auto").config  # the skeleton the run binds (cached)
-        opts = run_options(run["frames_per_block"], run["steps"], run["shift"], run["context_noise"], run["options"],
-                           total_frames=run["frames"], meta=core_meta(patcher), rope_max_frames=cfg.rope_max_frames)
-    except ValueError:  # CheckpointError too
-        return None
-    return (run_bytes(cfg, opts, run["frames"], run["lat_h"], run["lat_w"], run["batch"], compute_dtype(patcher))
-            + (decode.reserve_bytes if decode is not None else 0))
-
-
 def core_loader(hooks: RunHooks, run: dict | None = None):
     """How a core MODEL is loaded for a run (``core_model.borrowed_handle``). Without patches ComfyUI decides,
     asked once for the run's memory (``core_run_bytes``): it loads what fits, the other linear layers stay on its
@@ -133,6 +123,7 @@ def core_loader(hooks: RunHooks, run: dict | None = None):
 
     def load(patcher) -> None:
         need = None if getattr(patcher, "patches", None) else core_run_bytes(patcher, run)
+        release_on_detach(patcher, DETACH)
         if need is not None:
             mm.load_models_gpu([patcher], memory_required=int(need * 1.1))
             hooks.free_memory = None  # asked for above

@@ -238,3 +238,52 @@ def test_the_fit_check_counts_only_the_weights_a_run_holds_on_its_device(tiny_mo
 
     assert device_weight_bytes(handle(True)) == model_bytes(model) - off
     assert device_weight_bytes(handle(False)) == model_bytes(model)
+
+
+def test_a_cuda_run_on_plain_weights_also_asks_for_the_fused_qkv_copy(tiny_model):
+    from self_forcing.nodes.core_model import fused_qkv_bytes
+    from self_forcing.nodes.core_run import core_run_bytes
+
+    cpu = Patcher(core_module(tiny_model))
+    gpu = Patcher(core_module(tiny_model))
+    gpu.load_device = CUDA  # only compared against: nothing is put on it
+    assert core_run_bytes(cpu, RUN) == want_bytes()
+    assert core_run_bytes(gpu, RUN) - core_run_bytes(cpu, RUN) == fused_qkv_bytes(TINY, torch.float32) > 0
+    for p in (cpu, gpu):  # float8 weights (computed in float32, core's manual cast): eager, no fused copy
+        p.model_dtype, p.model.manual_cast_dtype = (lambda: torch.float8_e4m3fn), torch.float32
+    assert core_run_bytes(gpu, RUN) == core_run_bytes(cpu, RUN) == want_bytes()
+
+
+class CallbackPatcher(Patcher):
+    """ComfyUI's ModelPatcher callback registry (add/remove by key; detach runs every callback of the type)."""
+
+    def __init__(self, module):
+        super().__init__(module)
+        self.callbacks = {}
+
+    def add_callback_with_key(self, call_type, key, callback):
+        self.callbacks.setdefault(call_type, {}).setdefault(key, []).append(callback)
+
+    def remove_callbacks_with_key(self, call_type, key):
+        self.callbacks.get(call_type, {}).pop(key, None)
+
+    def detach(self):
+        for callbacks in self.callbacks.get("on_detach_after", {}).values():
+            for callback in callbacks:
+                callback(self, True)
+
+
+def test_comfyui_detaching_the_model_releases_what_the_speedups_keep(tiny_model, monkeypatch):
+    from self_forcing.nodes import core_run
+
+    released = []
+    monkeypatch.setattr(core_run, "release_speedups", lambda dm: released.append(dm) or True)
+    patcher = CallbackPatcher(core_module(tiny_model))
+    for _ in range(3):  # one registration per run: must not pile up
+        assert core_run.release_on_detach(patcher, "on_detach_after")
+    assert sum(len(v) for v in patcher.callbacks["on_detach_after"].values()) == 1
+    assert released == []
+    patcher.detach()
+    assert released == [patcher.model.diffusion_model]
+    assert not core_run.release_on_detach(patcher, None)  # ComfyUI without callback types: nothing registered
+    assert not core_run.release_on_detach(Patcher(core_module(tiny_model)), "on_detach_after")
