@@ -224,7 +224,7 @@ def test_long_rollouts_train_on_the_last_window_with_the_first_latent_reencoded(
     for step in range(8):
         m = trainer.step(step)
         lengths.add(int(m["rollout_frames"]))
-        assert torch.isfinite(torch.tensor(m["generator_loss"])) and m["generator_grad_norm"] > 0
+        assert torch.isfinite(torch.as_tensor(m["generator_loss"])) and m["generator_grad_norm"] > 0
     assert lengths == {6, 9, 12}  # whole blocks from the window (6) to rollout_frames (12)
     for c in calls:
         assert c["length"] == 6 and c["start"] == c["frames"] - 6 == c["grad_from"]

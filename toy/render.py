@@ -135,6 +135,16 @@ def _shape_alpha(shape: int, cx, cy, hx, hy, size: int) -> torch.Tensor:
     return (0.5 - sd).clamp(0, 1)
 
 
+def upload(t: torch.Tensor, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``t`` (CPU) on ``device`` in ``dtype``; to a CUDA device through pinned memory without waiting (a plain
+    copy from pageable memory would wait for the GPU's queue: a host sync per copy in a training step)."""
+    device = torch.device(device)
+    t = t.to(dtype) if dtype is not None else t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def coverage(d: dict[str, torch.Tensor], size: int, device) -> torch.Tensor:
     """Antialiased coverage [B, K, T, S, S] (float32 on ``device``) of every slot (draw order) of
     :func:`dynamics` output; empty slots are zero."""
@@ -149,22 +159,21 @@ def coverage(d: dict[str, torch.Tensor], size: int, device) -> torch.Tensor:
             continue
 
         def on(v):
-            return v[sel].to(device=device, dtype=torch.float32)
+            return upload(v[sel], device, torch.float32)
 
-        out[sel.to(device)] = _shape_alpha(s, on(cx), on(cy), on(hx), on(hy), size)
+        out[upload(sel, device)] = _shape_alpha(s, on(cx), on(cy), on(hx), on(hy), size)
     return out.view(B, K, T, size, size)
 
 
 def composite(d: dict[str, torch.Tensor], alpha: torch.Tensor, device) -> torch.Tensor:
     """Frames [B, 3, T, S, S] in [0, 1]: the background albedo, the slots blended in draw order, lit."""
     B, K, T, S, _ = alpha.shape
-    f32 = dict(device=device, dtype=torch.float32)
-    img = d["albedo"].to(**f32).permute(0, 2, 1)[..., None, None].expand(B, 3, T, S, S).clone()
-    rgb = d["rgb"].to(**f32)
+    img = upload(d["albedo"], device, torch.float32).permute(0, 2, 1)[..., None, None].expand(B, 3, T, S, S).clone()
+    rgb = upload(d["rgb"], device, torch.float32)
     for k in range(K):
         a = alpha[:, k][:, None]
         img += a * (rgb[:, k][:, :, None, None, None] - img)
-    return img * d["lighting"].to(**f32)[:, None, :, None, None]
+    return img * upload(d["lighting"], device, torch.float32)[:, None, :, None, None]
 
 
 def render_batch(scenes: Sequence[Scene], start_frame: int | Sequence[int], num_frames: int, size: int = 64,

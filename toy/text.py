@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .render import upload
 from .world import BACKGROUND_COLOURS, SHAPE_COLOURS, SHAPES
 
 PAD = "<pad>"
@@ -127,7 +128,7 @@ class ToyTextEncoder(nn.Module):
                     raise ValueError(f"unknown word {w!r} in prompt {prompt!r}; "
                                      f"the toy vocabulary is: {', '.join(VOCAB[1:])}")
                 ids[b, i] = WORD_TO_ID[w]
-        ids = ids.to(device) if device is not None else ids
+        ids = upload(ids, device) if device is not None else ids  # no host sync on CUDA
         return ids, ids != 0
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

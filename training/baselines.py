@@ -148,7 +148,7 @@ def train_baseline(cfg: TrainConfig, rt: Runtime, world, teacher_path: str, stag
                 loss = diffusion_forcing_loss(tr.wrapped, x0, noise, sigma, t, ctx, fpb)
             else:
                 loss = teacher_forcing_loss(tr.wrapped, x0, noise, sigma, t, ctx, fpb, ctx_noise)
-            return loss, {"loss": loss.item()}
+            return loss, {"loss": loss.detach()}
 
         metrics = accumulate(rt, tr, bc.grad_accum, micro)
         metrics["grad_norm"] = tr.step()

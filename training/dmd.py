@@ -106,7 +106,7 @@ def dmd_gradient(video: torch.Tensor, fake_score, real_score, cond: torch.Tensor
     grad = fake - real
     norm = (x - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
     grad = torch.nan_to_num(grad / norm)
-    return grad, {"dmd_grad_abs": float(grad.abs().mean()), "fake_real_gap": float((fake - real).abs().mean())}
+    return grad, {"dmd_grad_abs": grad.abs().mean(), "fake_real_gap": (fake - real).abs().mean()}
 
 
 def dmd_loss(video: torch.Tensor, grad: torch.Tensor, loss_from: int = 0) -> torch.Tensor:
@@ -250,7 +250,7 @@ class DmdTrainer:
             grad, info = dmd_gradient(win.video, self.critic.model, self.real, cond, uncond, sigma, noise,
                                       dc.guidance)
             loss = dmd_loss(win.video, grad, win.loss_from)
-            return loss, {"generator_loss": loss.item(), **info}
+            return loss, {"generator_loss": loss.detach(), **info}
 
         metrics = accumulate(rt, self.gen, dc.grad_accum, micro)
         metrics["generator_grad_norm"] = self.gen.step()
@@ -275,7 +275,7 @@ class DmdTrainer:
             noise = torch.stack([seeded_randn(win.video.shape[1:], seed, STAGE, "critic-score", step, i,
                                               device=rt.device) for i in idx])
             loss = critic_loss(self.critic.wrapped, win.video, cond, sigma, noise)
-            return loss, {"critic_loss": loss.item()}
+            return loss, {"critic_loss": loss.detach()}
 
         metrics = accumulate(rt, self.critic, dc.grad_accum, micro)
         metrics["critic_grad_norm"] = self.critic.step()

@@ -141,14 +141,22 @@ def broadcast_int(value: int, rt: Runtime) -> int:
     return int(t.item())
 
 
-def mean_across_ranks(values: Mapping[str, float], rt: Runtime) -> dict[str, float]:
+def mean_across_ranks(values: Mapping[str, float | torch.Tensor], rt: Runtime) -> dict[str, float | torch.Tensor]:
+    """Each metric averaged over the processes. Values may be 0-dim tensors still being computed on the device:
+    they stay tensors (no host sync; ``run_loop`` reads them when it writes a log line)."""
     if not rt.distributed or not values:
         return dict(values)
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
-                     device=rt.device if rt.device.type == "cuda" else torch.device("cpu"))
+    dev = rt.device if rt.device.type == "cuda" else torch.device("cpu")
+    t = torch.stack([torch.as_tensor(values[k]).detach().to(device=dev, dtype=torch.float64) for k in keys])
     dist.all_reduce(t)
-    return {k: float(v) / rt.world_size for k, v in zip(keys, t.tolist())}
+    t = t / rt.world_size
+    return {k: t[i] for i, k in enumerate(keys)}
+
+
+def metric_value(value: float | torch.Tensor) -> float:
+    """A logged metric as a Python float (reading a device tensor waits for it: done at log lines only)."""
+    return float(value)
 
 
 # -- deterministic randomness --------------------------------------------------------------------
@@ -275,7 +283,8 @@ class Trainable:
         return contextlib.nullcontext() if self.mixed else self.rt.autocast()
 
     def step(self) -> float:
-        """Clip, step, zero the gradients and update the EMA; returns the pre-clip gradient norm."""
+        """Clip, step, zero the gradients and update the EMA; returns the pre-clip gradient norm (a 0-dim tensor
+        on the device: reading it waits for the step, so the loop reads it only when it logs)."""
         norm = clip_grad_norm(self.params, self.grad_clip if self.grad_clip > 0 else math.inf)
         self.optimizer.step()
         self.scheduler.step()
@@ -285,7 +294,7 @@ class Trainable:
         self.updates += 1
         if self.ema is not None:
             self.ema.update(self.model, self.updates)
-        return float(norm)
+        return norm.detach()
 
     # -- checkpoints (training.sharded_checkpoint) --------------------------------------------------
     def _state_dict_options(self, **kw):
@@ -392,17 +401,18 @@ def accumulate(rt: Runtime, trainable: Trainable, accum: int,
     """Run ``accum`` micro-steps (forward under the part's autocast, backward of loss/accum), reducing
     gradients across processes only in the last one.
 
-    Returns the mean of each metric over micro-steps (local to this process).
+    Returns the mean of each metric over micro-steps (local to this process; tensors stay tensors).
     """
-    sums: dict[str, float] = {}
+    sums: dict[str, float | torch.Tensor] = {}
     for m in range(accum):
         sync = m == accum - 1
         with (contextlib.nullcontext() if sync else trainable.wrapped.no_sync()):
             with trainable.autocast():
                 loss, metrics = micro_loss(m)
             (loss / accum).backward()
-        for k, v in metrics.items():
-            sums[k] = sums.get(k, 0.0) + float(v) / accum
+        for k, v in metrics.items():  # device tensors stay on the device: no host sync per step
+            v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
+            sums[k] = sums.get(k, 0.0) + v / accum
     return sums
 
 
@@ -482,17 +492,18 @@ def run_loop(stage: str, total_steps: int, step_fn: Callable[[int], Mapping[str,
             metrics = mean_across_ranks(step_fn(step), rt)
             done += 1
             last = step + 1 == total_steps
-            for k, v in metrics.items():
-                window.setdefault(k, []).append(float(v))
+            for k, v in metrics.items():  # kept as they come (device tensors): read at the log line only
+                window.setdefault(k, []).append(v)
             if (step + 1) % log_every == 0 or last or step == start:
                 # each metric averaged over the steps since the last line (sparse ones, e.g. generator
                 # updates every critic_ratio steps, over the steps that had them)
-                means = {k: sum(v) / len(v) for k, v in window.items()}
+                means = {k: sum(metric_value(x) for x in v) / len(v) for k, v in window.items()}
                 log.write({"stage": stage, "step": step + 1, "time": round(time.time() - t0, 3), **means})
                 window = {}
+                if bar is not None:
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in list(means.items())[:3]}, refresh=False)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in list(metrics.items())[:3]}, refresh=False)
             if stop_after is not None and done >= stop_after and not last:
                 return LoopResult(step + 1, False)
             out_of_time = bool(broadcast_int(int(time_budget_s > 0 and time.time() - t0 > time_budget_s), rt))

@@ -72,7 +72,7 @@ def train_ode_init(cfg: TrainConfig, rt: Runtime, world, teacher_path: str, *,
             x, t, sig, target = regression_batch(traj, levels, sigmas, timesteps)
             ctx = world.contexts([pair_idx[r] for r in rows], rt.device, stream="ode_pairs")
             loss = ode_regression_loss(tr.wrapped, x, t, sig, target, ctx, fpb)
-            return loss, {"loss": loss.item()}
+            return loss, {"loss": loss.detach()}
 
         metrics = accumulate(rt, tr, oc.grad_accum, micro)
         metrics["grad_norm"] = tr.step()

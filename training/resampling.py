@@ -170,8 +170,7 @@ def training_loss(model, x0: torch.Tensor, ctx: torch.Tensor, cfg: TrainConfig, 
         history = degrade_history(model, x0, t_s, rnoise, ctx, layout, r.simulation, r.solver).to(x0.dtype)
         stats = {"t_s": t_s.mean(), "history_mse": (history.float() - x0.float()).square().mean()}
     loss = resampling_loss(model, x0, history, noise, sigma, t, ctx, layout)
-    values = torch.stack([loss.detach().float(), *[v.float() for v in stats.values()]]).tolist()
-    return loss, dict(zip(["loss", *stats], values))
+    return loss, {"loss": loss.detach().float(), **{k: v.detach().float() for k, v in stats.items()}}
 
 
 # -- the stages --------------------------------------------------------------------------------------------------

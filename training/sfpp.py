@@ -218,7 +218,7 @@ class SfppTrainer:
                                for i in idx])
             grad, info = dmd_gradient(video, self.critic.model, self.real, cond, uncond, sigma, eps, sc.guidance)
             loss = dmd_loss(video[:, :, loss_from:], grad[:, :, loss_from:])
-            return loss, {"generator_loss": loss.item(), **info}
+            return loss, {"generator_loss": loss.detach(), **info}
 
         metrics = accumulate(rt, self.gen, sc.grad_accum, micro)
         metrics["generator_grad_norm"] = self.gen.step()
@@ -240,7 +240,7 @@ class SfppTrainer:
             eps = torch.stack([seeded_randn(video.shape[1:], seed, STAGE, "critic-score", step, i,
                                             device=rt.device) for i in idx])
             loss = critic_loss(self.critic.wrapped, video, cond, sigma, eps)
-            return loss, {"critic_loss": loss.item()}
+            return loss, {"critic_loss": loss.detach()}
 
         metrics = accumulate(rt, self.critic, sc.grad_accum, micro)
         metrics["critic_grad_norm"] = self.critic.step()

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..sf_model.schedule import add_noise, shift_sigma
+from ..toy.render import upload
 from .config import TrainConfig
 from .engine import Runtime, Trainable, accumulate, generator, run_loop, sample_indices, seeded_randn
 from .models import build_model, save_dit
@@ -51,14 +52,14 @@ def train_teacher(cfg: TrainConfig, rt: Runtime, world, *, stop_after: int | Non
             idx = sample_indices(step, m, rt, tc.batch_size, tc.grad_accum)
             x0 = world.clips(idx, rt.device, stream=STAGE)
             ctx = world.contexts(idx, rt.device, stream=STAGE)
-            drop = torch.tensor([float(torch.rand((), generator=generator(seed, STAGE, "drop", i))) < tc.cfg_dropout
-                                 for i in idx], device=rt.device)
+            drop = upload(torch.tensor([float(torch.rand((), generator=generator(seed, STAGE, "drop", i)))
+                                        < tc.cfg_dropout for i in idx]), rt.device)
             ctx = torch.where(drop[:, None, None], world.uncond(len(idx), rt.device), ctx)
-            u = torch.stack([torch.rand((), generator=generator(seed, STAGE, "t", i)) for i in idx]).to(rt.device)
+            u = upload(torch.stack([torch.rand((), generator=generator(seed, STAGE, "t", i)) for i in idx]), rt.device)
             sigma = shift_sigma(u, tc.shift)
             noise = torch.stack([seeded_randn(x0.shape[1:], seed, STAGE, "noise", i, device=rt.device) for i in idx])
             loss = flow_matching_loss(tr.wrapped, x0, ctx, sigma, noise)
-            return loss, {"loss": loss.item()}
+            return loss, {"loss": loss.detach()}
 
         metrics = accumulate(rt, tr, tc.grad_accum, micro)
         metrics["grad_norm"] = tr.step()
