@@ -146,6 +146,7 @@ def main(argv=None) -> int:
                 break
             seconds.append(time.time() - t)
             peaks.append(peak_gb(device))
+            metrics = {k: float(v) for k, v in metrics.items()}  # device tensors (read after the step's sync)
             losses.append(metrics["loss"])
             print(f"[{stage}] step {step}: {seconds[-1]:.2f} s, peak {peaks[-1]} GB, {metrics}", flush=True)
         else:
