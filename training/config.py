@@ -12,6 +12,7 @@ A config file has one table per concern::
     [teacher_forcing] [diffusion_forcing]                   the baselines (``training.baselines``)
     [compute]   budget_s: one equal time budget per baseline after the teacher (overrides the stages' own)
     [sfpp]      Self-Forcing++: long rollouts, DMD on a sampled window (``training.sfpp``; asked for by name)
+    [grpo]      optional GRPO after Self-Forcing++: group-relative rewards of long rollouts (``training.grpo``)
     [resampling]  Resampling Forcing: warm-up + self-resampled history (``training.resampling``; by name)
     [lora]      enabled, rank, alpha, dropout, targets: train the generator as LoRA adapters (``training.lora``)
 
@@ -34,8 +35,8 @@ from ..sf_model.sampler import StreamOptions
 from ..sf_model.schedule import DEFAULT_STEPS
 from ..sf_model.window import CachePolicy
 
-STAGES = ("teacher", "ode_pairs", "ode_init", "dmd", "sfpp", "teacher_forcing", "diffusion_forcing", "eval",
-          "export")
+STAGES = ("teacher", "ode_pairs", "ode_init", "dmd", "sfpp", "grpo", "teacher_forcing", "diffusion_forcing",
+          "eval", "export")
 # Resampling Forcing (``training.resampling``): asked for by name, like Self-Forcing++
 RESAMPLING_STAGES = ("resampling_warmup", "resampling")
 STAGES = STAGES[:STAGES.index("eval")] + RESAMPLING_STAGES + STAGES[STAGES.index("eval"):]
@@ -234,6 +235,36 @@ class SfppConfig(DmdConfig):
             raise ValueError(f"sfpp.name must be a plain name (letters, digits, _), got {self.name!r}")
 
 
+@dataclass(frozen=True)
+class GrpoConfig(OptimConfig):
+    """GRPO for long-term smoothness (Self-Forcing++ section 3.3; ``training.grpo``, toy world only): groups of
+    ``group`` stochastic long rollouts per prompt, rewarded by the toy world's own rules, clipped policy-ratio
+    objective per denoising transition. ``steps`` counts rollout batches (each ``inner_updates`` updates)."""
+
+    steps: int = 50
+    lr: float = 1e-6
+    betas: tuple[float, float] = (0.0, 0.999)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.99
+    group: int = 4                # G rollouts per prompt (the group of the relative advantage)
+    prompts_per_step: int = 2     # prompts per process and step (rollout batch = prompts_per_step x group)
+    horizon: int = 5              # rollout length N = horizon x world.frames latent frames
+    window: int = 0               # rolling cache window K; 0 = the start model's train_frames, else world.frames
+    sink: int = -1                # attention-sink frames; -1 = the start model's declared sink (else 0)
+    clip_eps: float = 0.2         # ratio clip [1 - eps, 1 + eps]
+    beta: float = 0.0             # KL to the frozen start model (0: no reference model)
+    inner_updates: int = 1        # updates per rollout batch (the ratio leaves 1 after the first)
+    generator_path: str = ""      # "" = <out_dir>/<sfpp.name>.safetensors if present, else self_forcing.safetensors
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.group < 2 or self.prompts_per_step < 1 or self.horizon < 1 or self.inner_updates < 1:
+            raise ValueError("grpo needs group >= 2, prompts_per_step >= 1, horizon >= 1, inner_updates >= 1")
+        if self.window < 0 or self.sink < -1 or not 0 < self.clip_eps < 1 or self.beta < 0:
+            raise ValueError("grpo needs window >= 0, sink >= -1, 0 < clip_eps < 1, beta >= 0")
+
+
 SCHEDULES = ("sampler", "continuous")
 
 
@@ -408,6 +439,7 @@ class TrainConfig:
     resampling: ResamplingConfig = field(default_factory=ResamplingConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     sfpp: SfppConfig = field(default_factory=SfppConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
 
     def __post_init__(self):
         fpb = self.sampling.frames_per_block

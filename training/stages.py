@@ -13,6 +13,8 @@ invocations (and the training stages resume from their checkpoints after a kill)
     <out_dir>/teacher_forcing.safetensors, <out_dir>/diffusion_forcing.safetensors   (baselines, EMA)
     <out_dir>/<sfpp.name>.safetensors      (Self-Forcing++, EMA; ``--stages sfpp`` after a Self Forcing run,
                                             which also writes its bundle <sfpp.name>_<kind>.safetensors)
+    <out_dir>/grpo.safetensors             (optional GRPO after sfpp, EMA; ``--stages grpo``, toy world; also
+                                            writes its bundle grpo_<kind>.safetensors)
     <out_dir>/resampling_warmup.safetensors, <out_dir>/<resampling.name>.safetensors   (Resampling Forcing,
                                             EMA, asked for by name; the second also writes its bundle)
     <out_dir>/<stage>/checkpoint/latest    (the committed step folder's name; ``training.sharded_checkpoint``)
@@ -43,7 +45,7 @@ def resolve_stages(text: str | None) -> list[str]:
     if not text or text in ("all", "pipeline"):
         return list(PIPELINE)
     if text == "baselines":
-        return [s for s in STAGES if s != "sfpp" and s not in RESAMPLING_STAGES]  # these: asked for by name
+        return [s for s in STAGES if s not in ("sfpp", "grpo") and s not in RESAMPLING_STAGES]  # by name only
     names = [s.strip() for s in text.split(",") if s.strip()]
     bad = [s for s in names if s not in STAGES]
     if bad:
@@ -123,6 +125,10 @@ def _run_stage(cfg: TrainConfig, stage: str, rt: Runtime, world, out: dict, stop
         from .sfpp import train_sfpp
 
         out.update(train_sfpp(cfg, rt, world, require(teacher_file(cfg), "teacher"), stop_after=stop_after))
+    elif stage == "grpo":  # optional GRPO after Self-Forcing++ (toy world: rewards from its own rules)
+        from .grpo import train_grpo
+
+        out.update(train_grpo(cfg, rt, world, stop_after=stop_after))
     elif stage in ("teacher_forcing", "diffusion_forcing"):
         from .baselines import train_baseline
 
