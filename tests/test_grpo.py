@@ -224,3 +224,27 @@ def test_wan_world_and_deterministic_solver_are_refused(tmp_path):
         GrpoTrainer(cfg, CPU, Wan(), build_model(cfg.model, 0, torch.device("cpu")))
     with pytest.raises(ValueError, match="stochastic"):
         check_policy(make_steps((1000, 500), 5.0, True), StreamOptions(solver="euler"))
+
+
+def test_reference_kl_starts_at_zero_and_a_second_inner_update_moves_the_ratio(tmp_path):
+    """beta > 0: the frozen reference (the start weights) replays on its own cache; KL is 0 before any update and
+    > 0 after one; with two inner updates the second sees rho != 1 (logp_old stays the rollout's)."""
+    import copy
+
+    from self_forcing.training.data import make_world
+    from self_forcing.training.grpo import GrpoTrainer
+
+    cfg = toy_cpu_cfg(tmp_path, beta=0.1, lr=1e-3)
+    world = make_world(cfg)
+    gen = build_model(cfg.model, 2, torch.device("cpu"))
+    with torch.no_grad():
+        gen.head.head.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
+    ref = copy.deepcopy(gen).eval().requires_grad_(False)
+    trainer = GrpoTrainer(cfg, CPU, world, gen, ref, {"sink": 0})
+    ro, cond, rewards, adv = trainer.rollout(0)
+    assert ro.latents.shape[2] == 6 * cfg.grpo.horizon and torch.allclose(adv.view(-1, 2).sum(1), torch.zeros(1),
+                                                                          atol=1e-5)
+    first = trainer.update(ro, cond, adv)
+    assert float(first["kl"]) < 1e-10 and abs(float(first["ratio"]) - 1) < 1e-5
+    second = trainer.update(ro, cond, adv)
+    assert float(second["kl"]) > 0 and abs(float(second["ratio"]) - 1) > 1e-6
