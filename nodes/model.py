@@ -13,6 +13,7 @@ from ..sf_model.attention import resolve_backend
 from ..sf_model.checkpoint import LoadedModel, load_model
 from ..sf_model.config import WanConfig, size_name
 from ..sf_model.speed import use_cuda_graphs, use_fused_kernels
+from ..sf_model.speed.graphs import unsupported_reason
 from .schema import CAT_LOADERS, MODEL_TYPE, InputSpec, NodeSpec, OutputSpec
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -258,4 +259,8 @@ def describe(handle: ModelHandle) -> str:
     for key in ("steps", "shift"):
         if key in meta:
             lines.append(f"{key} (from the file): {meta[key]}")
+    graphs = handle.model.chunk_graphs
+    if graphs is not None:  # CUDA: say when the allocator keeps the recorded forwards off
+        off = unsupported_reason()
+        lines.append(f"CUDA graphs: off - {off}" if off else "CUDA graphs: on (block forwards replayed)")
     return "\n".join(lines)

@@ -176,3 +176,20 @@ def test_native_allocator_still_records(make_tiny, monkeypatch):
     generate(graphed, CTX, num_frames=9, height=4, width=6, seed=2, options=StreamOptions(frames_per_block=3),
              cache=cache)
     assert graphs.failed is None and graphs.recorded == 3
+
+
+def test_the_loader_info_says_whether_cuda_graphs_run(make_tiny, monkeypatch):
+    from self_forcing.nodes.model import ModelHandle, describe
+    from self_forcing.sf_model.checkpoint import LoadedModel
+
+    model = make_tiny(TINY, seed=4)
+    handle = ModelHandle(LoadedModel(model, model.config, "test", {}), "tiny", torch.device("cpu"),
+                         torch.device("cpu"), torch.float32)
+    assert "CUDA graphs" not in describe(handle)  # no recorder (the CPU): nothing to say
+    use_cuda_graphs(model)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "cudaMallocAsync")
+    assert "CUDA graphs: off - PyTorch's cudaMallocAsync allocator is active" in describe(handle)
+    assert "--disable-cuda-malloc" in describe(handle)
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "native")
+    assert "CUDA graphs: on" in describe(handle)
