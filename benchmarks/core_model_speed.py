@@ -161,6 +161,9 @@ def main() -> int:
                 mm.unload_all_models()
                 mm.soft_empty_cache()
                 torch.cuda.empty_cache()
+            if args.out:  # after every path: a run cut short by a time limit keeps what it measured
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(result, indent=1))
 
     result = {"size": args.size, "video": [width, height, length], "device": "cpu" if args.cpu else "cuda",
               "paths": paths, "weight_dtype": args.weight_dtype, "memory_cap_gib": args.memory_cap_gb,
