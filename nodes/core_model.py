@@ -116,6 +116,8 @@ class Skeleton:
     model: torch.nn.Module
     config: object
     fingerprint: tuple | None = None  # of the tensors the kept CUDA-graph recordings read (see speed_up)
+    runs: int = 0  # runs on it now (borrowed_handle); release_speedups during one only marks the release
+    release_pending: bool = False  # release_speedups was asked during a run: done when the last run ends
 
 
 _SKELETONS: "weakref.WeakKeyDictionary[torch.nn.Module, Skeleton]" = weakref.WeakKeyDictionary()
@@ -304,6 +306,7 @@ def _drop_speedups(skeleton: Skeleton, *, switch_off: bool) -> None:
     if model.chunk_graphs is not None:
         model.chunk_graphs.clear()
     skeleton.fingerprint = None
+    skeleton.release_pending = False
     if switch_off:
         model.inference_trunk = None
         fuse_gelu(model, False)
@@ -312,10 +315,13 @@ def _drop_speedups(skeleton: Skeleton, *, switch_off: bool) -> None:
 
 def release_speedups(diffusion_model: torch.nn.Module) -> bool:
     """Drop what the CUDA speed-ups keep between runs for a core diffusion model (the fused QKV copies and the
-    CUDA-graph recordings with their memory pool), e.g. when ComfyUI unloads that model; not during a run on it.
-    The next run rebuilds them. Returns whether there was a skeleton."""
+    CUDA-graph recordings with their memory pool), e.g. when ComfyUI unloads that model. During a run on it
+    (ComfyUI may unload the model while the run loads the VAE, say) the run still reads them: they are dropped
+    when the run ends. The next run rebuilds them. Returns whether there was a skeleton."""
     found = _SKELETONS.get(diffusion_model)
-    if found is not None:
+    if found is not None and found.runs > 0:
+        found.release_pending = True
+    elif found is not None:
         _drop_speedups(found, switch_off=False)
     return found is not None
 
@@ -394,29 +400,35 @@ def borrowed_handle(patcher, *, load: Callable[[object], None], attention: str =
     sd, scales = core_state_dict(diffusion_model)
     skeleton = skeleton_for(diffusion_model, sd, attention)
     device, dtype = torch.device(patcher.load_device), compute_dtype(patcher)
+    skeleton.runs += 1  # ComfyUI's detach during the run only marks the speed-ups for release (release_speedups)
     try:
-        bound = bind(skeleton, sd, device, dtype, scales)
-        if speedups(device, bound) and not has_cast_layers(skeleton.model):
-            kept = speed_up(skeleton, make_graphs)
-            failed = skeleton.model.chunk_graphs.failed
-            how = (f"fused trunk, CUDA graphs off ({failed})" if failed else
-                   f"fused trunk + CUDA graphs ({'recordings kept' if kept else 'recorded anew'})")
-            how += f", fused QKV copy {fused_qkv_bytes(skeleton.config, dtype) / 2 ** 20:.1f} MiB"
-        else:
-            _drop_speedups(skeleton, switch_off=True)
-            how = "eager"
-        log.info(f"{describe_bound(bound, dtype)}; {how}")
-    except BaseException:
-        unbind(skeleton)
-        raise
-    del sd, scales
-    handle = ModelHandle(loaded=LoadedModel(model=skeleton.model, config=skeleton.config, layout=CORE_LAYOUT,
-                                            meta=core_meta(patcher)),
-                         name=name, load_device=device, offload_device=device, dtype=dtype, keep_loaded=True)
-    try:
-        yield handle
+        try:
+            bound = bind(skeleton, sd, device, dtype, scales)
+            if speedups(device, bound) and not has_cast_layers(skeleton.model):
+                kept = speed_up(skeleton, make_graphs)
+                failed = skeleton.model.chunk_graphs.failed
+                how = (f"fused trunk, CUDA graphs off ({failed})" if failed else
+                       f"fused trunk + CUDA graphs ({'recordings kept' if kept else 'recorded anew'})")
+                how += f", fused QKV copy {fused_qkv_bytes(skeleton.config, dtype) / 2 ** 20:.1f} MiB"
+            else:
+                _drop_speedups(skeleton, switch_off=True)
+                how = "eager"
+            log.info(f"{describe_bound(bound, dtype)}; {how}")
+        except BaseException:
+            unbind(skeleton)
+            raise
+        del sd, scales
+        handle = ModelHandle(loaded=LoadedModel(model=skeleton.model, config=skeleton.config, layout=CORE_LAYOUT,
+                                                meta=core_meta(patcher)),
+                             name=name, load_device=device, offload_device=device, dtype=dtype, keep_loaded=True)
+        try:
+            yield handle
+        finally:
+            unbind(skeleton)
     finally:
-        unbind(skeleton)
+        skeleton.runs -= 1
+        if skeleton.runs == 0 and skeleton.release_pending:
+            _drop_speedups(skeleton, switch_off=False)
 
 
 @contextmanager

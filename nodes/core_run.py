@@ -49,5 +49,13 @@ def release_on_detach(patcher, call_type: str | None) -> bool:
     if call_type is None or add is None or remove is None:
         return False
     remove(call_type, CALLBACK_KEY)
-    add(call_type, CALLBACK_KEY, lambda p, *args: release_speedups(p.model.diffusion_model))
+    add(call_type, CALLBACK_KEY, _on_detach)
     return True
+
+
+def _on_detach(patcher, unpatch_all: bool = True, *_) -> bool:
+    """ComfyUI calls ``callback(patcher, unpatch_all)``. ``unpatch_all`` False is ``load_models_gpu`` detaching a
+    loaded model (the same patcher too) only to load it again, at every load, also from within a run
+    (``free_memory``): the weights stay where they are, so the kept speed-ups stay (a later move of the weights
+    is caught by ``core_model.fingerprint``). True: ComfyUI unloads the model."""
+    return release_speedups(patcher.model.diffusion_model) if unpatch_all else False

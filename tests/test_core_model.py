@@ -427,3 +427,21 @@ def test_float8_weights_and_the_cpu_keep_the_eager_path(tiny_model):
     with borrowed_handle(plain, load=load) as handle:
         sample_video(handle, prompt(), **KW)
         assert handle.model.inference_trunk is None and handle.model.chunk_graphs is None
+
+
+def test_a_release_during_a_run_waits_for_the_run_to_end(tiny_model):
+    """ComfyUI may detach (unload) the model while a run on it still reads the fused QKV copies and recordings
+    (e.g. loading the VAE for the run frees memory): the run completes as usual, the release follows its end."""
+    patcher = Patcher(core_module(tiny_model))
+    core = patcher.model.diffusion_model
+    skeleton, graphs = recorder_for(patcher)
+    want, _ = run_core(patcher, graphs)
+    with borrowed_handle(patcher, load=load, speedups=as_on_cuda, make_graphs=lambda: graphs) as handle:
+        assert release_speedups(core)  # mid-run: only marked
+        assert all(blk.self_attn.fused is not None for blk in skeleton.model.blocks)
+        got = sample_video(handle, prompt(), **KW)
+    assert torch.equal(got, want) and graphs.stale == 0
+    assert all(blk.self_attn.fused is None for blk in skeleton.model.blocks) and not graphs.graphs
+    assert not skeleton.release_pending and skeleton.runs == 0
+    again, _ = run_core(patcher, graphs)  # rebuilt at the next run
+    assert torch.equal(again, want) and graphs.recorded == 8

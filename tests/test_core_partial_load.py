@@ -267,10 +267,10 @@ class CallbackPatcher(Patcher):
     def remove_callbacks_with_key(self, call_type, key):
         self.callbacks.get(call_type, {}).pop(key, None)
 
-    def detach(self):
+    def detach(self, unpatch_all=True):
         for callbacks in self.callbacks.get("on_detach_after", {}).values():
             for callback in callbacks:
-                callback(self, True)
+                callback(self, unpatch_all)
 
 
 def test_comfyui_detaching_the_model_releases_what_the_speedups_keep(tiny_model, monkeypatch):
@@ -282,6 +282,8 @@ def test_comfyui_detaching_the_model_releases_what_the_speedups_keep(tiny_model,
     for _ in range(3):  # one registration per run: must not pile up
         assert core_run.release_on_detach(patcher, "on_detach_after")
     assert sum(len(v) for v in patcher.callbacks["on_detach_after"].values()) == 1
+    assert released == []
+    patcher.detach(unpatch_all=False)  # load_models_gpu's detach before (re)loading it, even mid-run: weights stay
     assert released == []
     patcher.detach()
     assert released == [patcher.model.diffusion_model]
