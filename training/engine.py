@@ -506,7 +506,8 @@ def run_loop(stage: str, total_steps: int, step_fn: Callable[[int], Mapping[str,
                 bar.update(1)
             if stop_after is not None and done >= stop_after and not last:
                 return LoopResult(step + 1, False)
-            out_of_time = bool(broadcast_int(int(time_budget_s > 0 and time.time() - t0 > time_budget_s), rt))
+            # the budget is the same on every rank: without one, no collective (its .item() is a host sync per step)
+            out_of_time = time_budget_s > 0 and bool(broadcast_int(int(time.time() - t0 > time_budget_s), rt))
             if (step + 1) % checkpoint_every == 0 or last or out_of_time:
                 ckpt.save(step + 1, parts)
             if out_of_time and not last:
