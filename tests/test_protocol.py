@@ -286,3 +286,34 @@ def test_results_keep_each_models_method_solver_and_sink(sink_bundle, bundles, t
     assert "method" not in sf and "solver" not in sf and sf["sink"] == 0
     stored = json.loads((tmp_path / "results.json").read_text())["models"]["resampling_forcing"]["training"][0]
     assert stored["method"] == "resampling_forcing" and stored["solver"] == "euler"
+
+
+def test_the_same_file_with_the_fp8_kv_cache_is_measured_as_its_own_model(bundles, tmp_path, monkeypatch):
+    # one bundle under two names, one sampled with the FP8 K/V cache: its videos are the core sampler's with
+    # kv_fp8=True (so the paired difference is what the FP8 cache costs), not the exact ones
+    seen = []
+    real = P.generate_metrics
+
+    def spy(bundle, prompts, proto, metrics_fn, *, kv_fp8=False):
+        seen.append(kv_fp8)
+        return real(bundle, prompts, proto, metrics_fn, kv_fp8=kv_fp8)
+
+    monkeypatch.setattr(P, "generate_metrics", spy)
+    models = {"exact": bundles["sf"][:1], "fp8kv": bundles["sf"][:1]}
+    proto = P.Protocol(prompts=2, seeds=(0,), lengths=(1, 2), batch_size=2, bootstrap=100,
+                       paired=(("fp8kv", "exact"),), kv_fp8=("fp8kv",))
+    res = P.run_protocol(models, str(tmp_path), proto, metrics_fn=stand_in_metrics, device="cpu", plots=False,
+                         log=lambda *_: None)
+    assert seen == [False, True]
+    d = res["paired"]["fp8kv - exact"]["mean"]["spread"]["2"]
+    assert d["mean"] != 0.0  # the FP8 cache changes the videos (the same file without it would give exactly 0)
+    b = P.load_bundle(bundles["sf"][0], torch.device("cpu"))
+    prompts = P.protocol_prompts(2, proto.prompt_seed, proto.max_objects)
+    exact = real(b, prompts, proto, stand_in_metrics)
+    fp8 = real(b, prompts, proto, stand_in_metrics, kv_fp8=True)
+    assert not np.array_equal(exact["spread"], fp8["spread"])
+    # a stopped run's cache of the exact model is not reused for the FP8 one (the key says which)
+    res2 = P.run_protocol(models, str(tmp_path), proto, metrics_fn=stand_in_metrics, device="cpu", plots=False,
+                          log=lambda *_: None)
+    assert res2["paired"]["fp8kv - exact"]["mean"]["spread"]["2"]["mean"] == d["mean"]
+    assert P.main(["--models", f"a={bundles['sf'][0]}", "--out", str(tmp_path), "--kv-fp8", "b"]) == 2

@@ -35,6 +35,7 @@ paired differences, curves), ``results.md`` (the tables), ``raw.npz`` (every per
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import os
@@ -69,6 +70,7 @@ class Protocol:
     max_objects: int | None = None
     paired: tuple[tuple[str, str], ...] = field(default=())  # empty: self_forcing - each other model
     metrics_device: str = "model"  # "model": measure on the generation device (toy.metrics runs on GPUs); "cpu"
+    kv_fp8: tuple[str, ...] = ()  # models sampled with the FP8 K/V cache (StreamOptions.kv_fp8, opt-in, less exact)
 
     def __post_init__(self):
         if self.prompts < 1 or not self.seeds or not self.lengths or self.batch_size < 1:
@@ -175,14 +177,18 @@ def load_bundle(path: str, device: torch.device) -> Bundle:
 
 
 @torch.no_grad()
-def generate_metrics(bundle: Bundle, prompts: Sequence[str], proto: Protocol, metrics_fn) -> dict[str, np.ndarray]:
-    """Per-frame metrics {name: [prompts, sampling seeds, T]} of the longest videos of one model."""
+def generate_metrics(bundle: Bundle, prompts: Sequence[str], proto: Protocol, metrics_fn, *,
+                     kv_fp8: bool = False) -> dict[str, np.ndarray]:
+    """Per-frame metrics {name: [prompts, sampling seeds, T]} of the longest videos of one model (``kv_fp8``:
+    sampled with the FP8 K/V cache)."""
     from ..sf_model.sampler import StreamOptions, generate
     from ..sf_model.window import CachePolicy, checkpoint_sink
 
     frames = max(proto.lengths) * bundle.clip
     cache = CachePolicy.rolling(bundle.frames_per_block, bundle.clip, checkpoint_sink(bundle.meta))
     opts = StreamOptions.from_meta(bundle.meta, cache)
+    if kv_fp8:
+        opts = dataclasses.replace(opts, kv_fp8=True)  # StreamOptions checks what it cannot do
     out: dict[str, np.ndarray] = {}
     bs = proto.batch_size
     for si, s in enumerate(proto.seeds):
@@ -218,14 +224,15 @@ def default_pairs(names: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def evaluate_model(path: str, device: torch.device, prompts: Sequence[str], proto: Protocol, metrics_fn,
-                   cache_file: str | None) -> dict:
+                   cache_file: str | None, kv_fp8: bool = False) -> dict:
     """{metrics: {name: [P, S, T]}, meta, setup, seconds, cached} of one bundle, read from ``cache_file`` when
     it was written for the same file (size, mtime), prompts, seeds, longest length, batch size and metric."""
     st = os.stat(path)
     key = json.dumps({"path": os.path.abspath(path), "size": st.st_size, "mtime": st.st_mtime_ns,
                       "prompts": list(prompts), "seeds": list(proto.seeds), "frames": max(proto.lengths),
                       "batch": proto.batch_size, "metric": getattr(metrics_fn, "__qualname__", repr(metrics_fn)),
-                      "module": getattr(metrics_fn, "__module__", ""), "cache": "rolling+sink"}, sort_keys=True)
+                      "module": getattr(metrics_fn, "__module__", ""), "cache": "rolling+sink" + ("+kv_fp8" if kv_fp8 else "")},
+                     sort_keys=True)
     if cache_file and os.path.isfile(cache_file):
         with np.load(cache_file, allow_pickle=False) as z:
             if str(z["__key__"]) == key:
@@ -235,7 +242,7 @@ def evaluate_model(path: str, device: torch.device, prompts: Sequence[str], prot
                         "seconds": head["seconds"], "cached": True}
     t0 = time.time()
     bundle = load_bundle(path, device)
-    metrics = generate_metrics(bundle, prompts, proto, metrics_fn)
+    metrics = generate_metrics(bundle, prompts, proto, metrics_fn, kv_fp8=kv_fp8)
     item = {"metrics": metrics, "meta": _model_meta(bundle.meta), "cached": False,
             "setup": (bundle.clip, bundle.frames_per_block, bundle.latent_hw), "seconds": round(time.time() - t0, 2)}
     if cache_file:
@@ -281,7 +288,8 @@ def run_protocol(models: Mapping[str, Sequence[str]], out_dir: str, proto: Proto
                 log("[protocol] out of time: the models evaluated so far are cached; run again to continue")
                 return None
             item = evaluate_model(path, dev, prompts, proto, metrics_fn,
-                                  os.path.join(out_dir, "cache", f"{name}.{i}.npz") if cache else None)
+                                  os.path.join(out_dir, "cache", f"{name}.{i}.npz") if cache else None,
+                                  kv_fp8=name in proto.kv_fp8)
             if setup is None:
                 setup = item["setup"]
             elif item["setup"] != setup:
@@ -452,6 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-on-cpu", action="store_true",
                    help="measure on the CPU (default: on the generation device)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--kv-fp8", nargs="*", default=[], metavar="NAME",
+                   help="sample these models with the FP8 K/V cache (opt-in, less exact): e.g. the same file under "
+                        "two names, one of them here, measures what the FP8 cache costs")
     return p
 
 
@@ -471,7 +482,10 @@ def main(argv: list[str] | None = None) -> int:
         proto = Protocol(prompts=args.prompts, prompt_seed=args.prompt_seed, seeds=tuple(args.seeds),
                          lengths=tuple(args.lengths), batch_size=args.batch_size, bootstrap=args.bootstrap,
                          paired=tuple(parse_pair(p, list(models)) for p in args.paired),
-                         metrics_device="cpu" if args.metrics_on_cpu else "model")
+                         metrics_device="cpu" if args.metrics_on_cpu else "model", kv_fp8=tuple(args.kv_fp8))
+        unknown = sorted(set(proto.kv_fp8) - set(models))
+        if unknown:
+            raise ValueError(f"--kv-fp8 names models that are not evaluated: {', '.join(unknown)}")
         results = run_protocol(models, args.out, proto, device=args.device, plots=not args.no_plots)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
