@@ -244,8 +244,6 @@ class GrpoConfig(OptimConfig):
     steps: int = 50
     lr: float = 1e-6
     betas: tuple[float, float] = (0.0, 0.999)
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
     ema_decay: float = 0.99
     group: int = 4                # G rollouts per prompt (the group of the relative advantage)
     prompts_per_step: int = 2     # prompts per process and step (rollout batch = prompts_per_step x group)
