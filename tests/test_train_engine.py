@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from self_forcing.training.config import load_config, parse_override
+from self_forcing.training.config import OdeInitConfig, TeacherConfig, load_config, parse_override
 from self_forcing.training.engine import (EMA, JsonlLog, Runtime, atomic_torch_save, read_full_checkpoint,
                                           read_jsonl, sample_indices)
 from self_forcing.training.data import RandomWorld as World
@@ -73,6 +73,32 @@ def test_ema_follows_the_formula():
         model.weight.add_(1.0)
     ema.update(model, 2)
     assert torch.allclose(ema.shadow["weight"], 0.9 * (w0 + 1) + 0.1 * (w0 + 2))
+
+
+def test_ema_warmup_forgets_the_initial_weights():
+    """With warm-up the decay n steps after start is min(decay, (1 + n) / (10 + n)); without it a 100-step run
+    keeps 0.998**100 = 82 % of the initial weights."""
+    plain, warm = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+    emas = [EMA(plain, decay=0.998), EMA(warm, decay=0.998, warmup=True)]
+    for m in (plain, warm):
+        torch.nn.init.zeros_(m.weight)
+    for e, m in zip(emas, (plain, warm)):
+        e.shadow["weight"].zero_()
+        with torch.no_grad():
+            m.weight.fill_(1.0)
+        for step in range(1, 101):
+            e.update(m, step)
+    kept_plain = 1 - float(emas[0].shadow["weight"])
+    kept_warm = 1 - float(emas[1].shadow["weight"])
+    assert abs(kept_plain - 0.998 ** 100) < 1e-5
+    expected = 1.0
+    for n in range(1, 101):
+        expected *= min(0.998, (1 + n) / (10 + n))
+    assert abs(kept_warm - expected) < 1e-6 and kept_warm < 0.01
+
+
+def test_teacher_ema_warms_up_by_default():
+    assert TeacherConfig().ema_warmup and not OdeInitConfig().ema_warmup
 
 
 def test_sample_indices_partition_the_global_batch():

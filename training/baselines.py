@@ -132,7 +132,8 @@ def train_baseline(cfg: TrainConfig, rt: Runtime, world, teacher_path: str, stag
     units = frames if df and bc.noise == "frame" else chunks
     model, _ = load_dit(teacher_path, rt.device, trainable=True)
     tr = Trainable(stage, model, rt, lr=bc.lr, betas=bc.betas, weight_decay=bc.weight_decay,
-                   grad_clip=bc.grad_clip, warmup=bc.warmup, ema_decay=bc.ema_decay, ema_start=bc.ema_start)
+                   grad_clip=bc.grad_clip, warmup=bc.warmup, ema_decay=bc.ema_decay, ema_start=bc.ema_start,
+                   ema_warmup=bc.ema_warmup)
     seed = cfg.run.seed
 
     def step_fn(step: int) -> dict:

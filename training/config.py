@@ -141,6 +141,7 @@ class OptimConfig:
     warmup: int = 0
     ema_decay: float = 0.999
     ema_start: int = 0
+    ema_warmup: bool = False      # decay min(ema_decay, (1 + n) / (10 + n)) n steps after ema_start
     time_budget_s: float = 0.0    # > 0: stop cleanly after this many seconds (time-boxed runs)
 
     def __post_init__(self):
@@ -152,6 +153,7 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class TeacherConfig(OptimConfig):
+    ema_warmup: bool = True       # from scratch: without it a short run's EMA keeps ema_decay**steps of the init
     shift: float = 3.0            # training noise levels: shifted uniform sigmas
     cfg_dropout: float = 0.1      # probability of the empty prompt (for classifier-free guidance)
 

@@ -163,7 +163,7 @@ class DmdTrainer:
 
             apply_lora(generator, cfg.lora, seed=cfg.run.seed)
         self.gen = Trainable("generator", generator, rt, lr=dc.lr, ema_decay=dc.ema_decay, ema_start=dc.ema_start,
-                             **common)
+                               ema_warmup=dc.ema_warmup, **common)
         self.critic = Trainable("critic", critic, rt, lr=dc.lr_critic, **common)
         self.opts = cfg.sampling.stream_options()
         self.steps = make_steps(cfg.sampling.steps, cfg.sampling.shift, cfg.sampling.warp)

@@ -201,8 +201,9 @@ class EMA:
     in host memory. Frozen parameters are not shadowed (their EMA is themselves).
     """
 
-    def __init__(self, model: nn.Module, decay: float, start: int = 0, *, device: str | torch.device | None = None):
-        self.decay, self.start = float(decay), int(start)
+    def __init__(self, model: nn.Module, decay: float, start: int = 0, *, device: str | torch.device | None = None,
+                 warmup: bool = False):
+        self.decay, self.start, self.warmup = float(decay), int(start), bool(warmup)
         self.shadow: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -213,8 +214,13 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
-        """``step``: the number of optimiser steps taken so far (before ``start`` the shadow copies)."""
+        """``step``: the number of optimiser steps taken so far (before ``start`` the shadow copies). With
+        ``warmup`` the decay after ``start`` is min(decay, (1 + n) / (10 + n)), n = step - start: the shadow
+        forgets the fast-moving early weights instead of keeping decay**n of the initial ones."""
         d = self.decay if step > self.start else 0.0
+        if self.warmup and step > self.start:
+            n = step - self.start
+            d = min(d, (1.0 + n) / (10.0 + n))
         params = dict(model.named_parameters())
         groups: dict[torch.device, tuple[list, list]] = {}
         for name, dst in zip(self.shadow, self._locals):
@@ -252,7 +258,7 @@ class Trainable:
 
     def __init__(self, name: str, model: nn.Module, rt: Runtime, *, lr: float, betas=(0.9, 0.999),
                  weight_decay: float = 0.0, grad_clip: float = 1.0, warmup: int = 0,
-                 ema_decay: float | None = None, ema_start: int = 0):
+                 ema_decay: float | None = None, ema_start: int = 0, ema_warmup: bool = False):
         self.name, self.model, self.rt = name, model, rt
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError(f"{name}: no parameter requires gradient; make the parts to train trainable first "
@@ -273,7 +279,7 @@ class Trainable:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         self.grad_clip = grad_clip
-        self.ema = (EMA(model, ema_decay, ema_start, device="cpu" if rt.ema_on_cpu else None)
+        self.ema = (EMA(model, ema_decay, ema_start, device="cpu" if rt.ema_on_cpu else None, warmup=ema_warmup)
                     if ema_decay is not None else None)
         self.updates = 0
         self._export: dict | None = None
@@ -322,7 +328,8 @@ class Trainable:
             tensors.update({f"ema/{n}": t for n, t in self.ema.shadow.items()})
         meta = {"scheduler": self.scheduler.state_dict(), "updates": self.updates,
                 "param_groups": osd["param_groups"], "optim_other": other,
-                "ema": None if self.ema is None else {"decay": self.ema.decay, "start": self.ema.start}}
+                "ema": None if self.ema is None else {"decay": self.ema.decay, "start": self.ema.start,
+                                                      "warmup": self.ema.warmup}}
         return tensors, meta
 
     def load_checkpoint(self, tensors: Mapping[str, torch.Tensor], meta: Mapping) -> None:
@@ -344,6 +351,7 @@ class Trainable:
             if meta.get("ema") is None:
                 raise ValueError(f"{self.name}: the checkpoint has no EMA but this run keeps one")
             self.ema.decay, self.ema.start = float(meta["ema"]["decay"]), int(meta["ema"]["start"])
+            self.ema.warmup = bool(meta["ema"].get("warmup", False))  # checkpoints before 2026-12-03: none
             with torch.no_grad():
                 for n, t in self.ema.shadow.items():
                     if tensors[f"ema/{n}"] is not t:

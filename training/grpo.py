@@ -190,7 +190,7 @@ class GrpoTrainer:
         gc = self.gc = cfg.grpo
         self.gen = Trainable("generator", generator.train().requires_grad_(True), rt, lr=gc.lr, betas=gc.betas,
                              weight_decay=gc.weight_decay, grad_clip=gc.grad_clip, warmup=gc.warmup,
-                             ema_decay=gc.ema_decay, ema_start=gc.ema_start)
+                             ema_decay=gc.ema_decay, ema_start=gc.ema_start, ema_warmup=gc.ema_warmup)
         if rt.activation_checkpointing:  # the rolling cache is rewritten before backward: keep copied history
             generator.set_activation_checkpointing(True, history="copy")
         if gc.beta > 0 and reference is None:

@@ -58,7 +58,8 @@ def train_ode_init(cfg: TrainConfig, rt: Runtime, world, teacher_path: str, *,
     k = len(sigmas)
     model, _ = load_dit(teacher_path, rt.device, trainable=True)
     tr = Trainable(STAGE, model, rt, lr=oc.lr, betas=oc.betas, weight_decay=oc.weight_decay,
-                   grad_clip=oc.grad_clip, warmup=oc.warmup, ema_decay=oc.ema_decay, ema_start=oc.ema_start)
+                   grad_clip=oc.grad_clip, warmup=oc.warmup, ema_decay=oc.ema_decay, ema_start=oc.ema_start,
+                   ema_warmup=oc.ema_warmup)
     seed = cfg.run.seed
     n = traj_all.shape[0]
 

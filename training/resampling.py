@@ -218,7 +218,7 @@ def run_resampling_stage(cfg: TrainConfig, rt, world, stage: str, init_path, *,
     r = cfg.resampling
     model, start = start_weights(cfg, stage, init_path, rt.device)
     tr = Trainable(stage, model, rt, lr=r.lr, betas=r.betas, weight_decay=r.weight_decay, grad_clip=r.grad_clip,
-                   warmup=r.warmup, ema_decay=r.ema_decay, ema_start=r.ema_start)
+                   warmup=r.warmup, ema_decay=r.ema_decay, ema_start=r.ema_start, ema_warmup=r.ema_warmup)
     resample = stage == RESAMPLING
 
     def step_fn(step: int) -> dict:

@@ -128,7 +128,7 @@ class SfppTrainer:
         sc = self.sc = cfg.sfpp
         common = dict(betas=sc.betas, weight_decay=sc.weight_decay, grad_clip=sc.grad_clip, warmup=sc.warmup)
         self.gen = Trainable("generator", generator.train().requires_grad_(True), rt, lr=sc.lr,
-                             ema_decay=sc.ema_decay, ema_start=sc.ema_start, **common)
+                             ema_decay=sc.ema_decay, ema_start=sc.ema_start, ema_warmup=sc.ema_warmup, **common)
         self.critic = Trainable("critic", critic.train().requires_grad_(True), rt, lr=sc.lr_critic, **common)
         if rt.activation_checkpointing:  # the rolling cache is rewritten before backward: keep copied history
             generator.set_activation_checkpointing(True, history="copy")

@@ -44,7 +44,8 @@ def train_teacher(cfg: TrainConfig, rt: Runtime, world, *, stop_after: int | Non
                          "released Wan2.1 weights and run the later stages")
     model = build_model(cfg.model, cfg.run.seed, rt.device)
     tr = Trainable(STAGE, model, rt, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay,
-                   grad_clip=tc.grad_clip, warmup=tc.warmup, ema_decay=tc.ema_decay, ema_start=tc.ema_start)
+                   grad_clip=tc.grad_clip, warmup=tc.warmup, ema_decay=tc.ema_decay, ema_start=tc.ema_start,
+                   ema_warmup=tc.ema_warmup)
     seed = cfg.run.seed
 
     def step_fn(step: int) -> dict:
