@@ -76,7 +76,7 @@ def test_ground_truth_scores_about_zero(world, mode):
     limits = {"background_error": 1e-5, "lighting_error": 1e-4, "flicker_error": 1e-6, "colour_error": 0.005,
               "saturation_error": 0.005, "count_error": 0, "absence_error": 0, "identity_error": 0,
               "sharpness_error": 0.1, "motion_error": 0.05, "speed_error": 0.05, "velocity_error": 1e-5,
-              "position_error": 0.1 / 64}
+              "position_error": 0.1 / 64, "presence_error": 0.06}  # presence_error: 0.042 measured here
     assert set(limits) == set(tm.ERRORS)
     for name, limit in limits.items():
         if mode == "prompt" and name == "position_error":
@@ -261,6 +261,62 @@ def test_motion_band_separates_frozen_and_shuffled(world):
         assert inside["real"] > 0.8 and inside["frozen"] == 0 and inside["shuffled"] < 0.3, (key, inside)
     # Curves per window: the frozen video is out of the band in every window.
     assert (tm.per_window(by_prompt["frozen"]["motion_error"], 12) > 0.95).all()
+
+
+def test_presence_window_and_band():
+    """presence: share of the prompt's colours detected, averaged over the trailing PRESENCE_WINDOW frames
+    (fewer at the start); its band has one (p5, p95) row per window length, cached and deterministic."""
+    T_ = 30
+    count = torch.zeros(1, T_, 6)
+    count[0, :, 0] = 1  # colour 0 always seen (twice from frame 10: still one object)
+    count[0, 10:, 0] = 2
+    count[0, ::2, 3] = 1  # colour 3 every other frame
+    count[0, :, 5] = 1  # colour 5 is not in the prompt
+    prompt = torch.zeros(1, 6, dtype=torch.bool)
+    prompt[0, [0, 3]] = True
+    pres = tm.presence_values(count, prompt)[0].numpy()
+    share = np.where(np.arange(T_) % 2 == 0, 1.0, 0.5)
+    want = [share[max(0, t + 1 - tm.PRESENCE_WINDOW): t + 1].mean() for t in range(T_)]
+    assert np.allclose(pres, want) and pres[0] == 1 and pres[1] == 0.75
+    prompt_text = _two_object_scene().prompt
+    band = tm.presence_band([prompt_text], size=32)
+    assert band.shape == (1, tm.PRESENCE_WINDOW, 2) and (band >= 0).all() and (band <= 1).all()
+    assert (band[..., 0] <= band[..., 1]).all() and (band[0, :, 1] == 1).all()  # all shown is never too many
+    assert np.array_equal(band, tm.presence_band([prompt_text], size=32))
+
+
+def _empty_videos(scenes, starts, size=64):
+    """The scenes' backgrounds alone (lit and drifting as rendered), their objects removed."""
+    bg = tw.object_states(scenes, starts, T, size)["background"]  # [B, T, 3]
+    return (bg.permute(0, 2, 1).float() * 2 - 1)[..., None, None].expand(-1, -1, -1, size, size).contiguous()
+
+
+def test_empty_video_is_flagged_by_presence(world):
+    """No object at all: presence 0. Against the band of a 2- or 3-object prompt that is a presence_error of
+    1 (the band's lower edge, relative): count_error (extra blobs) and absence_error (unseen > MAX_ABSENCE
+    frames) stay 0 in 48 frames. A 1-object prompt's band may reach 0 (the world can hide its one object for a
+    whole window), so per video it cannot be judged (error 0 there); only the mean over many prompts can."""
+    scenes, starts, prompts, _, by_prompt, _ = world
+    m = tm.video_metrics(_empty_videos(scenes, starts), prompts)
+    n = np.array([len(s.objects) for s in scenes])
+    assert (m["presence"] == 0).all() and np.nanmax(m["count_error"]) == 0 and np.nanmax(m["absence_error"]) == 0
+    many = n >= 2
+    assert many.sum() >= 4 and (m["presence_error"][many, tm.PRESENCE_WINDOW - 1:] >= 0.9).all()
+    assert np.mean(m["presence_error"][many]) > 0.9 > 0.1 > np.mean(by_prompt["real"]["presence_error"][many])
+    # One object: the error is 1 exactly where the prompt's band says a window of GT never shows nothing.
+    lo = tm.presence_band([prompts[i] for i in np.flatnonzero(n == 1)])[:, :, 0]
+    length = np.minimum(np.arange(T), tm.PRESENCE_WINDOW - 1)
+    assert np.array_equal(m["presence_error"][n == 1], (lo[:, length] > 0).astype(np.float64))
+
+
+def test_frozen_video_keeps_presence_in_band_presence_is_not_a_motion_metric(world):
+    """Ground-truth frame 0 repeated keeps what frame 0 shows: presence stays in the band (the motion metrics
+    flag it, see test_frozen_video_is_flagged). Scene mode reads presence against the same prompt band."""
+    _, _, _, _, by_prompt, by_scene = world
+    assert _mean(by_prompt["frozen"], "presence_error") < 0.1 and np.nanmin(by_prompt["frozen"]["presence"]) > 0
+    assert _mean(by_prompt["frozen"], "motion_error") > 0.95
+    for name in ("presence", "presence_error"):
+        assert np.array_equal(by_scene["real"][name], by_prompt["real"][name])
 
 
 def test_quad_distance():

@@ -36,10 +36,19 @@ Errors (both modes unless said):
 - ``velocity_error``: change of a tracked object's velocity between frames that no reflection explains (a
   reflection reverses one component within two frames, never speeding it up), frame sides per frame^2.
 - ``position_error`` (scene mode only): distance of each fully visible object's centroid from the scene's.
+- ``presence_error``: how far ``presence`` lies outside the prompt's ground-truth band [p5, p95] of that
+  same windowed statistic (:func:`presence_band`; per window length, so the short windows of the first frames
+  have their own band), relative to the band's edge (:func:`band_error`): 1 for an empty video of a 2- or
+  3-object prompt. The world can hide a lone object for a whole window, so a 1-object prompt's lower edge is
+  low (0 for some prompts, where an empty video scores 0, and a ground-truth video that hides its object long
+  scores high): one video of such a prompt says little, an empty model shows over many prompts. Scene mode
+  uses the same prompt band (``absence_error`` is the per-object check against the scene).
 
 Values: ``object_count`` (detected objects), ``lighting``, ``saturation``, ``saturation_ref``, ``sharpness``,
 ``motion`` (normal-flow speed: sum |frame difference| over sum |spatial gradient|, frame sides per frame)
-and ``speed`` (mean tracked centroid speed of whole objects, frame sides per frame); :data:`MOTION_KEYS`.
+and ``speed`` (mean tracked centroid speed of whole objects, frame sides per frame); :data:`MOTION_KEYS`;
+``presence``: share of the prompt's objects detected (a prompt colour with a detected blob, as counted in
+``object_count``), averaged over the trailing ``PRESENCE_WINDOW`` frames (fewer at the start).
 """
 
 from __future__ import annotations
@@ -60,12 +69,15 @@ from .tracks import (classify_pixels, classify_shape, detections, estimate_backg
 
 ERRORS: tuple[str, ...] = ("background_error", "lighting_error", "flicker_error", "colour_error", "saturation_error",
                            "count_error", "absence_error", "identity_error", "sharpness_error", "motion_error",
-                           "speed_error", "velocity_error", "position_error")
+                           "speed_error", "velocity_error", "position_error", "presence_error")
 MOTION_KEYS: tuple[str, ...] = ("motion", "speed")
-VALUES: tuple[str, ...] = ("object_count", "lighting", "saturation", "saturation_ref", "sharpness") + MOTION_KEYS
+VALUES: tuple[str, ...] = ("object_count", "lighting", "saturation", "saturation_ref", "sharpness", "presence"
+                           ) + MOTION_KEYS
 METRICS: tuple[str, ...] = ERRORS + VALUES
 BAND_QUANTILES = (0.05, 0.95)
 BAND_FRAMES, BAND_CLIPS = 24, 16   # ground-truth clips per prompt behind a motion band
+PRESENCE_WINDOW = 24               # frames: the trailing window of ``presence``
+PRESENCE_FRAMES, PRESENCE_CLIPS = 48, 16  # ground-truth clips per prompt behind a presence band
 MAX_ABSENCE = 160                  # frames: longer than the world hides an object (at 32 px and up; see tests)
 FLICKER_TOL = 0.01                 # per frame; the world's slow cycles change by < 0.005
 MOTION_DEADZONE = 0.04             # differences below this (noise) do not count as motion or edges
@@ -227,6 +239,56 @@ def motion_band(prompts: Sequence[str | PromptAttributes], num_frames: int = BAN
             for i, key in enumerate(MOTION_KEYS)}
 
 
+def _seen(count: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+    """Prompt objects detected per frame [B, T] (a prompt colour with a detection; counts [B, T, C])."""
+    return ((count > 0) & prompt[:, None, :]).sum(-1).float()
+
+
+def presence_values(count: torch.Tensor, prompt: torch.Tensor, window: int = PRESENCE_WINDOW) -> torch.Tensor:
+    """``presence`` [B, T]: share of the prompt's objects detected, averaged over the trailing ``window``
+    frames (the first frames average what there is)."""
+    seen = _seen(count, prompt)  # integers: the running sums below are exact
+    B, T = seen.shape
+    c = torch.cat([torch.zeros(B, 1, device=seen.device), seen.cumsum(1)], dim=1)
+    t = torch.arange(T, device=seen.device)
+    lo = (t + 1 - window).clamp_min(0)
+    k = prompt.sum(-1, keepdim=True).clamp_min(1)
+    return (c[:, t + 1] - c[:, lo]) / (t + 1 - lo) / k
+
+
+@functools.lru_cache(maxsize=512)
+def _presence_band(attrs: PromptAttributes, size: int, min_area: int, window: int, num_frames: int,
+                   clips: int) -> tuple[tuple[float, float], ...]:
+    seed = zlib.crc32(repr((attrs, "presence")).encode())
+    rng = random.Random(seed)
+    scenes = [scene_for(attrs, seed + i) for i in range(clips)]
+    starts = [rng.randrange(0, 5000) for _ in range(clips)]
+    a = _analyse(render_batch(scenes, starts, num_frames, size), [attrs] * clips, min_area)
+    share = _seen(a["det"]["count"], a["prompt"]).double() / max(1, attrs.num_objects)
+    q = torch.tensor(BAND_QUANTILES, dtype=torch.float64)
+    return tuple(tuple(torch.quantile(share.unfold(1, n, 1).mean(-1).flatten(), q).tolist())
+                 for n in range(1, window + 1))
+
+
+def presence_band(prompts: Sequence[str | PromptAttributes], size: int = 64, min_area: int | None = None,
+                  window: int = PRESENCE_WINDOW, num_frames: int = PRESENCE_FRAMES,
+                  clips: int = PRESENCE_CLIPS) -> np.ndarray:
+    """Ground-truth band of ``presence`` per prompt and window length -> [P, window, 2] (p5, p95); row n - 1
+    is the band of windows of n frames.
+
+    From ``clips`` rendered clips of ``num_frames`` frames at ``size`` px showing what the prompt says (random
+    hidden state and start frames, fixed per prompt), read by the same detection as the videos (``min_area``),
+    over every window of each length inside them; cached (on the CPU: about 1 s per prompt at 64 px).
+    """
+    if not 1 <= window <= num_frames:
+        raise ValueError(f"the presence window ({window}) must be 1..num_frames ({num_frames})")
+    area = default_min_area(size, size) if min_area is None else int(min_area)
+    rows = [_presence_band(parse_prompt(p) if isinstance(p, str) else p, int(size), area, int(window),
+                           int(num_frames), int(clips))
+            for p in prompts]
+    return np.array(rows, dtype=np.float64).reshape(len(rows), window, 2)
+
+
 def band_error(values: torch.Tensor, band: torch.Tensor) -> torch.Tensor:
     """Relative distance outside [lo, hi] (band [B, 2], values [B, T]): (lo - v) / lo below, (v - hi) / hi above."""
     lo, hi = band[:, :1], band[:, 1:]
@@ -358,6 +420,13 @@ def video_metrics(videos, prompts_or_scenes, start_frames=None, *, min_area: int
     for key in MOTION_KEYS:
         band = torch.as_tensor(bands[key], dtype=torch.float32, device=dev)
         out[f"{key}_error"] = band_error(mv[key], band)
+
+    # Presence: against the band of windows as long as each frame's.
+    pres = presence_values(count, prompt)
+    pband = torch.as_tensor(presence_band(attrs, H, a["min_area"]), dtype=torch.float32, device=dev)
+    length = (torch.arange(T, device=dev) + 1).clamp_max(PRESENCE_WINDOW) - 1
+    out["presence"] = pres
+    out["presence_error"] = band_error(pres.reshape(-1, 1), pband[:, length].reshape(-1, 2)).view(B, T)
 
     # Sharpness.
     ref = torch.tensor([reference_sharpness(at, H) for at in attrs], device=dev)

@@ -26,7 +26,7 @@ from ..toy.scene import PromptAttributes, Scene
 from ..toy.tracks import connected_components, count_objects, estimate_background, saturation  # noqa: F401
 
 TABLE = ("background_error", "colour_error", "count_error", "identity_error", "sharpness_error", "motion_error",
-         "speed_error", "velocity_error", "object_count", "motion")
+         "speed_error", "velocity_error", "presence_error", "object_count", "motion", "presence")
 
 
 def frame_metrics(video, prompt: str | PromptAttributes | Scene, min_area: int | None = None,

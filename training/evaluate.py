@@ -31,7 +31,7 @@ from .config import TrainConfig
 from .engine import Runtime
 
 SUMMARY_METRICS = ("background_error", "colour_error", "saturation_error", "count_error", "sharpness_error",
-                   "object_count")
+                   "presence_error", "object_count", "presence")
 
 
 def eval_prompts(seed: int, count: int, max_objects: int | None = None) -> list[str]:
