@@ -231,6 +231,33 @@ def test_a_stopped_protocol_resumes_from_its_cache(bundles, tmp_path):
     assert len(calls) == 2 + 2 * 2  # other prompts: generated again (2 batches per model)
 
 
+def test_a_cache_without_a_newly_added_metric_is_computed_anew(bundles, tmp_path):
+    calls = []
+
+    def counting(videos, prompts, extra=False):
+        calls.append(len(prompts))
+        out = stand_in_metrics(videos, prompts)
+        if extra:
+            out["new_error"] = np.zeros_like(next(iter(out.values())))
+        return out
+
+    models = {"self_forcing": bundles["sf"][:1]}
+    proto = P.Protocol(prompts=2, seeds=(0,), lengths=(1, 2), batch_size=2, bootstrap=20)
+    kw = dict(device="cpu", plots=False, log=lambda *_: None)
+    P.run_protocol(models, str(tmp_path), proto, metrics_fn=counting, **kw)
+    assert len(calls) == 1
+    P.run_protocol(models, str(tmp_path), proto, metrics_fn=counting, **kw)
+    assert len(calls) == 1  # same metrics: cached
+
+    def counting_new(videos, prompts):
+        return counting(videos, prompts, extra=True)
+
+    counting_new.__qualname__, counting_new.__module__ = counting.__qualname__, counting.__module__  # same key
+    res = P.run_protocol(models, str(tmp_path), proto, metrics_fn=counting_new, errors=("new_error",), **kw)
+    assert len(calls) == 2  # the cache lacked new_error: generated again
+    assert "new_error" in res["table"]["mean"]
+
+
 # -- each model's own cache and sampler settings -----------------------------------------------------------
 @pytest.fixture(scope="module")
 def sink_bundle(tmp_path_factory):

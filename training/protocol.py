@@ -224,9 +224,10 @@ def default_pairs(names: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def evaluate_model(path: str, device: torch.device, prompts: Sequence[str], proto: Protocol, metrics_fn,
-                   cache_file: str | None, kv_fp8: bool = False) -> dict:
+                   cache_file: str | None, kv_fp8: bool = False, expect: Sequence[str] = ()) -> dict:
     """{metrics: {name: [P, S, T]}, meta, setup, seconds, cached} of one bundle, read from ``cache_file`` when
-    it was written for the same file (size, mtime), prompts, seeds, longest length, batch size and metric."""
+    it was written for the same file (size, mtime), prompts, seeds, longest length, batch size and metric, and
+    holds every name of ``expect`` (a cache from before a metric was added is computed anew)."""
     st = os.stat(path)
     key = json.dumps({"path": os.path.abspath(path), "size": st.st_size, "mtime": st.st_mtime_ns,
                       "prompts": list(prompts), "seeds": list(proto.seeds), "frames": max(proto.lengths),
@@ -235,7 +236,7 @@ def evaluate_model(path: str, device: torch.device, prompts: Sequence[str], prot
                      sort_keys=True)
     if cache_file and os.path.isfile(cache_file):
         with np.load(cache_file, allow_pickle=False) as z:
-            if str(z["__key__"]) == key:
+            if str(z["__key__"]) == key and set(expect) <= set(z.files):
                 head = json.loads(str(z["__info__"]))
                 return {"metrics": {k: z[k] for k in z.files if not k.startswith("__")}, "meta": head["meta"],
                         "setup": (head["setup"][0], head["setup"][1], tuple(head["setup"][2])),
@@ -289,7 +290,7 @@ def run_protocol(models: Mapping[str, Sequence[str]], out_dir: str, proto: Proto
                 return None
             item = evaluate_model(path, dev, prompts, proto, metrics_fn,
                                   os.path.join(out_dir, "cache", f"{name}.{i}.npz") if cache else None,
-                                  kv_fp8=name in proto.kv_fp8)
+                                  kv_fp8=name in proto.kv_fp8, expect=errors or ())
             if setup is None:
                 setup = item["setup"]
             elif item["setup"] != setup:
