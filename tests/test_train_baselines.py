@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from self_forcing.sf_model.config import TINY
 from self_forcing.sf_model.mask import (frame_visibility, teacher_forcing_positions, teacher_forcing_visibility,
@@ -400,3 +401,21 @@ def test_gpu_driver_stops_when_out_of_time_and_continues_where_it_stopped(tmp_pa
     runs = len(clock.budgets)
     assert call() == 0  # nothing left: a no-op
     assert len(clock.budgets) == runs
+
+
+def test_teacher_goes_on_from_init_path_and_refuses_another_shape(tmp_path):
+    run_stages(tiny_config(tmp_path / "a"), ["teacher"], CPU, World())
+    first = str(tmp_path / "a" / "teacher.safetensors")
+    # lr 0: the weights cannot move, so the new teacher's EMA is exactly the one it started from
+    cfg = tiny_config(tmp_path / "b", teacher={"init_path": first, "lr": 0.0, "steps": 2})
+    run_stages(cfg, ["teacher"], CPU, World())
+    a, b = load_file(first), load_file(str(tmp_path / "b" / "teacher.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    fresh = tiny_config(tmp_path / "c", teacher={"lr": 0.0, "steps": 2})
+    run_stages(fresh, ["teacher"], CPU, World())
+    c = load_file(str(tmp_path / "c" / "teacher.safetensors"))
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())  # without it: random init
+    other = tiny_config(tmp_path / "d", model={"dim": 64, "ffn_dim": 64, "num_heads": 2},
+                        teacher={"init_path": first})
+    with pytest.raises(ValueError, match="not a model of"):
+        run_stages(other, ["teacher"], CPU, World())

@@ -154,6 +154,7 @@ class OptimConfig:
 @dataclass(frozen=True)
 class TeacherConfig(OptimConfig):
     ema_warmup: bool = True       # from scratch: without it a short run's EMA keeps ema_decay**steps of the init
+    init_path: str = ""           # start from these weights (a teacher export) with a fresh optimiser; "" = random
     shift: float = 3.0            # training noise levels: shifted uniform sigmas
     cfg_dropout: float = 0.1      # probability of the empty prompt (for classifier-free guidance)
 

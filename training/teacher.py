@@ -17,7 +17,7 @@ from ..sf_model.schedule import add_noise, shift_sigma
 from ..toy.render import upload
 from .config import TrainConfig
 from .engine import Runtime, Trainable, accumulate, generator, run_loop, sample_indices, seeded_randn
-from .models import build_model, save_dit
+from .models import build_model, load_dit, save_dit
 
 STAGE = "teacher"
 
@@ -42,7 +42,13 @@ def train_teacher(cfg: TrainConfig, rt: Runtime, world, *, stop_after: int | Non
     if world.kind != "toy":
         raise ValueError("the teacher stage trains the toy teacher only; for Wan set world.teacher_path to the "
                          "released Wan2.1 weights and run the later stages")
-    model = build_model(cfg.model, cfg.run.seed, rt.device)
+    if tc.init_path:  # go on from a teacher trained before (e.g. in an earlier device call): a fresh optimiser
+        model, _ = load_dit(tc.init_path, rt.device, trainable=True)
+        if model.config.to_dict() != cfg.model.to_dict():
+            raise ValueError(f"teacher.init_path {tc.init_path} is not a model of [model] ({model.config} vs "
+                             f"{cfg.model})")
+    else:
+        model = build_model(cfg.model, cfg.run.seed, rt.device)
     tr = Trainable(STAGE, model, rt, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay,
                    grad_clip=tc.grad_clip, warmup=tc.warmup, ema_decay=tc.ema_decay, ema_start=tc.ema_start,
                    ema_warmup=tc.ema_warmup)
