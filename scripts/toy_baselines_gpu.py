@@ -5,7 +5,7 @@
 
 Steps, in order (each skipped when done; state lives in the run folders under --root):
 
-1. ``teacher`` once (``<root>/teacher``): flow matching for ``teacher_total_s`` seconds of training loop in
+1. ``teacher`` once (``<root>/teacher``; none with ``--teacher-file``, a teacher trained before): flow matching for ``teacher_total_s`` seconds of training loop in
    total, at most ``teacher_slice_s`` per call (None: all in one call; a later call resumes the checkpoint
    and trains on);
 2. per training seed S (``<root>/seed<S>``, ``run.seed = S``, the shared teacher via ``world.teacher_path``,
@@ -72,6 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="TABLE.KEY=VALUE",
                    help="extra config overrides for every training step")
     p.add_argument("--teacher-s", type=float, default=None, help="override the preset's teacher_total_s")
+    p.add_argument("--teacher-file", default=None,
+                   help="a toy teacher trained before (e.g. by scripts/toy_teacher_gpu.sh): shared by every seed, "
+                        "no teacher step")
     p.add_argument("--budget-s", type=float, default=None, help="override the preset's per-baseline budget_s")
     p.add_argument("--prompts", type=int, default=None, help="override the preset's protocol prompts")
     p.add_argument("--copy-exports", action="store_true", help="copy the exported bundles into --results")
@@ -95,6 +98,8 @@ class Driver:
             self.preset["budget_s"] = args.budget_s
         if args.prompts is not None:
             self.preset["protocol"] = {**self.preset["protocol"], "prompts": args.prompts}
+        if args.teacher_file and not os.path.isfile(args.teacher_file):
+            raise SystemExit(f"--teacher-file {args.teacher_file}: no such file")
         self.root = os.path.abspath(args.root or os.path.join("runs", f"toy_baselines_{args.budget}"))
         self.results = os.path.abspath(args.results or os.path.join(self.root, "results"))
         self.max_wall = args.max_wall or self.preset["max_wall_s"]
@@ -119,6 +124,8 @@ class Driver:
         return os.path.join(self.root, "teacher")
 
     def teacher_file(self) -> str:
+        if self.args.teacher_file:
+            return os.path.abspath(self.args.teacher_file)
         return os.path.join(self.teacher_dir(), "teacher.safetensors")
 
     def runtime(self, cfg):
@@ -130,7 +137,7 @@ class Driver:
 
     # -- steps -----------------------------------------------------------------------------------------
     def plan(self) -> list[tuple[str, int | None]]:
-        steps = [("teacher", None)]
+        steps = [] if self.args.teacher_file else [("teacher", None)]
         steps += [(stage, s) for s in self.preset["seeds"] for stage in SEED_STAGES]
         return steps + [("protocol", None)]
 

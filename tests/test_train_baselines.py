@@ -419,3 +419,18 @@ def test_teacher_goes_on_from_init_path_and_refuses_another_shape(tmp_path):
                         teacher={"init_path": first})
     with pytest.raises(ValueError, match="not a model of"):
         run_stages(other, ["teacher"], CPU, World())
+
+
+def test_gpu_driver_with_a_teacher_file_has_no_teacher_step_and_shares_that_file(tmp_path, capsys):
+    from self_forcing.scripts import toy_baselines_gpu as drv
+
+    teacher = tmp_path / "t.safetensors"
+    with pytest.raises(SystemExit, match="no such file"):
+        drv.main(["--teacher-file", str(teacher), "--root", str(tmp_path / "r"), "--dry-run"])
+    teacher.write_bytes(b"x")
+    args = drv.parse_args(["--teacher-file", str(teacher), "--root", str(tmp_path / "r"), "--budget", "fast"])
+    d = drv.Driver(args)
+    assert d.plan()[0] == ("ode_pairs", 0) and all(step != "teacher" for step, _ in d.plan())
+    assert d.config(d.seed_dir(0), 0).world.teacher_path == str(teacher)
+    assert drv.main(["--teacher-file", str(teacher), "--root", str(tmp_path / "r"), "--dry-run"]) == 0
+    assert "teacher" not in capsys.readouterr().out.replace("teacher_forcing", "")
