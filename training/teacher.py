@@ -37,7 +37,8 @@ def teacher_path(cfg: TrainConfig) -> str:
 
 
 def train_teacher(cfg: TrainConfig, rt: Runtime, world, *, stop_after: int | None = None) -> str:
-    """Train (or resume) the teacher; writes ``<out_dir>/teacher.safetensors`` (EMA weights)."""
+    """Train (or resume) the teacher, from random weights or ``teacher.init_path``; writes
+    ``<out_dir>/teacher.safetensors`` (EMA weights)."""
     tc = cfg.teacher
     if world.kind != "toy":
         raise ValueError("the teacher stage trains the toy teacher only; for Wan set world.teacher_path to the "
