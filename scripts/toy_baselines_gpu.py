@@ -6,8 +6,8 @@
 Steps, in order (each skipped when done; state lives in the run folders under --root):
 
 1. ``teacher`` once (``<root>/teacher``; none with ``--teacher-file``, a teacher trained before): flow matching
-   for ``teacher_total_s`` seconds of training loop in total, at most ``teacher_slice_s`` per call (None: all in one call; a later call resumes the checkpoint
-   and trains on);
+   for ``teacher_total_s`` seconds of training loop in total, at most ``teacher_slice_s`` per call (None: all
+   in one call; a later call resumes the checkpoint and trains on);
 2. per training seed S (``<root>/seed<S>``, ``run.seed = S``, the shared teacher via ``world.teacher_path``,
    ``world.text_seed = 0``, ``compute.budget_s = budget_s``): ``ode_pairs``, ``ode_init``, ``dmd``,
    ``teacher_forcing``, ``diffusion_forcing``, ``export`` -- one step each;
